@@ -1,0 +1,1 @@
+//! eslm-data (in progress)

@@ -1,0 +1,1 @@
+//! eslm-gpt2 (in progress)

@@ -1,0 +1,69 @@
+//! The crate's one error type. Every user-controlled input (shapes, strides, α, k, scores, targets) is checked
+//! and reported through [`KernelError`]; nothing a caller passes makes a kernel panic.
+
+/// Errors returned by every kernel entry point.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum KernelError {
+    /// A buffer's length or a dimension does not match what the other arguments imply.
+    #[error("shape mismatch in {what}: expected {expected}, got {got}")]
+    Shape {
+        /// Which argument is wrong, e.g. "logits" or "targets".
+        what: &'static str,
+        /// What the other arguments imply.
+        expected: String,
+        /// What was passed.
+        got: String,
+    },
+    /// α (the fraction of valid rows dropped) must lie strictly inside (0, 1).
+    #[error("alpha must be in (0, 1), got {0}")]
+    InvalidAlpha(f64),
+    /// An exact top-k needs 1 ≤ k ≤ M (the number of valid rows).
+    #[error("top-k needs 1 <= k <= {valid} valid rows, got k = {k}")]
+    InvalidK {
+        /// The requested k.
+        k: usize,
+        /// The number of valid rows.
+        valid: usize,
+    },
+    /// Selection was asked to choose among zero valid rows (every target ignored, or an empty batch).
+    #[error("no valid rows to select from (empty batch or every target ignored)")]
+    NoValidRows,
+    /// A valid row's score is NaN. NaN is an error, not a score (a NaN usually means the model diverged).
+    #[error("score of row {row} is NaN")]
+    NanScore {
+        /// The first row (lowest index) whose score is NaN.
+        row: usize,
+    },
+    /// A target id is neither the ignore value nor inside `[0, vocab)`.
+    #[error("target {target} at row {row} is outside the vocabulary [0, {vocab}) and is not the ignore value")]
+    TargetOutOfRange {
+        /// Row index.
+        row: usize,
+        /// The offending id.
+        target: i64,
+        /// Vocabulary size.
+        vocab: usize,
+    },
+    /// No CUDA driver (libcuda) could be loaded on this machine.
+    #[error("no CUDA driver found; use --device cpu (or the CPU backend of eslm-kernels)")]
+    NoCudaDriver,
+    /// A CUDA call failed.
+    #[error("CUDA error: {0}")]
+    Cuda(String),
+}
+
+/// `Result` with [`KernelError`].
+pub type Result<T> = std::result::Result<T, KernelError>;
+
+/// Returns a [`KernelError::Shape`] unless `got == expected`.
+pub(crate) fn check_len(what: &'static str, got: usize, expected: usize) -> Result<()> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(KernelError::Shape {
+            what,
+            expected: format!("length {expected}"),
+            got: format!("length {got}"),
+        })
+    }
+}

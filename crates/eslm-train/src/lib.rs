@@ -1,0 +1,1 @@
+//! eslm-train (in progress)
