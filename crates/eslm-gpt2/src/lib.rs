@@ -1,1 +1,18 @@
-//! eslm-gpt2 (in progress)
+//! # eslm-gpt2
+//!
+//! A minimal GPT-2 training engine (CPU, f32) with reverse-mode autodiff whose backward is **row-sparse by
+//! construction**: when the loss keeps only K of the N token positions, the gradient carries "non-zero on these K
+//! rows" ([`ops::RowSet`]) through every row-wise op (LM head, final layer norm, the last block's MLP, attention
+//! output projection and residual adds), which then do K rows of work; attention mixes rows and densifies.
+//!
+//! See `docs/engine.md` for the design, the op set and the FLOP accounting.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod params;
+
+pub use config::GptConfig;
+pub use error::{Gpt2Error, Result};
+pub use params::{ParamKind, ParamLayout, ParamSet};
