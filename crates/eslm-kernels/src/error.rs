@@ -44,6 +44,26 @@ pub enum KernelError {
         /// Vocabulary size.
         vocab: usize,
     },
+    /// A kept-row index (sparse cross-entropy) is not a row of the logits.
+    #[error("kept[{position}] = {row} is not a row index (the logits have {rows} rows)")]
+    KeptRowOutOfRange {
+        /// Position in the kept list.
+        position: usize,
+        /// The offending row index.
+        row: u32,
+        /// Number of rows.
+        rows: usize,
+    },
+    /// A kept row's target is not in `[0, vocab)` (an ignored row was kept: selection never does this).
+    #[error("kept row {row} has target {target} outside the vocabulary [0, {vocab}); ignored rows cannot be kept")]
+    KeptTargetOutOfRange {
+        /// Row index.
+        row: usize,
+        /// The offending id.
+        target: i64,
+        /// Vocabulary size.
+        vocab: usize,
+    },
     /// No CUDA driver (libcuda) could be loaded on this machine.
     #[error("no CUDA driver found; use --device cpu (or the CPU backend of eslm-kernels)")]
     NoCudaDriver,

@@ -10,7 +10,13 @@
 //! 3. [`sparse_ce`]: `dlogits = (softmax(z) − onehot(y))·g` for the kept rows only, into a compact `[K, V]`
 //!    buffer, plus the mean loss over kept rows.
 
+#![warn(missing_docs)]
+
+mod cpu_features;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
+pub mod fast_exp;
 pub mod layout;
 pub mod select;
 pub mod sparse_ce;
@@ -18,3 +24,6 @@ pub mod token_stats;
 
 pub use error::{KernelError, Result};
 pub use layout::{LogitElem, LogitsView};
+pub use select::{select, var_keep_count, SelectRule, Selection};
+pub use sparse_ce::sparse_ce;
+pub use token_stats::{token_stats, TokenStats, DEFAULT_IGNORE_INDEX};
