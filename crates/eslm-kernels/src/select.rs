@@ -86,9 +86,12 @@ impl Selection {
 
 /// The VaR target count `k = ⌈(1 − α)·M⌉` for `M = valid` rows, clamped to `[1, M]`.
 ///
-/// Rounding rule: `x = (1 − α)·M` is computed in f64; if `x` is within `1e-9·M` of an integer it is snapped to that
+/// Rounding rule: `x = (1 − α)·M` is computed in f64; if `x` is within `1e-13·M` of an integer it is snapped to that
 /// integer (so float noise such as `(1 − 0.7)·10 = 3.0000000000000004` gives 3, not 4), otherwise it is rounded
-/// up.
+/// up. The rounding error of `x` is below `4e-16·M` (a few ulps), so the snap band has a 250× margin, while a real
+/// fractional part, e.g. `1/den` for `α = num/den`, is only snapped when it is below `1e-13·M` (never for
+/// `M·den < 10¹³`; a looser band such as `1e-9·M` would already turn `(1 − 0.333)·1000003 = 667002.001` into
+/// 667002).
 ///
 /// # Errors
 /// [`KernelError::InvalidAlpha`] unless `0 < α < 1`; [`KernelError::NoValidRows`] if `valid == 0`.
@@ -108,7 +111,7 @@ pub fn var_keep_count(alpha: f64, valid: usize) -> Result<usize> {
     let m = valid as f64;
     let x = (1.0 - alpha) * m;
     let nearest = x.round();
-    let k = if (x - nearest).abs() <= 1e-9 * m {
+    let k = if (x - nearest).abs() <= 1e-13 * m {
         nearest
     } else {
         x.ceil()
