@@ -65,6 +65,10 @@ pub(crate) fn check_len(what: &'static str, got: usize, expected: usize) -> Resu
     if got == expected {
         Ok(())
     } else {
-        Err(Gpt2Error::Shape { what, expected: format!("length {expected}"), got: format!("length {got}") })
+        Err(Gpt2Error::Shape {
+            what,
+            expected: format!("length {expected}"),
+            got: format!("length {got}"),
+        })
     }
 }

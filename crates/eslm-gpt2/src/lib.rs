@@ -11,8 +11,15 @@
 
 pub mod config;
 pub mod error;
+pub mod init;
+pub mod model;
+pub mod ops;
+pub mod optim;
 pub mod params;
 
 pub use config::GptConfig;
 pub use error::{Gpt2Error, Result};
+pub use model::Gpt2;
+pub use ops::{FlopCounter, RowSet};
+pub use optim::{clip_grad_norm, grad_norm, AdamW, AdamWConfig, Decay, LrSchedule};
 pub use params::{ParamKind, ParamLayout, ParamSet};

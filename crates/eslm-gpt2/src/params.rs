@@ -108,7 +108,12 @@ impl ParamKind {
 
     /// Full shape of this tensor for `cfg` (per-layer tensors carry a leading `L`).
     pub fn shape(self, cfg: &GptConfig) -> Vec<usize> {
-        let (l, c, vp, t) = (cfg.n_layer, cfg.n_embd, cfg.padded_vocab_size, cfg.max_seq_len);
+        let (l, c, vp, t) = (
+            cfg.n_layer,
+            cfg.n_embd,
+            cfg.padded_vocab_size,
+            cfg.max_seq_len,
+        );
         match self {
             ParamKind::Wte => vec![vp, c],
             ParamKind::Wpe => vec![t, c],
@@ -140,7 +145,10 @@ impl ParamKind {
 
     /// Whether the tensor is stacked over layers (leading dimension `L`).
     pub fn per_layer(self) -> bool {
-        !matches!(self, ParamKind::Wte | ParamKind::Wpe | ParamKind::LnfW | ParamKind::LnfB)
+        !matches!(
+            self,
+            ParamKind::Wte | ParamKind::Wpe | ParamKind::LnfW | ParamKind::LnfB
+        )
     }
 }
 
@@ -164,7 +172,11 @@ impl ParamLayout {
             sizes[i] = n;
             off += n;
         }
-        Self { config: *cfg, offsets, sizes }
+        Self {
+            config: *cfg,
+            offsets,
+            sizes,
+        }
     }
 
     /// The config this layout was built for.
@@ -310,11 +322,15 @@ impl ParamSet {
 
     /// `(name, shape, data)` of every tensor in storage order.
     pub fn tensors(&self) -> impl Iterator<Item = (&'static str, Vec<usize>, &[f32])> + '_ {
-        ParamKind::ALL.into_iter().map(move |k| (k.name(), self.layout.shape(k), self.get(k)))
+        ParamKind::ALL
+            .into_iter()
+            .map(move |k| (k.name(), self.layout.shape(k), self.get(k)))
     }
 
     /// `(name, shape, data)` of every tensor in storage order, mutable.
-    pub fn tensors_mut(&mut self) -> impl Iterator<Item = (&'static str, Vec<usize>, &mut [f32])> + '_ {
+    pub fn tensors_mut(
+        &mut self,
+    ) -> impl Iterator<Item = (&'static str, Vec<usize>, &mut [f32])> + '_ {
         let layout = self.layout.clone();
         let mut rest: &mut [f32] = &mut self.data;
         ParamKind::ALL.into_iter().map(move |k| {

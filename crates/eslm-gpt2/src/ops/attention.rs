@@ -1,0 +1,162 @@
+//! Causal multi-head self-attention on the fused `qkv [N, 3C]` (per row: q | k | v, heads of size `hs = C/H`
+//! side by side). Per sequence b and head h: `S = Q·Kᵀ/√hs`, `P = softmax(S + causal mask)` (stored
+//! `[B, H, T, T]` for the backward, zeros above the diagonal), `Y = P·V`, written into `y [N, C]`.
+//!
+//! Backward for the query rows `Q_R` of the row set (K_b rows in sequence b; `dY` compact): with
+//! `tmax = max(R_b) + 1` (later keys get no gradient),
+//! `dP = dY·Vᵀ`, `dS = P ⊙ (dP − rowsum(P ⊙ dP)) / √hs`, `dQ_R = dS·K`, `dK += dSᵀ·Q_R`, `dV += Pᵀ·dY`.
+//! Rows mix here: keys and values of all earlier positions receive gradient, so the output `dqkv` is dense.
+
+use super::matmul::{matmul_serial, Mat};
+use super::{Real, RowSet};
+use rayon::prelude::*;
+
+/// Dimensions of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnDims {
+    /// Batch size B.
+    pub b: usize,
+    /// Sequence length T.
+    pub t: usize,
+    /// Width C.
+    pub c: usize,
+    /// Heads H.
+    pub nh: usize,
+}
+
+/// Forward. `y [B·T, C]`, `att [B, H, T, T]`, `qkv [B·T, 3C]`. Returns FLOPs.
+pub fn forward<T: Real>(y: &mut [T], att: &mut [T], qkv: &[T], d: AttnDims) -> f64 {
+    let AttnDims { b, t, c, nh } = d;
+    let hs = c / nh;
+    let scale = T::from_f64(1.0 / (hs as f64).sqrt());
+    let flops: f64 = y[..b * t * c]
+        .par_chunks_mut(t * c)
+        .zip(att[..b * nh * t * t].par_chunks_mut(nh * t * t))
+        .enumerate()
+        .map(|(bi, (yb, attb))| {
+            let qkvb = &qkv[bi * t * 3 * c..(bi + 1) * t * 3 * c];
+            let mut flops = 0.0;
+            for h in 0..nh {
+                let p = &mut attb[h * t * t..(h + 1) * t * t];
+                let q = Mat::rows(&qkvb[h * hs..], 3 * c);
+                let k = Mat::transposed(&qkvb[c + h * hs..], 3 * c);
+                flops += matmul_serial(t, t, hs, p, t, false, q, k);
+                for i in 0..t {
+                    let row = &mut p[i * t..(i + 1) * t];
+                    let mut m = row[0] * scale;
+                    for &s in &row[1..=i] {
+                        m = m.max(s * scale);
+                    }
+                    let mut sum = T::ZERO;
+                    for s in &mut row[..=i] {
+                        *s = (*s * scale - m).exp();
+                        sum += *s;
+                    }
+                    let inv = T::ONE / sum;
+                    row[..=i].iter_mut().for_each(|s| *s *= inv);
+                    row[i + 1..].iter_mut().for_each(|s| *s = T::ZERO);
+                }
+                let v = Mat::rows(&qkvb[2 * c + h * hs..], 3 * c);
+                flops += matmul_serial(t, hs, t, &mut yb[h * hs..], c, false, Mat::rows(p, t), v);
+            }
+            flops
+        })
+        .sum();
+    flops
+}
+
+/// Backward on row set `rows` (query rows with non-zero `dy`): `dy` compact `[K, C]`; writes the dense
+/// `dqkv [B·T, 3C]` (fully overwritten). Returns FLOPs.
+pub fn backward<T: Real>(
+    dqkv: &mut [T],
+    dy: &[T],
+    qkv: &[T],
+    att: &[T],
+    rows: &RowSet,
+    d: AttnDims,
+) -> f64 {
+    let AttnDims { b, t, c, nh } = d;
+    let hs = c / nh;
+    let scale = T::from_f64(1.0 / (hs as f64).sqrt());
+    // Per sequence: the range of compact rows it owns and their local positions.
+    let spans: Vec<(usize, Vec<usize>)> = (0..b)
+        .map(|bi| match rows {
+            RowSet::All => (bi * t, (0..t).collect()),
+            RowSet::Rows(r) => {
+                let lo = r.partition_point(|&x| (x as usize) < bi * t);
+                let hi = r.partition_point(|&x| (x as usize) < (bi + 1) * t);
+                (lo, r[lo..hi].iter().map(|&x| x as usize - bi * t).collect())
+            }
+        })
+        .collect();
+    dqkv[..b * t * 3 * c]
+        .par_chunks_mut(t * 3 * c)
+        .zip(spans.par_iter())
+        .enumerate()
+        .map(|(bi, (dqkvb, (start, qrows)))| {
+            dqkvb.iter_mut().for_each(|x| *x = T::ZERO);
+            let kb = qrows.len();
+            if kb == 0 {
+                return 0.0;
+            }
+            let tmax = qrows[kb - 1] + 1;
+            let qkvb = &qkv[bi * t * 3 * c..(bi + 1) * t * 3 * c];
+            let dyb = &dy[start * c..(start + kb) * c];
+            let mut pk = vec![T::ZERO; kb * tmax];
+            let mut dp = vec![T::ZERO; kb * tmax];
+            let mut qk = vec![T::ZERO; kb * hs];
+            let mut dq = vec![T::ZERO; kb * hs];
+            let mut flops = 0.0;
+            for h in 0..nh {
+                let p = &att[(bi * nh + h) * t * t..(bi * nh + h + 1) * t * t];
+                for (j, &qi) in qrows.iter().enumerate() {
+                    pk[j * tmax..(j + 1) * tmax].copy_from_slice(&p[qi * t..qi * t + tmax]);
+                    qk[j * hs..(j + 1) * hs]
+                        .copy_from_slice(&qkvb[qi * 3 * c + h * hs..qi * 3 * c + (h + 1) * hs]);
+                }
+                let dyh = Mat::rows(&dyb[h * hs..], c);
+                let vt = Mat::transposed(&qkvb[2 * c + h * hs..], 3 * c);
+                flops += matmul_serial(kb, tmax, hs, &mut dp, tmax, false, dyh, vt);
+                for (dpr, pr) in dp.chunks_exact_mut(tmax).zip(pk.chunks_exact(tmax)) {
+                    let dot: T = dpr.iter().zip(pr).map(|(&a, &b)| a * b).sum();
+                    for (g, &pv) in dpr.iter_mut().zip(pr) {
+                        *g = pv * (*g - dot) * scale;
+                    }
+                }
+                let kmat = Mat::rows(&qkvb[c + h * hs..], 3 * c);
+                flops +=
+                    matmul_serial(kb, hs, tmax, &mut dq, hs, false, Mat::rows(&dp, tmax), kmat);
+                for (j, &qi) in qrows.iter().enumerate() {
+                    let o = qi * 3 * c + h * hs;
+                    dqkvb[o..o + hs]
+                        .iter_mut()
+                        .zip(&dq[j * hs..(j + 1) * hs])
+                        .for_each(|(d, &g)| *d += g);
+                }
+                let dst_k = &mut dqkvb[c + h * hs..];
+                flops += matmul_serial(
+                    tmax,
+                    hs,
+                    kb,
+                    dst_k,
+                    3 * c,
+                    true,
+                    Mat::transposed(&dp, tmax),
+                    Mat::rows(&qk, hs),
+                );
+                let dst_v = &mut dqkvb[2 * c + h * hs..];
+                flops += matmul_serial(
+                    tmax,
+                    hs,
+                    kb,
+                    dst_v,
+                    3 * c,
+                    true,
+                    Mat::transposed(&pk, tmax),
+                    dyh,
+                );
+            }
+            flops
+        })
+        .sum()
+}

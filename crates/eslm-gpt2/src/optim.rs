@@ -1,0 +1,225 @@
+//! Optimisation: AdamW with decoupled weight decay (PyTorch's `torch.optim.AdamW`), global-norm gradient
+//! clipping, and the learning-rate schedule.
+//!
+//! AdamW step `s` (1-based), per element: `p ← p − lr·wd·p` (only for tensors with [`ParamKind::decays`]),
+//! `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`, `p ← p − lr·(m/(1−β₁ˢ)) / (√(v/(1−β₂ˢ)) + ε)`.
+//! One fused pass over `p, g, m, v`, parallel over chunks.
+
+use crate::error::{Gpt2Error, Result};
+use crate::params::{ParamKind, ParamSet};
+use rayon::prelude::*;
+
+/// AdamW hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// β₁ (default 0.9).
+    pub beta1: f32,
+    /// β₂ (default 0.95, GPT-2/llm.c practice; PyTorch's default is 0.999).
+    pub beta2: f32,
+    /// ε (default 1e-8).
+    pub eps: f32,
+    /// Decoupled weight decay (default 0.1), applied to matrices and embeddings only.
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
+    }
+}
+
+impl AdamWConfig {
+    /// Checks ranges: `0 ≤ β < 1`, `ε > 0`, `wd ≥ 0`, all finite.
+    pub fn validate(&self) -> Result<()> {
+        let ok = (0.0..1.0).contains(&self.beta1)
+            && (0.0..1.0).contains(&self.beta2)
+            && self.eps > 0.0
+            && self.eps.is_finite()
+            && self.weight_decay >= 0.0
+            && self.weight_decay.is_finite();
+        if ok {
+            Ok(())
+        } else {
+            Err(Gpt2Error::InvalidHyperParameter(format!("AdamW {self:?}")))
+        }
+    }
+}
+
+/// AdamW optimizer state: the two moments (same layout as the parameters) and the step count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamW {
+    /// Hyper-parameters.
+    pub config: AdamWConfig,
+    /// First moment `m`.
+    pub m: ParamSet,
+    /// Second moment `v`.
+    pub v: ParamSet,
+    /// Number of steps taken so far.
+    pub step: u64,
+}
+
+const CHUNK: usize = 1 << 14;
+
+impl AdamW {
+    /// Zero state for parameters shaped like `params`.
+    pub fn new(config: AdamWConfig, params: &ParamSet) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            m: ParamSet::zeros(params.config()),
+            v: ParamSet::zeros(params.config()),
+            step: 0,
+        })
+    }
+
+    /// One update of `params` with gradients `grads` at learning rate `lr`.
+    pub fn update(&mut self, params: &mut ParamSet, grads: &ParamSet, lr: f32) -> Result<()> {
+        if params.layout() != self.m.layout() || grads.layout() != self.m.layout() {
+            return Err(Gpt2Error::Shape {
+                what: "AdamW params/grads",
+                expected: format!("{} floats in the optimizer's layout", self.m.len()),
+                got: format!("params {}, grads {}", params.len(), grads.len()),
+            });
+        }
+        if !lr.is_finite() || lr < 0.0 {
+            return Err(Gpt2Error::InvalidHyperParameter(format!(
+                "learning rate {lr}"
+            )));
+        }
+        self.step += 1;
+        let AdamWConfig {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.config;
+        let t = self.step as i32;
+        let bc1 = 1.0 - (beta1 as f64).powi(t);
+        let bc2 = 1.0 - (beta2 as f64).powi(t);
+        let step_size = (lr as f64 / bc1) as f32;
+        let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
+        let layout = params.layout().clone();
+        for kind in ParamKind::ALL {
+            let r = layout.range(kind);
+            let decay = if kind.decays() {
+                1.0 - lr * weight_decay
+            } else {
+                1.0
+            };
+            let p = &mut params.as_mut_slice()[r.clone()];
+            let g = &grads.as_slice()[r.clone()];
+            let m = &mut self.m.as_mut_slice()[r.clone()];
+            let v = &mut self.v.as_mut_slice()[r];
+            p.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+                .for_each(|((p, g), (m, v))| {
+                    for i in 0..p.len() {
+                        let gi = g[i];
+                        let mi = beta1 * m[i] + (1.0 - beta1) * gi;
+                        let vi = beta2 * v[i] + (1.0 - beta2) * gi * gi;
+                        m[i] = mi;
+                        v[i] = vi;
+                        let denom = vi.sqrt() * inv_sqrt_bc2 + eps;
+                        p[i] = p[i] * decay - step_size * mi / denom;
+                    }
+                });
+        }
+        Ok(())
+    }
+}
+
+/// The global L2 norm of `grads` (accumulated in f64).
+pub fn grad_norm(grads: &ParamSet) -> f64 {
+    grads
+        .as_slice()
+        .par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Clips `grads` to global norm `max_norm` (PyTorch's `clip_grad_norm_`: scale by `max/(norm + 1e-6)` when that is
+/// < 1). Returns the norm before clipping. A non-finite norm leaves the gradients untouched.
+pub fn clip_grad_norm(grads: &mut ParamSet, max_norm: f64) -> f64 {
+    let norm = grad_norm(grads);
+    let coef = max_norm / (norm + 1e-6);
+    if norm.is_finite() && coef < 1.0 {
+        let s = coef as f32;
+        grads
+            .as_mut_slice()
+            .par_chunks_mut(CHUNK)
+            .for_each(|c| c.iter_mut().for_each(|x| *x *= s));
+    }
+    norm
+}
+
+/// Shape of the decay after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decay {
+    /// Cosine from `max_lr` to `min_lr`.
+    Cosine,
+    /// Linear from `max_lr` to `min_lr`.
+    Linear,
+    /// Constant `max_lr` after warm-up.
+    Constant,
+}
+
+/// Learning-rate schedule: linear warm-up over `warmup_steps` (step s gets `max_lr·(s+1)/warmup`), then decay to
+/// `min_lr` at `total_steps`, constant `min_lr` afterwards. Steps are 0-based.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LrSchedule {
+    /// Peak learning rate.
+    pub max_lr: f64,
+    /// Floor reached at `total_steps`.
+    pub min_lr: f64,
+    /// Warm-up length.
+    pub warmup_steps: u64,
+    /// Step at which the floor is reached.
+    pub total_steps: u64,
+    /// Decay shape.
+    pub decay: Decay,
+}
+
+impl LrSchedule {
+    /// Checks `0 ≤ min_lr ≤ max_lr` (finite) and `warmup_steps ≤ total_steps`.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.min_lr >= 0.0 && self.max_lr >= self.min_lr && self.max_lr.is_finite())
+            || self.warmup_steps > self.total_steps
+        {
+            return Err(Gpt2Error::InvalidHyperParameter(format!(
+                "LR schedule {self:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The learning rate at 0-based `step`.
+    pub fn lr(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            return self.max_lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        if step >= self.total_steps {
+            return if self.decay == Decay::Constant {
+                self.max_lr
+            } else {
+                self.min_lr
+            };
+        }
+        let span = (self.total_steps - self.warmup_steps) as f64;
+        let ratio = (step - self.warmup_steps) as f64 / span;
+        let range = self.max_lr - self.min_lr;
+        match self.decay {
+            Decay::Cosine => {
+                self.min_lr + 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos()) * range
+            }
+            Decay::Linear => self.max_lr - ratio * range,
+            Decay::Constant => self.max_lr,
+        }
+    }
+}
