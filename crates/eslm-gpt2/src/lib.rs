@@ -17,6 +17,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod step;
 
 pub use config::GptConfig;
 pub use error::{Gpt2Error, Result};
@@ -24,3 +25,4 @@ pub use model::Gpt2;
 pub use ops::{FlopCounter, RowSet};
 pub use optim::{clip_grad_norm, grad_norm, AdamW, AdamWConfig, Decay, LrSchedule};
 pub use params::{ParamKind, ParamLayout, ParamSet};
+pub use step::{Selector, StepReport, StepWorkspace, TokenScore};
