@@ -1,0 +1,1 @@
+//! Text → train/val shards (in progress).
