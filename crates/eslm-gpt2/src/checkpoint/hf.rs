@@ -490,6 +490,8 @@ pub fn config_to_json(cfg: &GptConfig) -> String {
         "scale_attn_weights": true,
         "scale_attn_by_inverse_layer_idx": false,
         "tie_word_embeddings": true,
+        "bos_token_id": cfg.vocab_size - 1,
+        "eos_token_id": cfg.vocab_size - 1,
         "torch_dtype": "float32",
         PADDED_VOCAB_KEY: cfg.padded_vocab_size,
     });

@@ -141,15 +141,27 @@ pub fn read<R: Read>(mut r: R, len: Option<u64>) -> Result<ParamSet> {
         *w = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     }
     let (cfg, version) = parse_header(&h)?;
+    let Some(len) = len else {
+        // Unknown length: read what the stream holds first (bounded by the data, not by the header's claims),
+        // then check it against the header like a file.
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).map_err(|e| CheckpointError::Io {
+            path: "<stream>".into(),
+            source: e,
+        })?;
+        let total = HEADER_BYTES as u64 + rest.len() as u64;
+        return read((&hb[..]).chain(rest.as_slice()), Some(total));
+    };
     let elem = if version == VERSION_FP32 { 4u64 } else { 2u64 };
     let expected = checked_num_params(&cfg)
         .and_then(|p| p.checked_mul(elem))
         .and_then(|b| b.checked_add(HEADER_BYTES as u64))
         .ok_or_else(|| CheckpointError::Config("llm.c header: parameter count overflows".into()))?;
-    match len {
-        Some(n) if n < expected => return Err(CheckpointError::Truncated { expected, got: n }),
-        Some(n) if n > expected => return Err(CheckpointError::TrailingData { expected }),
-        _ => {}
+    if len < expected {
+        return Err(CheckpointError::Truncated { expected, got: len });
+    }
+    if len > expected {
+        return Err(CheckpointError::TrailingData { expected });
     }
     if usize::try_from(expected).is_err() {
         return Err(CheckpointError::Config(
