@@ -16,11 +16,13 @@ fn cpu_seconds() -> f64 {
 }
 
 fn main() {
-    let shapes: [(&str, usize, usize, usize, bool, bool); 6] = [
+    let shapes: [(&str, usize, usize, usize, bool, bool); 8] = [
         // name, m, n, k, a transposed, b transposed
         ("lm_head fwd  z=h·Wᵀ", 1024, 50257, 256, false, true),
         ("lm_head dh=dz·W", 1024, 256, 50257, false, false),
         ("lm_head dW=dzᵀ·h", 50257, 256, 1024, true, false),
+        ("lm_head dh K=308", 308, 256, 50257, false, false),
+        ("lm_head dW K=308", 50257, 256, 308, true, false),
         ("fc fwd (T)", 1024, 1024, 256, false, true),
         ("fc fwd (S)", 256, 3072, 768, false, true),
         ("fc dW (S)", 3072, 768, 256, true, false),

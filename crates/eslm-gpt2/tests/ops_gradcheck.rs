@@ -321,3 +321,15 @@ fn residual_merge_is_the_dense_sum() {
         }
     }
 }
+
+#[test]
+fn fast_tanh_is_accurate() {
+    let mut worst = 0.0f64;
+    for i in -200_000..=200_000 {
+        let x = i as f32 * 1e-4; // [-20, 20]
+        let got = eslm_gpt2::ops::fast_tanh_f32(x) as f64;
+        worst = worst.max((got - (x as f64).tanh()).abs());
+    }
+    assert!(worst < 5e-7, "max abs error {worst:e}");
+    assert_eq!(eslm_gpt2::ops::fast_tanh_f32(1e-6), 1e-6);
+}

@@ -21,7 +21,7 @@ pub fn forward<T: Real>(y: &mut [T], x: &[T]) {
         .for_each(|(yc, xc)| {
             for (o, &v) in yc.iter_mut().zip(xc) {
                 let u = s * (v + c * v * v * v);
-                *o = half * v * (T::ONE + u.tanh());
+                *o = half * v * (T::ONE + u.fast_tanh());
             }
         });
 }
@@ -46,7 +46,7 @@ pub fn backward<T: Real>(dx: &mut [T], dy: &[T], x: &[T], rows: &RowSet, n: usiz
             let xr = &x[i * width..(i + 1) * width];
             for ((d, &g), &v) in dxr.iter_mut().zip(dyr).zip(xr) {
                 let u = s * (v + c * v * v * v);
-                let th = u.tanh();
+                let th = u.fast_tanh();
                 let local = half * (T::ONE + th)
                     + half * v * (T::ONE - th * th) * s * (T::ONE + c3 * v * v);
                 *d = g * local;
