@@ -1,0 +1,326 @@
+//! CUDA backend (feature `cuda`): the three kernel families on the GPU, mirroring the CPU API.
+//!
+//! The kernels are `kernels/*.cu`, compiled by `build.rs` into fatbins (SASS for sm_80 and sm_90, PTX for newer
+//! GPUs) and embedded in the library; [`CudaKernels`] loads them into a CUDA context through cudarc's dynamic
+//! loading of the driver, so the crate builds and links on machines without CUDA. On such machines every entry
+//! point returns [`KernelError::NoCudaDriver`] (never a panic): call [`cuda_probe`] or [`cuda_available`] first.
+//!
+//! Two layers:
+//! - **device API** ([`CudaKernels::token_stats`], [`CudaKernels::select`], [`CudaKernels::sparse_ce`]): inputs and
+//!   outputs stay in device memory, every call is asynchronous on one stream, and the selection's threshold and
+//!   kept count stay on the GPU (the sparse cross-entropy reads the count there). Results and device-side errors
+//!   (NaN scores, no valid rows, k > M) are read back only when asked ([`DeviceSelection::summary`],
+//!   [`DeviceTokenStats::check_status`]), e.g. for logging.
+//! - **host wrappers** ([`CudaKernels::token_stats_host`], [`CudaKernels::select_host`],
+//!   [`CudaKernels::sparse_ce_host`]): the CPU functions' exact signatures and error checks over host slices
+//!   (upload, run, download); used by the parity tests and handy for one-off calls.
+
+mod params;
+pub mod select;
+pub mod sparse_ce;
+pub mod token_stats;
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr,
+    DriverError, ValidAsZeroBits,
+};
+
+use crate::error::{KernelError, Result};
+
+pub use select::{DeviceSelection, SelectionSummary};
+pub use sparse_ce::{DeviceSparseCe, GradScale};
+pub use token_stats::DeviceTokenStats;
+
+impl From<DriverError> for KernelError {
+    fn from(e: DriverError) -> Self {
+        KernelError::Cuda(e.to_string())
+    }
+}
+
+/// The fatbins built by `build.rs` from `kernels/<name>.cu`.
+const FATBIN_TOKEN_STATS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/token_stats.fatbin"));
+const FATBIN_SELECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/select.fatbin"));
+const FATBIN_SPARSE_CE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sparse_ce.fatbin"));
+
+/// The `nvcc -Xptxas -v` report (registers, shared memory, spills per kernel, for sm_80 and sm_90) of the build.
+pub const PTXAS_REPORT: [(&str, &str); 3] = [
+    (
+        "token_stats.cu",
+        include_str!(concat!(env!("OUT_DIR"), "/token_stats.ptxas.txt")),
+    ),
+    (
+        "select.cu",
+        include_str!(concat!(env!("OUT_DIR"), "/select.ptxas.txt")),
+    ),
+    (
+        "sparse_ce.cu",
+        include_str!(concat!(env!("OUT_DIR"), "/sparse_ce.ptxas.txt")),
+    ),
+];
+
+/// Checks that a CUDA driver can be loaded and sees at least one GPU; returns the number of GPUs.
+///
+/// # Errors
+/// [`KernelError::NoCudaDriver`] if `libcuda` cannot be loaded (checked before any cudarc call, which would
+/// panic); [`KernelError::Cuda`] if the driver fails to initialise or reports no GPU.
+pub fn cuda_probe() -> Result<usize> {
+    // SAFETY: only tries to dlopen the driver library under its usual names; nothing is called.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(KernelError::NoCudaDriver);
+    }
+    let count = CudaContext::device_count().map_err(|e| {
+        KernelError::Cuda(format!(
+            "the CUDA driver failed to initialise ({e}); use --device cpu"
+        ))
+    })?;
+    if count <= 0 {
+        return Err(KernelError::Cuda(
+            "the CUDA driver reports no GPU; use --device cpu".into(),
+        ));
+    }
+    Ok(count as usize)
+}
+
+/// Whether [`cuda_probe`] succeeds (a driver and at least one GPU).
+pub fn cuda_available() -> bool {
+    cuda_probe().is_ok()
+}
+
+/// A logits element the CUDA kernels accept: `f32` or `half::bf16` (stored as raw bits on the device).
+pub trait DeviceElem:
+    DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static
+{
+    /// The kernel name suffix (`"f32"` or `"bf16"`).
+    const NAME: &'static str;
+    /// Size of one element in bytes.
+    const BYTES: usize = std::mem::size_of::<Self>();
+}
+
+impl DeviceElem for f32 {
+    const NAME: &'static str = "f32";
+}
+
+impl DeviceElem for half::bf16 {
+    const NAME: &'static str = "bf16";
+}
+
+/// A checked `[rows, vocab]` logits matrix in device memory with row stride `stride ≥ vocab` (elements).
+#[derive(Debug)]
+pub struct DeviceLogits<'a, T> {
+    data: CudaView<'a, T>,
+    rows: usize,
+    vocab: usize,
+    stride: usize,
+}
+
+impl<'a, T> DeviceLogits<'a, T> {
+    /// Wraps `data` as `rows` rows of `vocab` logits spaced `stride` apart. Same rules as
+    /// [`LogitsView::new`](crate::LogitsView::new): `1 ≤ vocab ≤ stride`, `data.len() ≥ (rows − 1)·stride + vocab`.
+    ///
+    /// # Errors
+    /// [`KernelError::Shape`] if the rules above are broken.
+    pub fn new(data: CudaView<'a, T>, rows: usize, vocab: usize, stride: usize) -> Result<Self> {
+        let needed = logits_len(rows, vocab, stride)?;
+        if data.len() < needed {
+            return Err(KernelError::Shape {
+                what: "logits",
+                expected: format!(
+                    "at least {needed} elements ({rows} rows, vocab {vocab}, stride {stride})"
+                ),
+                got: format!("{} elements", data.len()),
+            });
+        }
+        Ok(Self {
+            data,
+            rows,
+            vocab,
+            stride,
+        })
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of real columns.
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    /// Distance in elements between row starts.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// The underlying device memory.
+    pub fn data(&self) -> &CudaView<'a, T> {
+        &self.data
+    }
+}
+
+/// Elements a `[rows, vocab]` matrix of row stride `stride` needs (the last row's padding may be absent).
+pub(crate) fn logits_len(rows: usize, vocab: usize, stride: usize) -> Result<usize> {
+    if vocab == 0 || stride < vocab {
+        return Err(KernelError::Shape {
+            what: "logits",
+            expected: "1 <= vocab <= stride".into(),
+            got: format!("vocab {vocab}, stride {stride}"),
+        });
+    }
+    if rows == 0 {
+        return Ok(0);
+    }
+    (rows - 1)
+        .checked_mul(stride)
+        .and_then(|x| x.checked_add(vocab))
+        .ok_or_else(|| KernelError::Shape {
+            what: "logits",
+            expected: "a size that fits in memory".into(),
+            got: format!("{rows} rows of stride {stride}"),
+        })
+}
+
+/// The loaded kernels.
+#[derive(Debug)]
+struct Functions {
+    token_stats_f32: CudaFunction,
+    token_stats_bf16: CudaFunction,
+    select_init: CudaFunction,
+    select_histogram: CudaFunction,
+    select_pick: CudaFunction,
+    select_tile_counts: CudaFunction,
+    select_tile_scan: CudaFunction,
+    select_write: CudaFunction,
+    sparse_ce: [[CudaFunction; 2]; 2], // [input f32, bf16][output f32, bf16]
+    sparse_ce_loss: CudaFunction,
+}
+
+/// The CUDA backend: a context, the stream every call is queued on, and the loaded kernel modules.
+///
+/// ```no_run
+/// use eslm_kernels::cuda::CudaKernels;
+/// use eslm_kernels::{SelectRule, Selection};
+/// let gpu = CudaKernels::new(0)?; // KernelError::NoCudaDriver on a machine without CUDA
+/// let mut sel = Selection::new();
+/// gpu.select_host(&[0.5, 3.0, 1.0, 3.0, 2.0], None, SelectRule::Var { alpha: 0.6 }, &mut sel)?;
+/// assert_eq!(sel.indices, vec![1, 3]);
+/// # Ok::<(), eslm_kernels::KernelError>(())
+/// ```
+#[derive(Debug)]
+pub struct CudaKernels {
+    stream: Arc<CudaStream>,
+    functions: Functions,
+    _modules: [Arc<CudaModule>; 3],
+}
+
+impl CudaKernels {
+    /// Opens GPU `ordinal` (its primary context), creates a stream and loads the kernels.
+    ///
+    /// # Errors
+    /// [`KernelError::NoCudaDriver`] without a driver; [`KernelError::Cuda`] if there is no such GPU or loading
+    /// fails (e.g. a GPU older than sm_80 with a driver too old for the embedded PTX).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        cuda_probe()?;
+        let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.new_stream()?;
+        Self::with_stream(stream)
+    }
+
+    /// Uses an existing stream (and its context), e.g. the engine's, so kernels queue behind its work.
+    ///
+    /// # Errors
+    /// [`KernelError::Cuda`] if a module fails to load.
+    pub fn with_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        let ctx = stream.context().clone();
+        let load = |image: &[u8]| -> Result<Arc<CudaModule>> {
+            // A fatbin is accepted by cuModuleLoadData; cudarc names that input "Ptx" (binary image).
+            Ok(ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))?)
+        };
+        let stats = load(FATBIN_TOKEN_STATS)?;
+        let select = load(FATBIN_SELECT)?;
+        let ce = load(FATBIN_SPARSE_CE)?;
+        let f = |m: &Arc<CudaModule>, name: &str| -> Result<CudaFunction> {
+            m.load_function(name)
+                .map_err(|e| KernelError::Cuda(format!("loading kernel {name}: {e}")))
+        };
+        let functions = Functions {
+            token_stats_f32: f(&stats, "token_stats_f32")?,
+            token_stats_bf16: f(&stats, "token_stats_bf16")?,
+            select_init: f(&select, "select_init")?,
+            select_histogram: f(&select, "select_histogram")?,
+            select_pick: f(&select, "select_pick")?,
+            select_tile_counts: f(&select, "select_tile_counts")?,
+            select_tile_scan: f(&select, "select_tile_scan")?,
+            select_write: f(&select, "select_write")?,
+            sparse_ce: [
+                [f(&ce, "sparse_ce_f32_f32")?, f(&ce, "sparse_ce_f32_bf16")?],
+                [
+                    f(&ce, "sparse_ce_bf16_f32")?,
+                    f(&ce, "sparse_ce_bf16_bf16")?,
+                ],
+            ],
+            sparse_ce_loss: f(&ce, "sparse_ce_loss")?,
+        };
+        Ok(Self {
+            stream,
+            functions,
+            _modules: [stats, select, ce],
+        })
+    }
+
+    /// The stream every kernel is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The CUDA context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        self.stream.context()
+    }
+
+    /// Waits until all queued work has finished.
+    ///
+    /// # Errors
+    /// [`KernelError::Cuda`] if a queued kernel failed.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// Copies a host slice into a new device buffer (a zero-length buffer for an empty slice).
+    ///
+    /// # Errors
+    /// [`KernelError::Cuda`] on allocation or copy failure.
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        if host.is_empty() {
+            return Ok(self.stream.null()?);
+        }
+        Ok(self.stream.clone_htod(host)?)
+    }
+
+    /// Copies `len` elements of a device buffer into a new host vector (synchronises the stream).
+    ///
+    /// # Errors
+    /// [`KernelError::Cuda`] on copy failure.
+    pub fn download<T: DeviceRepr>(&self, device: &CudaView<'_, T>) -> Result<Vec<T>> {
+        if device.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.stream.clone_dtoh(device)?)
+    }
+
+    /// A zeroed device buffer of `len` elements (at least one, so views of it are never null).
+    ///
+    /// # Errors
+    /// [`KernelError::Cuda`] on allocation failure.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        Ok(self.stream.alloc_zeros(len.max(1))?)
+    }
+}
+
+/// Grid size for one-block-per-row kernels with a grid-stride loop.
+pub(crate) fn grid_for(rows: usize) -> u32 {
+    rows.clamp(1, i32::MAX as usize) as u32
+}

@@ -1,0 +1,60 @@
+/*
+ * common.cuh: small device helpers shared by the kernels (included, not compiled on its own).
+ *
+ * - bf16 logits are stored as raw uint16_t bits: bf16 -> f32 is exact (the 16 bits become the high half of an
+ *   f32); f32 -> bf16 rounds to nearest even (__float2bfloat16_rn, NaN preserved).
+ * - Vector loads: each 16-byte load (uint4) holds VEC = 16 / sizeof(T) logits (4 f32 or 8 bf16). A row that
+ *   starts at an arbitrary element offset is split into a scalar head (up to the first 16-byte boundary), a
+ *   vector body and a scalar tail, so any stride works and a 16-byte aligned row uses vector loads throughout.
+ */
+#ifndef ESLM_COMMON_CUH
+#define ESLM_COMMON_CUH
+
+#include <stdint.h>
+#include <cuda_bf16.h>
+
+#include "eslm_kernels.h"
+
+/* Element traits: f32 and bf16 (raw bits). */
+template <typename T> struct Elem;
+
+template <> struct Elem<float> {
+    static constexpr int VEC = 4;
+    static __device__ __forceinline__ float load(const float* p) { return *p; }
+    static __device__ __forceinline__ void unpack(const uint4& v, float* z) {
+        z[0] = __uint_as_float(v.x);
+        z[1] = __uint_as_float(v.y);
+        z[2] = __uint_as_float(v.z);
+        z[3] = __uint_as_float(v.w);
+    }
+    static __device__ __forceinline__ void store(float* p, float x) { *p = x; }
+    static __device__ __forceinline__ float zero() { return 0.0f; }
+};
+
+template <> struct Elem<uint16_t> {
+    static constexpr int VEC = 8;
+    static __device__ __forceinline__ float load(const uint16_t* p) { return __uint_as_float(((uint32_t)*p) << 16); }
+    static __device__ __forceinline__ void unpack(const uint4& v, float* z) {
+        /* little endian: the low half of each 32-bit word is the lower-index element */
+        z[0] = __uint_as_float(v.x << 16);
+        z[1] = __uint_as_float(v.x & 0xFFFF0000u);
+        z[2] = __uint_as_float(v.y << 16);
+        z[3] = __uint_as_float(v.y & 0xFFFF0000u);
+        z[4] = __uint_as_float(v.z << 16);
+        z[5] = __uint_as_float(v.z & 0xFFFF0000u);
+        z[6] = __uint_as_float(v.w << 16);
+        z[7] = __uint_as_float(v.w & 0xFFFF0000u);
+    }
+    static __device__ __forceinline__ void store(uint16_t* p, float x) {
+        *p = __bfloat16_as_ushort(__float2bfloat16_rn(x));
+    }
+    static __device__ __forceinline__ uint16_t zero() { return 0; }
+};
+
+/* Number of elements of type T before the first 16-byte boundary at or after p (p is sizeof(T)-aligned). */
+template <typename T>
+__device__ __forceinline__ uint64_t head_elems(const T* p) {
+    return ((16u - ((uint64_t)p & 15u)) & 15u) / sizeof(T);
+}
+
+#endif /* ESLM_COMMON_CUH */
