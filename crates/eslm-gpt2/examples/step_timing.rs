@@ -7,6 +7,15 @@ use eslm_gpt2::{AdamW, AdamWConfig, Gpt2, GptConfig, Selector, StepWorkspace, To
 use eslm_kernels::select::SelectRule;
 use std::time::Instant;
 
+/// Process CPU time (user + system) in seconds, from /proc/self/stat (0 where unavailable).
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let which = args.get(1).map(String::as_str).unwrap_or("T");
@@ -48,16 +57,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let t1 = Instant::now();
             model.forward(&inputs, b, t)?;
             let t2 = Instant::now();
+            let c2 = cpu_seconds();
             let rep = model.loss_and_backward(&mut ws, &inputs, &targets, b, t, sel)?;
             let t3 = Instant::now();
             let (p, g) = model.params_and_grads_mut();
             opt.update(p, g, 1e-4)?;
             let t4 = Instant::now();
+            let cpu = cpu_seconds() - c2;
             let total = (t4 - t0).as_secs_f64() - (t2 - t1).as_secs_f64();
             times.push(total);
             let fl = model.realized_flops();
             println!(
-                "{name}: step {:.3}s (zero {:.3} fwd {:.3} fwd+loss+bwd {:.3} adam {:.3}) loss {:.4} K={} GFLOP {:.1} -> {:.1} GFLOP/s",
+                "{name}: step {:.3}s (zero {:.3} fwd {:.3} fwd+loss+bwd {:.3} adam {:.3}) loss {:.4} K={} GFLOP {:.1} -> {:.1} GFLOP/s, {:.1} per CPU-s",
                 total,
                 (t1 - t0).as_secs_f64(),
                 (t2 - t1).as_secs_f64(),
@@ -66,7 +77,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 rep.loss_kept,
                 rep.kept,
                 fl.total() / 1e9,
-                fl.total() / 1e9 / total
+                fl.total() / 1e9 / total,
+                fl.total() / 1e9 / cpu.max(1e-9)
             );
         }
         times.sort_by(f64::total_cmp);

@@ -71,6 +71,20 @@ impl Gpt2 {
     /// Forward, statistics, selection, sparse CE and row-sparse backward for one batch; accumulates into the
     /// gradients (call [`Gpt2::zero_grad`] first for a fresh step). `targets` is `[B·T]` with
     /// [`DEFAULT_IGNORE_INDEX`] (−100) for ignored positions.
+    ///
+    /// ```
+    /// use eslm_gpt2::{Gpt2, GptConfig, Selector, StepWorkspace, TokenScore};
+    /// use eslm_kernels::select::SelectRule;
+    /// let mut model = Gpt2::new(GptConfig::tiny(), 2, 8, 0)?;
+    /// let mut ws = StepWorkspace::new();
+    /// let inputs = [3u32; 16];
+    /// let targets = [5i32; 16];
+    /// let keep_30 = Selector::Select { score: TokenScore::Loss, rule: SelectRule::Var { alpha: 0.7 } };
+    /// model.zero_grad();
+    /// let report = model.loss_and_backward(&mut ws, &inputs, &targets, 2, 8, keep_30)?;
+    /// assert!(report.kept >= 5 && report.valid == 16);
+    /// # Ok::<(), eslm_gpt2::Gpt2Error>(())
+    /// ```
     pub fn loss_and_backward(
         &mut self,
         ws: &mut StepWorkspace,

@@ -59,8 +59,20 @@ fn grads_dense_vs_sparse(
 
 #[test]
 fn selective_backward_matches_masked_dense() {
-    let cfg = small_cfg();
-    let (b, t) = (3, 7);
+    let other = eslm_gpt2::GptConfig {
+        n_layer: 3,
+        n_head: 3,
+        n_embd: 12,
+        vocab_size: 50,
+        padded_vocab_size: 64,
+        max_seq_len: 9,
+    };
+    for (cfg, b, t) in [(small_cfg(), 3, 7), (other, 2, 9), (other, 1, 1)] {
+        check_config(cfg, b, t);
+    }
+}
+
+fn check_config(cfg: eslm_gpt2::GptConfig, b: usize, t: usize) {
     let n = b * t;
     let mut model = Gpt2::new(cfg, b, t, 7).unwrap();
     let mut r = rng(1);
@@ -76,6 +88,40 @@ fn selective_backward_matches_masked_dense() {
         kept.sort_unstable();
         grads_dense_vs_sparse(&mut model, &inputs, &targets, &kept, b, t);
     }
+}
+
+#[test]
+fn realized_flops_follow_the_row_sets() {
+    let cfg = small_cfg();
+    let (b, t) = (2, 6);
+    let n = b * t;
+    let (l, c, v, vp) = (
+        cfg.n_layer as f64,
+        cfg.n_embd as f64,
+        cfg.vocab_size as f64,
+        cfg.padded_vocab_size,
+    );
+    let mut model = Gpt2::new(cfg, b, t, 1).unwrap();
+    let inputs = vec![1u32; n];
+    model.forward(&inputs, b, t).unwrap();
+    let nf = n as f64;
+    // Linear layers 24·C² per token per layer, attention 4·B·T²·C per layer (full T×T products), LM head.
+    let fwd = nf * l * 24.0 * c * c + l * 4.0 * (b * t * t) as f64 * c + 2.0 * nf * c * v;
+    assert!((model.realized_flops().forward - fwd).abs() < 1e-6 * fwd);
+    let kept = [2u32, 7];
+    model.backward_sparse(&kept, &vec![0.0; 2 * vp]).unwrap();
+    let fl = model.realized_flops();
+    assert_eq!(fl.backward_head, 4.0 * 2.0 * c * v);
+    // Last block's fcproj, fc, attproj on K = 2 rows: 4·K·(4C·C + C·4C + C·C).
+    assert_eq!(fl.backward_row_sparse, 4.0 * 2.0 * 9.0 * c * c);
+    let paper = model.paper_flops(n, 0.5);
+    let p = cfg.num_params_unpadded() as f64;
+    assert_eq!(paper, nf * (2.0 * p + 2.0 * p));
+    model.backward(&vec![0.0; n * vp]).unwrap();
+    let dense = model.realized_flops();
+    assert_eq!(dense.backward_row_sparse, 0.0);
+    assert_eq!(dense.backward_head, 4.0 * nf * c * v);
+    assert!(dense.backward_dense > fl.backward_dense);
 }
 
 #[test]
