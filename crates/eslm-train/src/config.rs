@@ -1,0 +1,543 @@
+//! Run configuration: one [`RunConfig`] resolved from three layers, later layers winning:
+//! built-in defaults ← the TOML file given by `--config FILE` ← command-line flags.
+//!
+//! The flags ([`TrainArgs`]) are all optional; only the flags a user actually passed are serialised (to JSON)
+//! and merged over the TOML-derived config, so a flag always beats the file and an absent flag never resets a
+//! value from the file. TOML keys are the [`RunConfig`] field names (snake_case); unknown keys are an error.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+use crate::policy::{Rho1Norm, ScoreKind};
+
+/// The selection policy of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    /// Every token (baseline).
+    Clm,
+    /// ESLM: keep tokens with score ≥ VaR_α.
+    Eslm,
+    /// ESLM with an adaptive α.
+    AdaEslm,
+    /// Sequence-level then token-level ESLM.
+    Hierarchical,
+    /// Rho-1 excess loss over a reference model.
+    Rho1,
+    /// Uniformly random tokens (control).
+    Random,
+    /// Teacher-score selection with distillation.
+    EslmKd,
+}
+
+/// Where the ESLM quantile is taken when a step has several gradient-accumulation micro-batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantileScope {
+    /// Each micro-batch selects its own α-quantile (one pass; the kept count is exact per micro-batch).
+    Micro,
+    /// One α-quantile over every token of the optimizer step: a scoring pass over all micro-batches first
+    /// (one extra forward per micro-batch), then the training pass with that threshold.
+    Global,
+}
+
+/// Learning-rate schedule after the linear warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Cosine decay from `lr` to `lr·min_lr_ratio` at the last step.
+    Cosine,
+    /// Linear decay from `lr` to `lr·min_lr_ratio` at the last step.
+    Linear,
+    /// Constant `lr`.
+    Constant,
+}
+
+/// The compute device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// CPU (always available).
+    Cpu,
+    /// CUDA (needs the `cuda` build and a GPU).
+    Cuda,
+}
+
+/// Everything that defines a training run. `Default` is the no-argument run: a tiny GPT-2 trained with ESLM
+/// on the built-in synthetic corpus on CPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Training shards (a file, a directory of `*.bin`, or a glob); `None`: the built-in synthetic corpus.
+    pub train: Option<String>,
+    /// Validation shards; `None` with `train` set: no validation.
+    pub val: Option<String>,
+    /// Documents of the synthetic training split (when `train` is unset).
+    pub synthetic_documents: usize,
+    /// Model preset: `synth-tiny`, `tiny`, `t` (config T), `124m`, `350m`, `774m`, `1558m`, or `bigram` (the test double).
+    pub model: String,
+    /// Override of the preset's number of layers L.
+    pub n_layer: Option<usize>,
+    /// Override of the preset's number of heads H.
+    pub n_head: Option<usize>,
+    /// Override of the preset's width C.
+    pub n_embd: Option<usize>,
+    /// Override of the vocabulary size (default: the synthetic corpus's, or GPT-2's 50257 for shards).
+    pub vocab_size: Option<usize>,
+    /// Start from the weights of this checkpoint directory instead of a random initialisation.
+    pub init_from: Option<PathBuf>,
+    /// Sequences per micro-batch (B).
+    pub batch_size: usize,
+    /// Tokens per sequence (T).
+    pub seq_len: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Stop after this many training tokens (overrides `steps` when set).
+    pub token_budget: Option<u64>,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    /// Linear warm-up steps.
+    pub warmup_steps: u64,
+    /// Decay after warm-up.
+    pub schedule: Schedule,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (≤ 0: off).
+    pub grad_clip: f64,
+    /// AdamW β1.
+    pub beta1: f64,
+    /// AdamW β2.
+    pub beta2: f64,
+    /// AdamW ε.
+    pub eps: f64,
+    /// Seed of the initialisation, the data order and the random policy.
+    pub seed: u64,
+    /// Compute device.
+    pub device: Device,
+    /// Output directory (metrics.jsonl, checkpoints/).
+    pub out: PathBuf,
+    /// Evaluate every this many steps (0: only before and after training).
+    pub eval_every: u64,
+    /// Validation batches per evaluation (0: the whole validation set).
+    pub eval_batches: usize,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept on disk (older ones are deleted).
+    pub keep_last: usize,
+    /// Selection policy.
+    pub select: PolicyKind,
+    /// Token score of eslm, ada-eslm, hierarchical and eslm-kd.
+    pub score: ScoreKind,
+    /// Fraction of tokens dropped (eslm, hierarchical token level, eslm-kd; ada-eslm: initial α).
+    pub alpha: f64,
+    /// Quantile scope under gradient accumulation.
+    pub quantile_scope: QuantileScope,
+    /// Hierarchical: blocks of the shallow scoring pass.
+    pub exit_layer: usize,
+    /// Hierarchical: fraction of sequences dropped.
+    pub instance_alpha: f64,
+    /// Rho-1 / random: fraction of tokens kept.
+    pub keep: f64,
+    /// Rho-1: reference model checkpoint directory.
+    pub reference: Option<PathBuf>,
+    /// Rho-1: normalisation of the kept loss.
+    pub rho1_norm: Rho1Norm,
+    /// ESLM-KD: teacher checkpoint directory.
+    pub teacher: Option<PathBuf>,
+    /// ESLM-KD: weight W of the distillation term.
+    pub kd_weight: f64,
+    /// ESLM-KD: temperature τ.
+    pub temperature: f64,
+    /// Ada-ESLM: lower bound on α.
+    pub alpha_min: f64,
+    /// Ada-ESLM: upper bound on α.
+    pub alpha_max: f64,
+    /// Ada-ESLM: target share of the score mass on kept tokens.
+    pub target_mass: f64,
+    /// Ada-ESLM: controller gain η.
+    pub ada_gain: f64,
+    /// Ada-ESLM: EMA coefficient β.
+    pub ada_ema: f64,
+    /// Skip a step whose loss or gradient is not finite instead of stopping the run.
+    pub skip_nonfinite: bool,
+    /// Show the progress bar.
+    pub progress: bool,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            train: None,
+            val: None,
+            synthetic_documents: 4096,
+            model: "synth-tiny".into(),
+            n_layer: None,
+            n_head: None,
+            n_embd: None,
+            vocab_size: None,
+            init_from: None,
+            batch_size: 8,
+            seq_len: 64,
+            grad_accum: 1,
+            steps: 300,
+            token_budget: None,
+            lr: 3e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 20,
+            schedule: Schedule::Cosine,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            seed: 1337,
+            device: Device::Cpu,
+            out: PathBuf::from("runs/default"),
+            eval_every: 100,
+            eval_batches: 16,
+            checkpoint_every: 0,
+            keep_last: 2,
+            select: PolicyKind::Eslm,
+            score: ScoreKind::Loss,
+            alpha: 0.5,
+            quantile_scope: QuantileScope::Micro,
+            exit_layer: 1,
+            instance_alpha: 0.5,
+            keep: 0.5,
+            reference: None,
+            rho1_norm: Rho1Norm::Kept,
+            teacher: None,
+            kd_weight: 0.5,
+            temperature: 1.0,
+            alpha_min: 0.1,
+            alpha_max: 0.9,
+            target_mass: 0.6,
+            ada_gain: 0.05,
+            ada_ema: 0.9,
+            skip_nonfinite: false,
+            progress: true,
+        }
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Training flags. Every flag is optional and overrides the same key of `--config FILE` (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, clap::Args, Serialize)]
+pub struct TrainArgs {
+    /// TOML config file (keys = the long flag names with `_` for `-`); flags override it.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Continue from the latest checkpoint in --out (exact resume).
+    #[arg(long)]
+    #[serde(skip)]
+    pub resume: bool,
+    /// Training shards: file, directory or glob (default: the built-in synthetic corpus).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train: Option<String>,
+    /// Validation shards: file, directory or glob.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val: Option<String>,
+    /// Documents in the synthetic training split.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub synthetic_documents: Option<usize>,
+    /// Model preset: synth-tiny, tiny, t, 124m, 350m, 774m, 1558m, bigram.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Number of layers L (overrides the preset).
+    #[arg(long = "n-layer", visible_alias = "layers")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_layer: Option<usize>,
+    /// Number of heads H (overrides the preset).
+    #[arg(long = "n-head", visible_alias = "heads")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_head: Option<usize>,
+    /// Width C (overrides the preset).
+    #[arg(long = "n-embd", visible_alias = "width")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_embd: Option<usize>,
+    /// Vocabulary size (default: the data's).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<usize>,
+    /// Initialise from this checkpoint directory.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
+    /// Sequences per micro-batch B.
+    #[arg(long, short = 'b')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// Tokens per sequence T.
+    #[arg(long, short = 't')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq_len: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_accum: Option<usize>,
+    /// Optimizer steps.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
+    /// Stop after this many training tokens (overrides --steps).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_budget: Option<u64>,
+    /// Peak learning rate.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// Final LR as a fraction of --lr.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_lr_ratio: Option<f64>,
+    /// Linear warm-up steps.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_steps: Option<u64>,
+    /// LR decay after warm-up.
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+    /// AdamW weight decay.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
+    /// Global gradient-norm clip (0: off).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_clip: Option<f64>,
+    /// Seed (init, data order, random policy).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Device: cpu or cuda.
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<Device>,
+    /// Output directory.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out: Option<PathBuf>,
+    /// Evaluate every N steps (0: before and after only).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_every: Option<u64>,
+    /// Validation batches per evaluation (0: all).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_batches: Option<usize>,
+    /// Checkpoint every N steps (0: at the end only).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<u64>,
+    /// Checkpoints kept on disk.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<usize>,
+    /// Selection policy.
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub select: Option<PolicyKind>,
+    /// Token score: loss or entropy.
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score: Option<ScoreKind>,
+    /// Fraction of tokens dropped (ada-eslm: initial α).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    /// Quantile scope under gradient accumulation: micro or global.
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantile_scope: Option<QuantileScope>,
+    /// Hierarchical: blocks of the shallow pass.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_layer: Option<usize>,
+    /// Hierarchical: fraction of sequences dropped.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_alpha: Option<f64>,
+    /// Rho-1 / random: fraction of tokens kept.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep: Option<f64>,
+    /// Rho-1: reference checkpoint directory.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<PathBuf>,
+    /// Rho-1: normalise by kept tokens or by the keep budget.
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rho1_norm: Option<Rho1Norm>,
+    /// ESLM-KD: teacher checkpoint directory.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<PathBuf>,
+    /// ESLM-KD: distillation weight W.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kd_weight: Option<f64>,
+    /// ESLM-KD: temperature τ.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Ada-ESLM: lower bound on α.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpha_min: Option<f64>,
+    /// Ada-ESLM: upper bound on α.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpha_max: Option<f64>,
+    /// Ada-ESLM: target kept share of the score mass.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_mass: Option<f64>,
+    /// Ada-ESLM: controller gain.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ada_gain: Option<f64>,
+    /// Ada-ESLM: EMA coefficient of the statistic.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ada_ema: Option<f64>,
+    /// Skip steps with a non-finite loss or gradient instead of stopping.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    pub skip_nonfinite: bool,
+    /// Hide the progress bar.
+    #[arg(long)]
+    #[serde(skip)]
+    pub no_progress: bool,
+}
+
+impl TrainArgs {
+    /// The flags the user set, as a JSON object keyed like [`RunConfig`].
+    pub fn overrides(&self) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let mut map = match serde_json::to_value(self)? {
+            serde_json::Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        };
+        if self.no_progress {
+            map.insert("progress".into(), serde_json::Value::Bool(false));
+        }
+        Ok(map)
+    }
+}
+
+impl RunConfig {
+    /// Parses a TOML config (missing keys take their defaults; unknown keys are an error).
+    pub fn from_toml_str(text: &str) -> Result<RunConfig> {
+        toml::from_str(text).map_err(|e| TrainError::Config(format!("config file: {e}")))
+    }
+
+    /// Reads a TOML config file.
+    pub fn from_toml_file(path: &Path) -> Result<RunConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        Self::from_toml_str(&text)
+            .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Returns `self` with `overrides` (a JSON object of field → value) applied.
+    pub fn with_overrides(
+        &self,
+        overrides: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<RunConfig> {
+        let mut value = serde_json::to_value(self)?;
+        if let serde_json::Value::Object(map) = &mut value {
+            for (k, v) in overrides {
+                map.insert(k.clone(), v.clone());
+            }
+        }
+        serde_json::from_value(value).map_err(|e| TrainError::Config(e.to_string()))
+    }
+
+    /// Resolves defaults ← `--config` file ← flags, then validates.
+    pub fn resolve(args: &TrainArgs) -> Result<RunConfig> {
+        let base = match &args.config {
+            Some(path) => RunConfig::from_toml_file(path)?,
+            None => RunConfig::default(),
+        };
+        let cfg = base.with_overrides(&args.overrides()?)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges that do not depend on the model or data.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.batch_size == 0 || self.seq_len == 0 || self.grad_accum == 0 {
+            return bad("--batch-size, --seq-len and --grad-accum must be at least 1".into());
+        }
+        if self.steps == 0 && self.token_budget.is_none() {
+            return bad("--steps must be at least 1 (or set --token-budget)".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("--lr must be > 0, got {}", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad(format!(
+                "--min-lr-ratio must be in [0, 1], got {}",
+                self.min_lr_ratio
+            ));
+        }
+        if self.keep_last == 0 {
+            return bad("--keep-last must be at least 1".into());
+        }
+        if self.select == PolicyKind::Rho1 && self.reference.is_none() {
+            return bad("--select rho1 needs --reference CKPT (a checkpoint directory of the reference model)".into());
+        }
+        if self.select == PolicyKind::EslmKd && self.teacher.is_none() {
+            return bad("--select eslm-kd needs --teacher CKPT (a checkpoint directory of the teacher model)".into());
+        }
+        Ok(())
+    }
+
+    /// Tokens per optimizer step (B·T·grad_accum).
+    pub fn tokens_per_step(&self) -> u64 {
+        (self.batch_size * self.seq_len * self.grad_accum) as u64
+    }
+
+    /// The number of optimizer steps of the run (from `token_budget` when set).
+    pub fn total_steps(&self) -> u64 {
+        match self.token_budget {
+            Some(budget) => budget.div_ceil(self.tokens_per_step()).max(1),
+            None => self.steps,
+        }
+    }
+
+    /// The learning rate of step `step` (0-based): linear warm-up to `lr`, then the decay schedule down to
+    /// `lr·min_lr_ratio` at the last step.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let total = self.total_steps();
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let min = self.lr * self.min_lr_ratio;
+        let span = total.saturating_sub(self.warmup_steps).max(1);
+        let progress = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
+        match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::Linear => self.lr + (min - self.lr) * progress,
+            Schedule::Cosine => {
+                min + 0.5 * (self.lr - min) * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! The trainer library's error type. Everything a user controls (flags, config files, data, checkpoints) is
+//! reported through [`TrainError`]; the binary wraps it in `anyhow` with hints.
+
+use std::path::PathBuf;
+
+/// Errors of the trainer library.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A flag or config value is invalid (the message says which and what to do).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A kernel rejected its inputs.
+    #[error("kernel error: {0}")]
+    Kernel(#[from] eslm_kernels::KernelError),
+    /// The data crate failed (missing shard, bad header, ...).
+    #[error("data error: {0}")]
+    Data(#[from] eslm_data::DataError),
+    /// The model engine failed.
+    #[error("model error: {0}")]
+    Model(String),
+    /// Reading or writing a file failed.
+    #[error("I/O error on {}: {source}", path.display())]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A checkpoint is missing, incomplete or does not match the run.
+    #[error("checkpoint error: {0}")]
+    Checkpoint(String),
+    /// A token id is not below the model's vocabulary size.
+    #[error("token id {id} is outside the model vocabulary [0, {vocab}); HINT: the data was tokenized for another vocabulary")]
+    TokenOutOfRange {
+        /// The offending id.
+        id: u32,
+        /// The model's vocabulary size.
+        vocab: usize,
+    },
+    /// The loss became NaN or infinite.
+    #[error("non-finite loss {loss} at step {step}; the last good checkpoint is in {}. HINT: lower --lr, raise --grad-clip, or pass --skip-nonfinite", checkpoint.display())]
+    NonFinite {
+        /// The step at which it happened.
+        step: u64,
+        /// The loss value.
+        loss: f32,
+        /// Directory of the last good checkpoint written.
+        checkpoint: PathBuf,
+    },
+    /// The CUDA backend was requested but is not available.
+    #[error("CUDA backend not available in this build/device; use --device cpu")]
+    CudaUnavailable,
+    /// An evaluation file is malformed.
+    #[error("eval format error in {}: {message}", path.display())]
+    EvalFormat {
+        /// The file involved.
+        path: PathBuf,
+        /// What is wrong (with the line number).
+        message: String,
+    },
+    /// JSON (de)serialisation failed.
+    #[error("JSON error: {0}")]
+    Json(#[from] serde_json::Error),
+    /// Plotting failed.
+    #[error("plot error: {0}")]
+    Plot(String),
+}
+
+impl TrainError {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        TrainError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// `Result` with [`TrainError`].
+pub type Result<T> = std::result::Result<T, TrainError>;

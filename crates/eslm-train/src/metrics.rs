@@ -1,0 +1,161 @@
+//! `metrics.jsonl`: one JSON object per line. Training steps write a [`StepRecord`] (`"kind": "step"`),
+//! evaluations an [`EvalRecord`] (`"kind": "eval"`). Lines are flushed as written. On resume, lines after the
+//! checkpoint's step are dropped so the file describes exactly one history.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// One optimizer step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// Always `"step"`.
+    pub kind: String,
+    /// Step number (1-based: the number of optimizer steps completed after this one).
+    pub step: u64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Mean cross-entropy over every valid token the full forward saw (hierarchical: the kept sequences).
+    pub loss: f32,
+    /// Mean training loss over the kept tokens (KD: the mixed CE + KL loss).
+    pub loss_kept: f32,
+    /// Kept tokens / valid tokens of the whole step (dropped sequences count as not kept).
+    pub kept_fraction: f64,
+    /// Kept tokens.
+    pub kept_tokens: u64,
+    /// Token VaR threshold (global scope: of the step; micro scope: of the last micro-batch); null for clm.
+    pub threshold: Option<f32>,
+    /// α of the step (null when every token is kept).
+    pub alpha: Option<f64>,
+    /// Sequences kept by the instance filter / sequences seen (hierarchical; 1 otherwise).
+    pub sequence_fraction: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    /// Wall-clock seconds of the step.
+    pub step_time_s: f64,
+    /// Training tokens per second of the step (B·T·grad_accum / step time).
+    pub tokens_per_s: f64,
+    /// Cumulative training tokens.
+    pub tokens: u64,
+    /// FLOPs of the step, paper convention (2·P per forwarded token + 4·P per kept token).
+    pub flops_paper: f64,
+    /// FLOPs of the step the engine executed.
+    pub flops_realized: f64,
+    /// Cumulative paper-convention FLOPs.
+    pub flops_paper_total: f64,
+    /// Cumulative realized FLOPs.
+    pub flops_realized_total: f64,
+    /// Cumulative training wall-clock seconds.
+    pub wall_s: f64,
+    /// Synthetic corpus only: kept tokens per kind `[template, learnable, noise]`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub kind_kept: Option<[u64; 3]>,
+    /// Synthetic corpus only: valid tokens per kind `[template, learnable, noise]`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub kind_total: Option<[u64; 3]>,
+    /// True when the step was skipped (non-finite loss with --skip-nonfinite).
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub skipped: bool,
+}
+
+/// One evaluation on the validation set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    /// Always `"eval"`.
+    pub kind: String,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Cumulative training tokens.
+    pub tokens: u64,
+    /// Cumulative paper-convention FLOPs.
+    pub flops_paper_total: f64,
+    /// Cumulative realized FLOPs.
+    pub flops_realized_total: f64,
+    /// Cumulative training wall-clock seconds.
+    pub wall_s: f64,
+    /// Mean cross-entropy over every validation token evaluated.
+    pub val_loss: f64,
+    /// `exp(val_loss)`.
+    pub val_ppl: f64,
+    /// Validation tokens evaluated.
+    pub val_tokens: u64,
+    /// Synthetic corpus only: mean loss per kind `[template, learnable, noise]`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub val_loss_by_kind: Option<[f64; 3]>,
+}
+
+/// Appends records to `metrics.jsonl`.
+#[derive(Debug)]
+pub struct MetricsWriter {
+    path: PathBuf,
+    file: File,
+}
+
+impl MetricsWriter {
+    /// Opens `dir/metrics.jsonl`. A fresh run truncates it; a resumed run (`keep_through = Some(step)`) keeps the
+    /// lines whose `step` is ≤ `step` and drops the rest.
+    pub fn open(dir: &Path, keep_through: Option<u64>) -> Result<Self> {
+        let path = dir.join("metrics.jsonl");
+        let kept: Vec<String> = match keep_through {
+            Some(step) if path.exists() => read_lines(&path)?
+                .into_iter()
+                .filter(|line| {
+                    serde_json::from_str::<serde_json::Value>(line)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                        .is_some_and(|s| s <= step)
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| TrainError::io(&path, e))?;
+        for line in kept {
+            writeln!(file, "{line}").map_err(|e| TrainError::io(&path, e))?;
+        }
+        Ok(MetricsWriter { path, file })
+    }
+
+    /// Appends one record as a JSON line.
+    pub fn write<T: Serialize>(&mut self, record: &T) -> Result<()> {
+        let line = serde_json::to_string(record)?;
+        writeln!(self.file, "{line}").map_err(|e| TrainError::io(&self.path, e))?;
+        self.file.flush().map_err(|e| TrainError::io(&self.path, e))
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn read_lines(path: &Path) -> Result<Vec<String>> {
+    let f = File::open(path).map_err(|e| TrainError::io(path, e))?;
+    BufReader::new(f)
+        .lines()
+        .map(|l| l.map_err(|e| TrainError::io(path, e)))
+        .filter(|l| l.as_ref().map_or(true, |s| !s.trim().is_empty()))
+        .collect()
+}
+
+/// Reads the step and eval records of a `metrics.jsonl` (unknown lines are skipped).
+pub fn read_metrics(path: &Path) -> Result<(Vec<StepRecord>, Vec<EvalRecord>)> {
+    let (mut steps, mut evals) = (Vec::new(), Vec::new());
+    for line in read_lines(path)? {
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        match v.get("kind").and_then(|k| k.as_str()) {
+            Some("step") => steps.push(serde_json::from_value(v)?),
+            Some("eval") => evals.push(serde_json::from_value(v)?),
+            _ => {}
+        }
+    }
+    Ok((steps, evals))
+}

@@ -1,0 +1,153 @@
+//! Building models from a run config and opening them from checkpoint directories, and building the run's
+//! selection policy (which may itself open a reference or teacher model).
+
+use std::path::Path;
+
+use crate::bigram::BigramModel;
+use crate::config::{PolicyKind, RunConfig};
+use crate::error::{Result, TrainError};
+use eslm_gpt2::GptConfig;
+
+use crate::engine::Gpt2Model;
+use crate::model::LanguageModel;
+use crate::policy::{
+    AdaConfig, AdaEslm, Clm, Eslm, EslmKd, Hierarchical, KdConfig, RandomKeep, Rho1,
+    SelectionPolicy,
+};
+
+/// The GPT-2 shape `(L, H, C, maxT)` of a preset name (before `--n-layer/--n-head/--n-embd` overrides), or
+/// `None` for `bigram`.
+pub fn preset_shape(name: &str, seq_len: usize) -> Result<Option<(usize, usize, usize, usize)>> {
+    Ok(Some(match name {
+        "synth-tiny" => (2, 4, 64, seq_len),
+        "tiny" => (2, 2, 16, seq_len),
+        "t" => (4, 4, 256, 1024),
+        "124m" => (12, 12, 768, 1024),
+        "350m" => (24, 16, 1024, 1024),
+        "774m" => (36, 20, 1280, 1024),
+        "1558m" => (48, 25, 1600, 1024),
+        "bigram" => return Ok(None),
+        other => {
+            return Err(TrainError::Config(format!(
+                "unknown --model preset `{other}` (expected synth-tiny, tiny, t, 124m, 350m, 774m, 1558m or bigram)"
+            )))
+        }
+    }))
+}
+
+/// The GPT-2 config of a run for a vocabulary of `vocab` ids (`None` for the bigram test double).
+pub fn gpt_config(cfg: &RunConfig, vocab: usize) -> Result<Option<GptConfig>> {
+    let Some((l, h, c, max_t)) = preset_shape(&cfg.model, cfg.seq_len)? else {
+        return Ok(None);
+    };
+    let (l, h, c) = (
+        cfg.n_layer.unwrap_or(l),
+        cfg.n_head.unwrap_or(h),
+        cfg.n_embd.unwrap_or(c),
+    );
+    let max_t = max_t.max(cfg.seq_len);
+    GptConfig::new(l, h, c, vocab, max_t)
+        .map(Some)
+        .map_err(|e| TrainError::Config(e.to_string()))
+}
+
+/// Builds the model of `cfg` for a vocabulary of `vocab` ids: randomly initialised from `cfg.seed`, or loaded
+/// from `cfg.init_from`.
+pub fn build_model(cfg: &RunConfig, vocab: usize) -> Result<Box<dyn LanguageModel>> {
+    if let Some(dir) = &cfg.init_from {
+        let model = open_model(dir, cfg.batch_size, cfg.seq_len)?;
+        if model.vocab_size() != vocab {
+            return Err(TrainError::Config(format!(
+                "--init-from {}: model vocabulary {} differs from the data's {vocab}",
+                dir.display(),
+                model.vocab_size()
+            )));
+        }
+        return Ok(model);
+    }
+    match gpt_config(cfg, vocab)? {
+        None => Ok(Box::new(BigramModel::new(vocab))),
+        Some(gc) => Ok(Box::new(Gpt2Model::new(
+            gc,
+            cfg.batch_size,
+            cfg.seq_len,
+            cfg.seed,
+        )?)),
+    }
+}
+
+/// Opens the model stored in checkpoint directory `dir` (a trainer checkpoint or an HF GPT-2 directory) with
+/// buffers for batches up to `b_max × t_max`.
+pub fn open_model(dir: &Path, b_max: usize, t_max: usize) -> Result<Box<dyn LanguageModel>> {
+    let bigram = dir.join("bigram.bin");
+    if bigram.is_file() {
+        let w = crate::tensor_file::read_f32(&bigram)?;
+        let vocab = (1..=65536usize)
+            .find(|&v| v * v.div_ceil(8) * 8 == w.len())
+            .ok_or_else(|| {
+                TrainError::Checkpoint(format!("{}: not a bigram weight matrix", bigram.display()))
+            })?;
+        let mut m = BigramModel::new(vocab);
+        m.load_model(dir)?;
+        return Ok(Box::new(m));
+    }
+    if !dir.join("config.json").is_file() {
+        return Err(TrainError::Checkpoint(format!(
+            "{}: no model found (expected config.json + model.safetensors); HINT: pass a checkpoint directory such as OUT/checkpoints/step_00000300",
+            dir.display()
+        )));
+    }
+    Ok(Box::new(Gpt2Model::open(dir, b_max, t_max)?))
+}
+
+/// Builds the selection policy of `cfg` (opening the reference / teacher model for rho1 / eslm-kd).
+pub fn build_policy(cfg: &RunConfig) -> Result<Box<dyn SelectionPolicy>> {
+    Ok(match cfg.select {
+        PolicyKind::Clm => Box::new(Clm),
+        PolicyKind::Eslm => Box::new(Eslm::new(cfg.score, cfg.alpha)?),
+        PolicyKind::AdaEslm => Box::new(AdaEslm::new(
+            cfg.score,
+            AdaConfig {
+                alpha0: cfg.alpha,
+                alpha_min: cfg.alpha_min,
+                alpha_max: cfg.alpha_max,
+                target_mass: cfg.target_mass,
+                gain: cfg.ada_gain,
+                ema: cfg.ada_ema,
+            },
+        )?),
+        PolicyKind::Hierarchical => Box::new(Hierarchical::new(
+            cfg.score,
+            cfg.exit_layer,
+            cfg.instance_alpha,
+            cfg.alpha,
+        )?),
+        PolicyKind::Rho1 => {
+            let path = cfg
+                .reference
+                .as_ref()
+                .ok_or_else(|| TrainError::Config("rho1 needs --reference".into()))?;
+            Box::new(Rho1::new(
+                open_model(path, cfg.batch_size, cfg.seq_len)?,
+                cfg.keep,
+                cfg.rho1_norm,
+            )?)
+        }
+        PolicyKind::Random => Box::new(RandomKeep::new(cfg.keep, cfg.seed)?),
+        PolicyKind::EslmKd => {
+            let path = cfg
+                .teacher
+                .as_ref()
+                .ok_or_else(|| TrainError::Config("eslm-kd needs --teacher".into()))?;
+            Box::new(EslmKd::new(
+                open_model(path, cfg.batch_size, cfg.seq_len)?,
+                KdConfig {
+                    score: cfg.score,
+                    alpha: cfg.alpha,
+                    kd_weight: cfg.kd_weight,
+                    temperature: cfg.temperature,
+                },
+            )?)
+        }
+    })
+}

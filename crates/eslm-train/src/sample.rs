@@ -1,0 +1,145 @@
+//! `eslm-train sample CKPT`: autoregressive generation. Each new token is drawn from
+//! `softmax(z / temperature)` restricted to the `top_k` largest logits (temperature 0: greedy argmax), with a
+//! seeded ChaCha8 RNG. The context is re-run in full every token (no KV cache; fine for the small models this
+//! trainer produces) and left-truncated to the model's maximum sequence length.
+
+use std::path::PathBuf;
+
+use eslm_data::Tokenizer;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{Result, TrainError};
+use crate::model::LanguageModel;
+use crate::models::open_model;
+
+/// Flags of `eslm-train sample`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SampleArgs {
+    /// Checkpoint directory.
+    pub checkpoint: PathBuf,
+    /// Prompt text (needs --tokenizer).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids (for models without a tokenizer, e.g. the synthetic corpus).
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Vec<u32>,
+    /// Tokenizer (tokenizer.json or a directory with vocab.json + merges.txt).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Softmax temperature (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Sample among the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// RNG seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Picks the next token from one row of `vocab` logits.
+pub fn sample_token(logits: &[f32], temperature: f32, top_k: usize, rng: &mut ChaCha8Rng) -> u32 {
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if temperature <= 0.0 || !temperature.is_finite() {
+        return idx[0] as u32;
+    }
+    let k = if top_k == 0 {
+        idx.len()
+    } else {
+        top_k.min(idx.len())
+    };
+    let top = &idx[..k];
+    let m = logits[top[0]];
+    let weights: Vec<f64> = top
+        .iter()
+        .map(|&i| (((logits[i] - m) / temperature) as f64).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut u = rng.gen::<f64>() * total;
+    for (w, &i) in weights.iter().zip(top) {
+        if u < *w {
+            return i as u32;
+        }
+        u -= w;
+    }
+    top[k - 1] as u32
+}
+
+/// Generates `n` tokens after `prompt`.
+pub fn generate(
+    model: &mut dyn LanguageModel,
+    prompt: &[u32],
+    n: usize,
+    temperature: f32,
+    top_k: usize,
+    seed: u64,
+) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        return Err(TrainError::Config(
+            "the prompt is empty; pass --prompt or --prompt-ids".into(),
+        ));
+    }
+    let (vocab, stride) = (model.vocab_size(), model.logits_stride());
+    if let Some(&id) = prompt.iter().find(|&&x| x as usize >= vocab) {
+        return Err(TrainError::TokenOutOfRange { id, vocab });
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut ids = prompt.to_vec();
+    let max_t = model.max_seq_len().min(1 << 16);
+    for _ in 0..n {
+        let start = ids.len().saturating_sub(max_t);
+        let ctx = &ids[start..];
+        let t = ctx.len();
+        let logits = model.forward_inference(ctx, 1, t, None)?;
+        let row = &logits[(t - 1) * stride..(t - 1) * stride + vocab];
+        let next = sample_token(row, temperature, top_k, &mut rng);
+        ids.push(next);
+    }
+    Ok(ids[prompt.len()..].to_vec())
+}
+
+/// Runs `eslm-train sample`: prints the prompt and its continuation.
+pub fn run_sample(args: &SampleArgs) -> Result<String> {
+    let mut model = open_model(&args.checkpoint, 1, usize::MAX)?;
+    let tok = args
+        .tokenizer
+        .as_ref()
+        .map(Tokenizer::from_path)
+        .transpose()?;
+    let prompt: Vec<u32> = match (&args.prompt, &tok) {
+        (Some(text), Some(t)) => t.encode(text)?,
+        (Some(_), None) => {
+            return Err(TrainError::Config(
+                "--prompt needs --tokenizer (or pass --prompt-ids)".into(),
+            ));
+        }
+        (None, _) => args.prompt_ids.clone(),
+    };
+    let out = generate(
+        model.as_mut(),
+        &prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.seed,
+    )?;
+    let text = match &tok {
+        Some(t) => format!("{}{}", t.decode(&prompt)?, t.decode(&out)?),
+        None => format!(
+            "{} | {}",
+            prompt
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" "),
+            out.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+        ),
+    };
+    println!("{text}");
+    Ok(text)
+}

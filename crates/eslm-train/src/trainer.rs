@@ -1,0 +1,813 @@
+//! The training loop: one optimizer step = `grad_accum` micro-batches, each scored, selected and back-propagated
+//! on its kept rows only, then clipping + AdamW; metrics, evaluation, checkpoints, exact resume, Ctrl-C and
+//! non-finite handling.
+//!
+//! Loss normalisation. With the micro scope every micro-batch `j` selects its own kept set `K_j` (VaR over its
+//! `M_j` valid rows) and contributes `(1/A)·(1/n_j)·Σ_{i∈K_j} ℓ_i` with `n_j = policy.normaliser(|K_j|, M_j)`
+//! (`|K_j|` for all but Rho-1's budget normalisation). With the global scope a first pass forwards every
+//! micro-batch (no backward), the threshold is the VaR over the pooled scores of the whole step, and the second
+//! pass back-propagates `(1/n)·Σ_{i∈K} ℓ_i` with `n = policy.normaliser(|K|, M)` over the whole step. The
+//! global scope is exact (the same kept set as one big batch) and costs one extra forward per micro-batch; the
+//! micro scope is free but selects against a noisier, smaller sample. With `grad_accum = 1` both are identical
+//! and no extra pass runs.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use eslm_data::synthetic::TokenKind;
+use eslm_data::Batch;
+use eslm_kernels::select::{select, SelectRule, Selection};
+use eslm_kernels::token_stats::{token_stats, TokenStats, DEFAULT_IGNORE_INDEX};
+use eslm_kernels::LogitsView;
+
+use crate::checkpoint::{
+    latest_checkpoint, load_trainer_state, save_checkpoint, TrainerState, TRAINER_STATE_VERSION,
+};
+use crate::config::{QuantileScope, RunConfig};
+use crate::data::{batch_kinds, RunData, ValData};
+use crate::error::{Result, TrainError};
+use crate::metrics::{EvalRecord, MetricsWriter, StepRecord};
+use crate::model::{LanguageModel, OptimStep};
+use crate::policy::{SelectionPolicy, StepContext};
+
+/// The result of a validation pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalResult {
+    /// Mean CE over the tokens evaluated.
+    pub loss: f64,
+    /// Tokens evaluated.
+    pub tokens: u64,
+    /// Mean loss per kind `[template, learnable, noise]` (synthetic data).
+    pub loss_by_kind: Option<[f64; 3]>,
+}
+
+/// What a finished (or interrupted) run reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    /// The policy's name.
+    pub policy: String,
+    /// Steps completed (including those of a resumed checkpoint).
+    pub steps: u64,
+    /// Validation before the first step of this invocation.
+    pub val_before: Option<EvalResult>,
+    /// Validation at the end.
+    pub val_after: Option<EvalResult>,
+    /// Mean kept fraction over this invocation's steps.
+    pub kept_fraction: f64,
+    /// Training tokens per second over this invocation (training time only).
+    pub tokens_per_s: f64,
+    /// Kept tokens per kind over this invocation `[template, learnable, noise]` (synthetic data).
+    pub kind_kept: Option<[u64; 3]>,
+    /// Valid tokens per kind over this invocation.
+    pub kind_total: Option<[u64; 3]>,
+    /// Mean training loss (all tokens) of every step of this invocation, in order.
+    pub losses: Vec<f32>,
+    /// The final α (ada-eslm: adapted).
+    pub final_alpha: Option<f64>,
+    /// The last checkpoint written.
+    pub checkpoint: Option<PathBuf>,
+    /// True when Ctrl-C stopped the run early.
+    pub interrupted: bool,
+    /// Steps skipped because of a non-finite loss (with --skip-nonfinite).
+    pub skipped_steps: u64,
+}
+
+/// Per-step accumulators.
+#[derive(Debug, Default)]
+struct StepAcc {
+    loss_sum: f64,
+    loss_count: u64,
+    kept_loss_sum: f64,
+    kept: u64,
+    valid: u64,
+    seqs_kept: u64,
+    seqs_total: u64,
+    threshold: Option<f32>,
+    flops_paper: f64,
+    kind_kept: [u64; 3],
+    kind_total: [u64; 3],
+    all_scores: Vec<f32>,
+    all_keep: Vec<bool>,
+    all_valid: Vec<bool>,
+    nonfinite: Option<f32>,
+}
+
+/// A micro-batch after sequence filtering.
+#[derive(Debug, Clone, Default)]
+struct Micro {
+    inputs: Vec<u32>,
+    targets: Vec<i32>,
+    kinds: Option<Vec<TokenKind>>,
+    b: usize,
+    t: usize,
+}
+
+/// How the kept rows of a micro-batch are chosen.
+enum Keep<'a> {
+    /// VaR over this micro-batch at the policy's α (or all valid rows when α is `None`).
+    Micro,
+    /// Rows whose pass-1 `scores` are ≥ `threshold` (global scope), loss divided by `divisor`.
+    Global {
+        scores: &'a [f32],
+        threshold: Option<f32>,
+        divisor: f64,
+    },
+}
+
+/// A training run.
+pub struct Trainer {
+    cfg: RunConfig,
+    model: Box<dyn LanguageModel>,
+    policy: Box<dyn SelectionPolicy>,
+    data: RunData,
+    stop: Arc<AtomicBool>,
+    step: u64,
+    tokens: u64,
+    flops_paper: f64,
+    flops_realized: f64,
+    wall_s: f64,
+    stats: TokenStats,
+    scores: Vec<f32>,
+    selection: Selection,
+    dlogits: Vec<f32>,
+    kept_rows: Vec<u32>,
+    last_checkpoint: Option<PathBuf>,
+}
+
+fn to_i32(targets: &[u32]) -> Vec<i32> {
+    targets.iter().map(|&x| x as i32).collect()
+}
+
+impl Trainer {
+    /// A trainer for `cfg` with a built `model`, `policy` and `data`. `stop` is polled after every step
+    /// (Ctrl-C): when set the run checkpoints and returns.
+    pub fn new(
+        cfg: RunConfig,
+        model: Box<dyn LanguageModel>,
+        policy: Box<dyn SelectionPolicy>,
+        data: RunData,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self> {
+        if model.vocab_size() != data.vocab_size {
+            return Err(TrainError::Config(format!(
+                "model vocabulary {} differs from the data's {}; HINT: pass --vocab-size or a matching --init-from",
+                model.vocab_size(),
+                data.vocab_size
+            )));
+        }
+        if cfg.seq_len > model.max_seq_len() {
+            return Err(TrainError::Config(format!(
+                "--seq-len {} exceeds the model's maximum sequence length {}",
+                cfg.seq_len,
+                model.max_seq_len()
+            )));
+        }
+        crate::data::check_vocab(&data, model.vocab_size())?;
+        Ok(Trainer {
+            cfg,
+            model,
+            policy,
+            data,
+            stop,
+            step: 0,
+            tokens: 0,
+            flops_paper: 0.0,
+            flops_realized: 0.0,
+            wall_s: 0.0,
+            stats: TokenStats::default(),
+            scores: Vec::new(),
+            selection: Selection::default(),
+            dlogits: Vec::new(),
+            kept_rows: Vec::new(),
+            last_checkpoint: None,
+        })
+    }
+
+    /// Steps completed.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &dyn LanguageModel {
+        self.model.as_ref()
+    }
+
+    /// Restores the latest checkpoint of `cfg.out` (weights, optimizer, data position, policy state, counters).
+    /// Returns the step resumed from.
+    pub fn resume(&mut self) -> Result<u64> {
+        let dir = latest_checkpoint(&self.cfg.out)?.ok_or_else(|| {
+            TrainError::Checkpoint(format!(
+                "--resume: no checkpoint in {}; HINT: run without --resume first",
+                self.cfg.out.join("checkpoints").display()
+            ))
+        })?;
+        let state = load_trainer_state(&dir)?;
+        if state.vocab_size != self.model.vocab_size() {
+            return Err(TrainError::Checkpoint(format!(
+                "checkpoint vocabulary {} differs from the model's {}",
+                state.vocab_size,
+                self.model.vocab_size()
+            )));
+        }
+        self.model.load_model(&dir)?;
+        self.model.load_optimizer(&dir)?;
+        self.data.train.loader.restore(&state.loader)?;
+        self.policy.restore(&state.policy)?;
+        self.step = state.step;
+        self.tokens = state.tokens;
+        self.flops_paper = state.flops_paper;
+        self.flops_realized = state.flops_realized;
+        self.wall_s = state.wall_s;
+        self.last_checkpoint = Some(dir);
+        Ok(state.step)
+    }
+
+    fn trainer_state(
+        &self,
+        loader: eslm_data::LoaderState,
+        policy: serde_json::Value,
+    ) -> TrainerState {
+        TrainerState {
+            version: TRAINER_STATE_VERSION,
+            step: self.step,
+            tokens: self.tokens,
+            flops_paper: self.flops_paper,
+            flops_realized: self.flops_realized,
+            wall_s: self.wall_s,
+            loader,
+            policy,
+            vocab_size: self.model.vocab_size(),
+            config: self.cfg.clone(),
+        }
+    }
+
+    /// Writes a checkpoint of the current state.
+    pub fn checkpoint(&mut self) -> Result<PathBuf> {
+        let state = self.trainer_state(self.data.train.loader.state(), self.policy.state());
+        let dir = save_checkpoint(
+            &self.cfg.out,
+            self.model.as_ref(),
+            &state,
+            self.cfg.keep_last,
+        )?;
+        self.last_checkpoint = Some(dir.clone());
+        Ok(dir)
+    }
+
+    /// Mean CE of the model on the validation set (up to `cfg.eval_batches` batches).
+    pub fn evaluate(&mut self) -> Result<Option<EvalResult>> {
+        let Some(val) = &self.data.val else {
+            return Ok(None);
+        };
+        evaluate(self.model.as_mut(), val, self.cfg.eval_batches).map(Some)
+    }
+
+    /// Filters the sequences of `batch` through the policy and returns the micro-batch to train on.
+    fn filter(&mut self, batch: &Batch, acc: &mut StepAcc) -> Result<Micro> {
+        let vocab = self.model.vocab_size();
+        if let Some(&id) = batch
+            .inputs
+            .iter()
+            .chain(&batch.targets)
+            .find(|&&x| x as usize >= vocab)
+        {
+            return Err(TrainError::TokenOutOfRange { id, vocab });
+        }
+        let targets = to_i32(&batch.targets);
+        let kinds = batch_kinds(self.data.train.kinds.as_ref(), batch)?;
+        let (b, t) = (batch.b, batch.t);
+        acc.valid += targets.iter().filter(|&&y| y >= 0).count() as u64;
+        acc.seqs_total += b as u64;
+        if let Some(k) = &kinds {
+            for &kind in k {
+                acc.kind_total[kind as usize] += 1;
+            }
+        }
+        let shallow_flops = (b * t) as f64
+            * self
+                .model
+                .paper_forward_flops_per_token(Some(self.cfg.exit_layer));
+        let kept =
+            self.policy
+                .filter_sequences(self.model.as_mut(), &batch.inputs, &targets, b, t)?;
+        Ok(match kept {
+            None => {
+                acc.seqs_kept += b as u64;
+                Micro {
+                    inputs: batch.inputs.clone(),
+                    targets,
+                    kinds,
+                    b,
+                    t,
+                }
+            }
+            Some(seqs) => {
+                acc.flops_paper += shallow_flops;
+                acc.seqs_kept += seqs.len() as u64;
+                let mut m = Micro {
+                    b: seqs.len(),
+                    t,
+                    ..Default::default()
+                };
+                m.kinds = kinds.as_ref().map(|_| Vec::with_capacity(seqs.len() * t));
+                for &s in &seqs {
+                    m.inputs
+                        .extend_from_slice(&batch.inputs[s * t..(s + 1) * t]);
+                    m.targets.extend_from_slice(&targets[s * t..(s + 1) * t]);
+                    if let (Some(dst), Some(src)) = (m.kinds.as_mut(), kinds.as_ref()) {
+                        dst.extend_from_slice(&src[s * t..(s + 1) * t]);
+                    }
+                }
+                m
+            }
+        })
+    }
+
+    /// Pass 1 of the global scope: forward + statistics + scores of a micro-batch, no backward.
+    fn score_micro(&mut self, micro: &Micro, acc: &mut StepAcc) -> Result<(Vec<f32>, Vec<bool>)> {
+        if micro.b == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let (b, t, n) = (micro.b, micro.t, micro.b * micro.t);
+        let (vocab, stride) = (self.model.vocab_size(), self.model.logits_stride());
+        acc.flops_paper += n as f64 * self.model.paper_forward_flops_per_token(None);
+        self.policy.prepare(&micro.inputs, &micro.targets, b, t)?;
+        let logits = self.model.forward(&micro.inputs, b, t)?;
+        let view = LogitsView::new(logits, n, vocab, stride)?;
+        token_stats(&view, &micro.targets, DEFAULT_IGNORE_INDEX, &mut self.stats)?;
+        if let Some(bad) = nonfinite_mean(&self.stats) {
+            acc.nonfinite = Some(bad);
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let ctx = StepContext {
+            logits: view,
+            targets: &micro.targets,
+            stats: &self.stats,
+            b,
+            t,
+            step: self.step,
+        };
+        let mut scores = Vec::with_capacity(n);
+        self.policy.scores(&ctx, &mut scores)?;
+        Ok((scores, self.stats.valid.clone()))
+    }
+
+    /// Forward, selection, kept-row gradient and sparse backward of one micro-batch.
+    fn train_micro(&mut self, micro: &Micro, keep: Keep<'_>, acc: &mut StepAcc) -> Result<()> {
+        if micro.b == 0 {
+            return Ok(());
+        }
+        let (b, t, n) = (micro.b, micro.t, micro.b * micro.t);
+        let (vocab, stride) = (self.model.vocab_size(), self.model.logits_stride());
+        let fwd_flops = self.model.paper_forward_flops_per_token(None);
+        let alpha = self.policy.alpha();
+        self.policy.prepare(&micro.inputs, &micro.targets, b, t)?;
+        let logits = self.model.forward(&micro.inputs, b, t)?;
+        let view = LogitsView::new(logits, n, vocab, stride)?;
+        token_stats(&view, &micro.targets, DEFAULT_IGNORE_INDEX, &mut self.stats)?;
+        acc.flops_paper += n as f64 * fwd_flops;
+        if let Some(bad) = nonfinite_mean(&self.stats) {
+            acc.nonfinite = Some(bad);
+            return Ok(());
+        }
+        for (l, &v) in self.stats.loss.iter().zip(&self.stats.valid) {
+            if v {
+                acc.loss_sum += *l as f64;
+                acc.loss_count += 1;
+            }
+        }
+        let valid_here = self.stats.valid.iter().filter(|&&v| v).count();
+        if valid_here == 0 {
+            return Ok(());
+        }
+        let ctx = StepContext {
+            logits: view,
+            targets: &micro.targets,
+            stats: &self.stats,
+            b,
+            t,
+            step: self.step,
+        };
+        self.kept_rows.clear();
+        let divisor = match keep {
+            Keep::Micro => {
+                self.policy.scores(&ctx, &mut self.scores)?;
+                match alpha {
+                    None => {
+                        self.kept_rows
+                            .extend((0..n as u32).filter(|&i| self.stats.valid[i as usize]));
+                        acc.threshold = None;
+                    }
+                    Some(a) => {
+                        select(
+                            &self.scores,
+                            Some(&self.stats.valid),
+                            SelectRule::Var { alpha: a },
+                            &mut self.selection,
+                        )?;
+                        self.kept_rows.extend_from_slice(&self.selection.indices);
+                        acc.threshold = Some(self.selection.threshold);
+                    }
+                }
+                acc.all_scores.extend_from_slice(&self.scores);
+                self.policy.normaliser(self.kept_rows.len(), valid_here)
+                    * self.cfg.grad_accum as f64
+            }
+            Keep::Global {
+                scores,
+                threshold,
+                divisor,
+            } => {
+                for i in 0..n {
+                    if self.stats.valid[i] && threshold.is_none_or(|th| scores[i] >= th) {
+                        self.kept_rows.push(i as u32);
+                    }
+                }
+                acc.threshold = threshold;
+                acc.all_scores.extend_from_slice(scores);
+                divisor
+            }
+        };
+        let mut is_kept = vec![false; n];
+        for &r in &self.kept_rows {
+            is_kept[r as usize] = true;
+        }
+        acc.all_keep.extend_from_slice(&is_kept);
+        acc.all_valid.extend_from_slice(&self.stats.valid);
+        let k = self.kept_rows.len();
+        if k == 0 {
+            return Ok(());
+        }
+        self.dlogits.resize(k * stride, 0.0);
+        let scale = (1.0 / divisor.max(1e-30)) as f32;
+        let kept_loss = self
+            .policy
+            .gradient(&ctx, &self.kept_rows, scale, &mut self.dlogits)?;
+        if !kept_loss.is_finite() {
+            acc.nonfinite = Some(kept_loss);
+            return Ok(());
+        }
+        acc.kept_loss_sum += kept_loss as f64 * k as f64;
+        acc.kept += k as u64;
+        acc.flops_paper += 2.0 * fwd_flops * k as f64;
+        if let Some(kinds) = &micro.kinds {
+            for &r in &self.kept_rows {
+                acc.kind_kept[kinds[r as usize] as usize] += 1;
+            }
+        }
+        self.model
+            .backward_sparse(&self.kept_rows, &self.dlogits[..k * stride])?;
+        Ok(())
+    }
+
+    /// One optimizer step. Returns the step's record, or an error (non-finite loss without --skip-nonfinite,
+    /// after checkpointing the last good state).
+    fn train_step(&mut self) -> Result<StepRecord> {
+        let t0 = Instant::now();
+        let loader_before = self.data.train.loader.state();
+        let policy_before = self.policy.state();
+        let realized_before = self.model.realized_flops();
+        let mut acc = StepAcc::default();
+        self.model.zero_grad();
+        let accum = self.cfg.grad_accum;
+        let alpha = self.policy.alpha();
+        let global =
+            self.cfg.quantile_scope == QuantileScope::Global && accum > 1 && alpha.is_some();
+        if !global {
+            for _ in 0..accum {
+                let batch = self.data.train.loader.next_batch()?;
+                let micro = self.filter(&batch, &mut acc)?;
+                self.train_micro(&micro, Keep::Micro, &mut acc)?;
+                if acc.nonfinite.is_some() {
+                    break;
+                }
+            }
+        } else {
+            let mut micros = Vec::with_capacity(accum);
+            let mut pool = Vec::new();
+            for _ in 0..accum {
+                let batch = self.data.train.loader.next_batch()?;
+                let micro = self.filter(&batch, &mut acc)?;
+                let (scores, valid) = self.score_micro(&micro, &mut acc)?;
+                if acc.nonfinite.is_some() {
+                    break;
+                }
+                pool.extend(
+                    scores
+                        .iter()
+                        .zip(&valid)
+                        .filter(|(_, &v)| v)
+                        .map(|(&s, _)| s),
+                );
+                micros.push((micro, scores));
+            }
+            if acc.nonfinite.is_none() && !pool.is_empty() {
+                let a = alpha.unwrap_or(0.0);
+                select(
+                    &pool,
+                    None,
+                    SelectRule::Var { alpha: a },
+                    &mut self.selection,
+                )?;
+                let threshold = self.selection.threshold;
+                let divisor = self
+                    .policy
+                    .normaliser(self.selection.indices.len(), pool.len());
+                for (micro, scores) in &micros {
+                    self.train_micro(
+                        micro,
+                        Keep::Global {
+                            scores,
+                            threshold: Some(threshold),
+                            divisor,
+                        },
+                        &mut acc,
+                    )?;
+                    if acc.nonfinite.is_some() {
+                        break;
+                    }
+                }
+            }
+        }
+        let lr = self.cfg.lr_at(self.step);
+        let mut grad_norm = f32::NAN;
+        if acc.nonfinite.is_none() {
+            let opt = OptimStep {
+                lr: lr as f32,
+                weight_decay: self.cfg.weight_decay as f32,
+                beta1: self.cfg.beta1 as f32,
+                beta2: self.cfg.beta2 as f32,
+                eps: self.cfg.eps as f32,
+                grad_clip: self.cfg.grad_clip as f32,
+            };
+            grad_norm = self.model.optimizer_step(&opt)?;
+            if !grad_norm.is_finite() {
+                acc.nonfinite = Some(grad_norm);
+            }
+        }
+        let skipped = acc.nonfinite.is_some();
+        if let Some(bad) = acc.nonfinite {
+            self.model.zero_grad();
+            if !self.cfg.skip_nonfinite {
+                // The weights are those after the previous step (the engine does not update on a non-finite
+                // gradient): checkpoint them with the data position and policy state from before this step.
+                let state = self.trainer_state(loader_before, policy_before);
+                let dir = save_checkpoint(
+                    &self.cfg.out,
+                    self.model.as_ref(),
+                    &state,
+                    self.cfg.keep_last,
+                )?;
+                return Err(TrainError::NonFinite {
+                    step: self.step + 1,
+                    loss: bad,
+                    checkpoint: dir,
+                });
+            }
+        } else {
+            self.policy
+                .observe(&acc.all_scores, &acc.all_keep, &acc.all_valid);
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        let realized = self.model.realized_flops().saturating_sub(realized_before) as f64;
+        self.step += 1;
+        self.tokens += self.cfg.tokens_per_step();
+        self.wall_s += dt;
+        self.flops_paper += acc.flops_paper;
+        self.flops_realized += realized;
+        let has_kinds = self.data.train.kinds.is_some();
+        Ok(StepRecord {
+            kind: "step".into(),
+            step: self.step,
+            lr,
+            loss: if acc.loss_count > 0 {
+                (acc.loss_sum / acc.loss_count as f64) as f32
+            } else {
+                f32::NAN
+            },
+            loss_kept: if acc.kept > 0 {
+                (acc.kept_loss_sum / acc.kept as f64) as f32
+            } else {
+                f32::NAN
+            },
+            kept_fraction: if acc.valid > 0 {
+                acc.kept as f64 / acc.valid as f64
+            } else {
+                0.0
+            },
+            kept_tokens: acc.kept,
+            threshold: acc.threshold,
+            alpha,
+            sequence_fraction: if acc.seqs_total > 0 {
+                acc.seqs_kept as f64 / acc.seqs_total as f64
+            } else {
+                0.0
+            },
+            grad_norm,
+            step_time_s: dt,
+            tokens_per_s: self.cfg.tokens_per_step() as f64 / dt.max(1e-12),
+            tokens: self.tokens,
+            flops_paper: acc.flops_paper,
+            flops_realized: realized,
+            flops_paper_total: self.flops_paper,
+            flops_realized_total: self.flops_realized,
+            wall_s: self.wall_s,
+            kind_kept: has_kinds.then_some(acc.kind_kept),
+            kind_total: has_kinds.then_some(acc.kind_total),
+            skipped,
+        })
+    }
+
+    fn eval_record(&self, r: &EvalResult) -> EvalRecord {
+        EvalRecord {
+            kind: "eval".into(),
+            step: self.step,
+            tokens: self.tokens,
+            flops_paper_total: self.flops_paper,
+            flops_realized_total: self.flops_realized,
+            wall_s: self.wall_s,
+            val_loss: r.loss,
+            val_ppl: r.loss.exp(),
+            val_tokens: r.tokens,
+            val_loss_by_kind: r.loss_by_kind,
+        }
+    }
+
+    /// Runs to `cfg.total_steps()` (or until the stop flag is set), writing metrics, evaluations and checkpoints.
+    pub fn run(&mut self, metrics: &mut MetricsWriter) -> Result<TrainSummary> {
+        let total = self.cfg.total_steps();
+        let fresh = self.step == 0;
+        let val_before = self.evaluate()?;
+        if let (true, Some(r)) = (fresh, &val_before) {
+            metrics.write(&self.eval_record(r))?;
+        }
+        let bar = if self.cfg.progress {
+            let pb = indicatif::ProgressBar::new(total);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            pb.set_position(self.step);
+            pb
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let mut summary = TrainSummary {
+            policy: self.policy.name().to_string(),
+            steps: self.step,
+            val_before,
+            val_after: None,
+            kept_fraction: 0.0,
+            tokens_per_s: 0.0,
+            kind_kept: self.data.train.kinds.as_ref().map(|_| [0; 3]),
+            kind_total: self.data.train.kinds.as_ref().map(|_| [0; 3]),
+            losses: Vec::new(),
+            final_alpha: None,
+            checkpoint: None,
+            interrupted: false,
+            skipped_steps: 0,
+        };
+        let (mut kept_sum, mut time_sum, mut tokens_sum) = (0.0f64, 0.0f64, 0u64);
+        while self.step < total {
+            let rec = self.train_step()?;
+            metrics.write(&rec)?;
+            if rec.skipped {
+                summary.skipped_steps += 1;
+                bar.println(format!(
+                    "step {}: non-finite loss, step skipped (--skip-nonfinite)",
+                    rec.step
+                ));
+            } else {
+                summary.losses.push(rec.loss);
+                kept_sum += rec.kept_fraction;
+            }
+            time_sum += rec.step_time_s;
+            tokens_sum += self.cfg.tokens_per_step();
+            if let (Some(acc), Some(k)) = (summary.kind_kept.as_mut(), rec.kind_kept) {
+                (0..3).for_each(|i| acc[i] += k[i]);
+            }
+            if let (Some(acc), Some(k)) = (summary.kind_total.as_mut(), rec.kind_total) {
+                (0..3).for_each(|i| acc[i] += k[i]);
+            }
+            bar.set_position(self.step);
+            bar.set_message(format!(
+                "loss {:.4} kept {:.2} {:.0} tok/s",
+                rec.loss, rec.kept_fraction, rec.tokens_per_s
+            ));
+            let done = self.step >= total;
+            if !done && self.cfg.eval_every > 0 && self.step % self.cfg.eval_every == 0 {
+                if let Some(r) = self.evaluate()? {
+                    metrics.write(&self.eval_record(&r))?;
+                    bar.println(format!(
+                        "step {}: val loss {:.4} (ppl {:.2})",
+                        self.step,
+                        r.loss,
+                        r.loss.exp()
+                    ));
+                }
+            }
+            if !done && self.cfg.checkpoint_every > 0 && self.step % self.cfg.checkpoint_every == 0
+            {
+                self.checkpoint()?;
+            }
+            if !done && self.stop.load(Ordering::SeqCst) {
+                summary.interrupted = true;
+                break;
+            }
+        }
+        bar.finish_and_clear();
+        if !summary.interrupted {
+            summary.val_after = self.evaluate()?;
+            if let Some(r) = &summary.val_after {
+                metrics.write(&self.eval_record(r))?;
+            }
+        }
+        summary.checkpoint = Some(self.checkpoint()?);
+        let n = summary.losses.len().max(1) as f64;
+        summary.kept_fraction = kept_sum / n;
+        summary.tokens_per_s = tokens_sum as f64 / time_sum.max(1e-12);
+        summary.steps = self.step;
+        summary.final_alpha = self.policy.alpha();
+        Ok(summary)
+    }
+}
+
+/// The mean loss over valid rows when it is not finite (`None` when finite).
+fn nonfinite_mean(stats: &TokenStats) -> Option<f32> {
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for (l, &v) in stats.loss.iter().zip(&stats.valid) {
+        if v {
+            sum += *l as f64;
+            n += 1;
+        }
+    }
+    let mean = if n > 0 { sum / n as f64 } else { 0.0 };
+    (!mean.is_finite()).then_some(mean as f32)
+}
+
+/// Mean CE of `model` on `val` (first `max_batches` batches; 0 = all), with per-kind means when kinds are known.
+pub fn evaluate(
+    model: &mut dyn LanguageModel,
+    val: &ValData,
+    max_batches: usize,
+) -> Result<EvalResult> {
+    let (vocab, stride) = (model.vocab_size(), model.logits_stride());
+    let mut stats = TokenStats::default();
+    let (mut sum, mut n) = (0.0f64, 0u64);
+    let (mut kind_sum, mut kind_n) = ([0.0f64; 3], [0u64; 3]);
+    let limit = if max_batches == 0 {
+        usize::MAX
+    } else {
+        max_batches
+    };
+    for batch in val.loader.iter().take(limit) {
+        let batch = batch?;
+        if let Some(&id) = batch
+            .inputs
+            .iter()
+            .chain(&batch.targets)
+            .find(|&&x| x as usize >= vocab)
+        {
+            return Err(TrainError::TokenOutOfRange { id, vocab });
+        }
+        let targets = to_i32(&batch.targets);
+        let logits = model.forward_inference(&batch.inputs, batch.b, batch.t, None)?;
+        let view = LogitsView::new(logits, batch.b * batch.t, vocab, stride)?;
+        token_stats(&view, &targets, DEFAULT_IGNORE_INDEX, &mut stats)?;
+        let kinds = batch_kinds(val.kinds.as_ref(), &batch)?;
+        for (i, (&l, &v)) in stats.loss.iter().zip(&stats.valid).enumerate() {
+            if v {
+                sum += l as f64;
+                n += 1;
+                if let Some(k) = &kinds {
+                    kind_sum[k[i] as usize] += l as f64;
+                    kind_n[k[i] as usize] += 1;
+                }
+            }
+        }
+    }
+    if n == 0 {
+        return Err(TrainError::Config(
+            "the validation set has no complete window of --seq-len + 1 tokens".into(),
+        ));
+    }
+    let by_kind = val.kinds.as_ref().map(|_| {
+        let mut out = [f64::NAN; 3];
+        for i in 0..3 {
+            if kind_n[i] > 0 {
+                out[i] = kind_sum[i] / kind_n[i] as f64;
+            }
+        }
+        out
+    });
+    Ok(EvalResult {
+        loss: sum / n as f64,
+        tokens: n,
+        loss_by_kind: by_kind,
+    })
+}
