@@ -61,13 +61,13 @@ pub fn matmul<T: Real>(
     b: Mat<'_, T>,
 ) -> f64 {
     let threads = rayon::current_num_threads();
-    let par =
-        if threads > 1 && m * n * k >= PARALLEL_MIN_MACS && rayon::current_thread_index().is_none()
-        {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
+    // Inside `ThreadPool::install` the current pool is the installed one (a 2-thread pool gives 2 threads);
+    // callers that are themselves parallel loops use `matmul_serial`.
+    let par = if threads > 1 && m * n * k >= PARALLEL_MIN_MACS {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
     matmul_with(m, n, k, dst, dst_rs, accumulate, a, b, par)
 }
 
