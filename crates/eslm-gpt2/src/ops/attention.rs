@@ -6,10 +6,16 @@
 //! `tmax = max(R_b) + 1` (later keys get no gradient),
 //! `dP = dY·Vᵀ`, `dS = P ⊙ (dP − rowsum(P ⊙ dP)) / √hs`, `dQ_R = dS·K`, `dK += dSᵀ·Q_R`, `dV += Pᵀ·dY`.
 //! Rows mix here: keys and values of all earlier positions receive gradient, so the output `dqkv` is dense.
+//!
+//! Both directions work in blocks of [`BLOCK`] query rows, each multiplying only against the keys it can see
+//! (about half the FLOPs of the full `T×T` products for long sequences).
 
 use super::matmul::{matmul_serial, Mat};
 use super::{Real, RowSet};
 use rayon::prelude::*;
+
+/// Query rows per causal block: a block of rows `i0..i1` only multiplies against keys `0..i1`.
+pub const BLOCK: usize = 32;
 
 /// Dimensions of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -38,26 +44,33 @@ pub fn forward<T: Real>(y: &mut [T], att: &mut [T], qkv: &[T], d: AttnDims) -> f
             let mut flops = 0.0;
             for h in 0..nh {
                 let p = &mut attb[h * t * t..(h + 1) * t * t];
-                let q = Mat::rows(&qkvb[h * hs..], 3 * c);
-                let k = Mat::transposed(&qkvb[c + h * hs..], 3 * c);
-                flops += matmul_serial(t, t, hs, p, t, false, q, k);
-                for i in 0..t {
-                    let row = &mut p[i * t..(i + 1) * t];
-                    let mut m = row[0] * scale;
-                    for &s in &row[1..=i] {
-                        m = m.max(s * scale);
-                    }
-                    let mut sum = T::ZERO;
-                    for s in &mut row[..=i] {
-                        *s = (*s * scale - m).exp();
-                        sum += *s;
-                    }
-                    let inv = T::ONE / sum;
-                    row[..=i].iter_mut().for_each(|s| *s *= inv);
-                    row[i + 1..].iter_mut().for_each(|s| *s = T::ZERO);
-                }
+                let kt = Mat::transposed(&qkvb[c + h * hs..], 3 * c);
                 let v = Mat::rows(&qkvb[2 * c + h * hs..], 3 * c);
-                flops += matmul_serial(t, hs, t, &mut yb[h * hs..], c, false, Mat::rows(p, t), v);
+                // Causal: query rows i0..i1 only need keys 0..i1.
+                for i0 in (0..t).step_by(BLOCK) {
+                    let i1 = (i0 + BLOCK).min(t);
+                    let rows = i1 - i0;
+                    let q = Mat::rows(&qkvb[i0 * 3 * c + h * hs..], 3 * c);
+                    flops += matmul_serial(rows, i1, hs, &mut p[i0 * t..], t, false, q, kt);
+                    for i in i0..i1 {
+                        let row = &mut p[i * t..(i + 1) * t];
+                        let mut m = row[0] * scale;
+                        for &s in &row[1..=i] {
+                            m = m.max(s * scale);
+                        }
+                        let mut sum = T::ZERO;
+                        for s in &mut row[..=i] {
+                            *s = (*s * scale - m).exp();
+                            sum += *s;
+                        }
+                        let inv = T::ONE / sum;
+                        row[..=i].iter_mut().for_each(|s| *s *= inv);
+                        row[i + 1..].iter_mut().for_each(|s| *s = T::ZERO);
+                    }
+                    let pb = Mat::rows(&p[i0 * t..], t);
+                    flops +=
+                        matmul_serial(rows, hs, i1, &mut yb[i0 * c + h * hs..], c, false, pb, v);
+                }
             }
             flops
         })
@@ -99,62 +112,62 @@ pub fn backward<T: Real>(
             if kb == 0 {
                 return 0.0;
             }
-            let tmax = qrows[kb - 1] + 1;
             let qkvb = &qkv[bi * t * 3 * c..(bi + 1) * t * 3 * c];
             let dyb = &dy[start * c..(start + kb) * c];
-            let mut pk = vec![T::ZERO; kb * tmax];
-            let mut dp = vec![T::ZERO; kb * tmax];
-            let mut qk = vec![T::ZERO; kb * hs];
-            let mut dq = vec![T::ZERO; kb * hs];
+            let tcap = qrows[kb - 1] + 1;
+            let blk = kb.min(BLOCK);
+            let mut pk = vec![T::ZERO; blk * tcap];
+            let mut dp = vec![T::ZERO; blk * tcap];
+            let mut qk = vec![T::ZERO; blk * hs];
+            let mut dq = vec![T::ZERO; blk * hs];
             let mut flops = 0.0;
             for h in 0..nh {
                 let p = &att[(bi * nh + h) * t * t..(bi * nh + h + 1) * t * t];
-                for (j, &qi) in qrows.iter().enumerate() {
-                    pk[j * tmax..(j + 1) * tmax].copy_from_slice(&p[qi * t..qi * t + tmax]);
-                    qk[j * hs..(j + 1) * hs]
-                        .copy_from_slice(&qkvb[qi * 3 * c + h * hs..qi * 3 * c + (h + 1) * hs]);
-                }
-                let dyh = Mat::rows(&dyb[h * hs..], c);
                 let vt = Mat::transposed(&qkvb[2 * c + h * hs..], 3 * c);
-                flops += matmul_serial(kb, tmax, hs, &mut dp, tmax, false, dyh, vt);
-                for (dpr, pr) in dp.chunks_exact_mut(tmax).zip(pk.chunks_exact(tmax)) {
-                    let dot: T = dpr.iter().zip(pr).map(|(&a, &b)| a * b).sum();
-                    for (g, &pv) in dpr.iter_mut().zip(pr) {
-                        *g = pv * (*g - dot) * scale;
-                    }
-                }
                 let kmat = Mat::rows(&qkvb[c + h * hs..], 3 * c);
-                flops +=
-                    matmul_serial(kb, hs, tmax, &mut dq, hs, false, Mat::rows(&dp, tmax), kmat);
-                for (j, &qi) in qrows.iter().enumerate() {
-                    let o = qi * 3 * c + h * hs;
-                    dqkvb[o..o + hs]
-                        .iter_mut()
-                        .zip(&dq[j * hs..(j + 1) * hs])
-                        .for_each(|(d, &g)| *d += g);
+                // Groups of kept query rows; a group only touches keys up to its last row.
+                for j0 in (0..kb).step_by(BLOCK) {
+                    let j1 = (j0 + BLOCK).min(kb);
+                    let (g, group) = (j1 - j0, &qrows[j0..j1]);
+                    let tmax = group[g - 1] + 1;
+                    for (j, &qi) in group.iter().enumerate() {
+                        pk[j * tmax..(j + 1) * tmax].copy_from_slice(&p[qi * t..qi * t + tmax]);
+                        let o = qi * 3 * c + h * hs;
+                        qk[j * hs..(j + 1) * hs].copy_from_slice(&qkvb[o..o + hs]);
+                    }
+                    let (pk, dp) = (&pk[..g * tmax], &mut dp[..g * tmax]);
+                    let dyh = Mat::rows(&dyb[j0 * c + h * hs..], c);
+                    flops += matmul_serial(g, tmax, hs, dp, tmax, false, dyh, vt);
+                    for (dpr, pr) in dp.chunks_exact_mut(tmax).zip(pk.chunks_exact(tmax)) {
+                        let dot: T = dpr.iter().zip(pr).map(|(&a, &b)| a * b).sum();
+                        for (d, &pv) in dpr.iter_mut().zip(pr) {
+                            *d = pv * (*d - dot) * scale;
+                        }
+                    }
+                    flops +=
+                        matmul_serial(g, hs, tmax, &mut dq, hs, false, Mat::rows(dp, tmax), kmat);
+                    for (j, &qi) in group.iter().enumerate() {
+                        let o = qi * 3 * c + h * hs;
+                        dqkvb[o..o + hs]
+                            .iter_mut()
+                            .zip(&dq[j * hs..(j + 1) * hs])
+                            .for_each(|(d, &x)| *d += x);
+                    }
+                    let dst_k = &mut dqkvb[c + h * hs..];
+                    let (dpt, qg) = (Mat::transposed(dp, tmax), Mat::rows(&qk[..g * hs], hs));
+                    flops += matmul_serial(tmax, hs, g, dst_k, 3 * c, true, dpt, qg);
+                    let dst_v = &mut dqkvb[2 * c + h * hs..];
+                    flops += matmul_serial(
+                        tmax,
+                        hs,
+                        g,
+                        dst_v,
+                        3 * c,
+                        true,
+                        Mat::transposed(pk, tmax),
+                        dyh,
+                    );
                 }
-                let dst_k = &mut dqkvb[c + h * hs..];
-                flops += matmul_serial(
-                    tmax,
-                    hs,
-                    kb,
-                    dst_k,
-                    3 * c,
-                    true,
-                    Mat::transposed(&dp, tmax),
-                    Mat::rows(&qk, hs),
-                );
-                let dst_v = &mut dqkvb[2 * c + h * hs..];
-                flops += matmul_serial(
-                    tmax,
-                    hs,
-                    kb,
-                    dst_v,
-                    3 * c,
-                    true,
-                    Mat::transposed(&pk, tmax),
-                    dyh,
-                );
             }
             flops
         })
