@@ -19,7 +19,8 @@ fn cpu_seconds() -> f64 {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Like the official benchmark: run inside an installed 2-thread pool.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build()?;
-    pool.install(run).map_err(|e| e as Box<dyn std::error::Error>)
+    pool.install(run)
+        .map_err(|e| e as Box<dyn std::error::Error>)
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
