@@ -127,3 +127,50 @@ fn lr_schedule_values() {
     .validate()
     .is_err());
 }
+
+#[test]
+fn training_memorises_a_fixed_batch() {
+    use eslm_gpt2::{Gpt2, Selector, StepWorkspace, TokenScore};
+    use eslm_kernels::select::SelectRule;
+    let cfg = GptConfig::tiny();
+    let (b, t) = (2, 8);
+    let mut r = rng(22);
+    let inputs = rand_tokens(&mut r, b * t, cfg.vocab_size);
+    let targets: Vec<i32> = rand_tokens(&mut r, b * t, cfg.vocab_size)
+        .iter()
+        .map(|&x| x as i32)
+        .collect();
+    for sel in [
+        Selector::All,
+        Selector::Select {
+            score: TokenScore::Loss,
+            rule: SelectRule::Var { alpha: 0.5 },
+        },
+    ] {
+        let mut model = Gpt2::new(cfg, b, t, 1).unwrap();
+        let mut opt = AdamW::new(AdamWConfig::default(), model.params()).unwrap();
+        let sched = LrSchedule {
+            max_lr: 1e-2,
+            min_lr: 1e-3,
+            warmup_steps: 5,
+            total_steps: 60,
+            decay: Decay::Cosine,
+        };
+        let mut ws = StepWorkspace::new();
+        let mut first = None;
+        let mut last = 0.0;
+        for step in 0..60 {
+            model.zero_grad();
+            let rep = model
+                .loss_and_backward(&mut ws, &inputs, &targets, b, t, sel)
+                .unwrap();
+            first.get_or_insert(rep.loss_all);
+            last = rep.loss_all;
+            clip_grad_norm(model.grads_mut(), 1.0);
+            let (p, g) = model.params_and_grads_mut();
+            opt.update(p, g, sched.lr(step) as f32).unwrap();
+        }
+        let first = first.unwrap();
+        assert!(last < 0.3 * first, "{sel:?}: loss {first} -> {last}");
+    }
+}
