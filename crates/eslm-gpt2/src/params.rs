@@ -1,15 +1,9 @@
 //! The parameter layout (llm.c's): all parameters in ONE contiguous `Vec<f32>`, weights stored `[out, in]` so a
 //! linear layer is `y = x·Wᵀ + b`, in this order (per-layer tensors stacked over `L`):
 //!
-//! | kind | shape | | kind | shape |
-//! |---|---|---|---|---|
-//! | wte | [Vp, C] | | ln2w, ln2b | [L, C] |
-//! | wpe | [maxT, C] | | fcw | [L, 4C, C] |
-//! | ln1w, ln1b | [L, C] | | fcb | [L, 4C] |
-//! | qkvw | [L, 3C, C] | | fcprojw | [L, C, 4C] |
-//! | qkvb | [L, 3C] | | fcprojb | [L, C] |
-//! | attprojw | [L, C, C] | | lnfw, lnfb | [C] |
-//! | attprojb | [L, C] | | | |
+//! `wte [Vp, C]`, `wpe [maxT, C]`, `ln1w [L, C]`, `ln1b [L, C]`, `qkvw [L, 3C, C]`, `qkvb [L, 3C]`,
+//! `attprojw [L, C, C]`, `attprojb [L, C]`, `ln2w [L, C]`, `ln2b [L, C]`, `fcw [L, 4C, C]`, `fcb [L, 4C]`,
+//! `fcprojw [L, C, 4C]`, `fcprojb [L, C]`, `lnfw [C]`, `lnfb [C]`.
 //!
 //! Gradients and the AdamW moments use the same layout ([`ParamSet`] for all four). Rows `V..Vp` of `wte` are zero.
 
