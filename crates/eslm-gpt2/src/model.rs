@@ -268,13 +268,18 @@ impl Gpt2 {
         self.logits()
     }
 
-    /// FLOPs of a shallow forward of `b·t` tokens exiting after `exit_layer` blocks (dense GEMM and attention
-    /// work, as counted by the ops).
+    /// FLOPs of a shallow forward of `b·t` tokens exiting after `exit_layer` blocks (what the ops count:
+    /// linear layers, blocked causal attention, LM head).
     pub fn forward_shallow_flops(&self, b: usize, t: usize, exit_layer: usize) -> f64 {
-        let (c, v) = (self.config.n_embd as f64, self.config.vocab_size as f64);
+        let (c, v, nh) = (
+            self.config.n_embd,
+            self.config.vocab_size,
+            self.config.n_head,
+        );
         let n = (b * t) as f64;
-        exit_layer as f64 * (n * 24.0 * c * c + 4.0 * b as f64 * (t * t) as f64 * c)
-            + 2.0 * n * c * v
+        let per_layer =
+            n * 24.0 * (c * c) as f64 + attention::forward_flops(AttnDims { b, t, c, nh });
+        exit_layer as f64 * per_layer + 2.0 * n * (c * v) as f64
     }
 
     /// Full-depth forward for evaluation or as a reference/teacher model: like [`Gpt2::forward`] but keeps no

@@ -264,7 +264,8 @@ fn attention_gradcheck() {
                 masked_dot(&y, &wout, &rows, n, c)
             };
             let (mut y, mut att) = (vec![0.0; n * c], vec![0.0; b * nh * t * t]);
-            attention::forward(&mut y, &mut att, &qkv, d);
+            let flops = attention::forward(&mut y, &mut att, &qkv, d);
+            assert_eq!(flops, attention::forward_flops(d));
             // Causal: the probabilities above the diagonal are zero.
             for row in att.chunks(t).enumerate() {
                 let i = row.0 % t;

@@ -108,6 +108,19 @@ fn realized_flops_follow_the_row_sets() {
     // Linear layers 24·C² per token per layer, attention 4·B·T²·C per layer (full T×T products), LM head.
     let fwd = nf * l * 24.0 * c * c + l * 4.0 * (b * t * t) as f64 * c + 2.0 * nf * c * v;
     assert!((model.realized_flops().forward - fwd).abs() < 1e-6 * fwd);
+    assert_eq!(
+        model.forward_shallow_flops(b, t, cfg.n_layer),
+        model.realized_flops().forward
+    );
+    let long = eslm_gpt2::ops::attention::AttnDims {
+        b: 1,
+        t: 70,
+        c: 8,
+        nh: 2,
+    };
+    // Blocks of 32 query rows: rows 0..32 × 32 keys, 32..64 × 64, 64..70 × 70.
+    let want = 4.0 * 8.0 * (32.0 * 32.0 + 32.0 * 64.0 + 6.0 * 70.0);
+    assert_eq!(eslm_gpt2::ops::attention::forward_flops(long), want);
     let kept = [2u32, 7];
     model.backward_sparse(&kept, &vec![0.0; 2 * vp]).unwrap();
     let fl = model.realized_flops();

@@ -30,6 +30,18 @@ pub struct AttnDims {
     pub nh: usize,
 }
 
+/// FLOPs of one [`forward`] call (the blocked causal products, all heads).
+pub fn forward_flops(d: AttnDims) -> f64 {
+    let blocks: usize = (0..d.t)
+        .step_by(BLOCK)
+        .map(|i0| {
+            let i1 = (i0 + BLOCK).min(d.t);
+            (i1 - i0) * i1
+        })
+        .sum();
+    4.0 * (d.b * blocks * d.c) as f64
+}
+
 /// Forward. `y [B·T, C]`, `att [B, H, T, T]`, `qkv [B·T, 3C]`. Returns FLOPs.
 pub fn forward<T: Real>(y: &mut [T], att: &mut [T], qkv: &[T], d: AttnDims) -> f64 {
     let AttnDims { b, t, c, nh } = d;
