@@ -133,8 +133,16 @@ impl Batch {
                 w.shard
             )));
         };
-        let mut row = vec![0u32; t + 1];
-        if !shard.tokens().copy_to_u32(w.start as usize, &mut row) {
+        let tokens = shard.tokens();
+        let start = w.start as usize;
+        let (ni, nt) = (self.inputs.len(), self.targets.len());
+        self.inputs.resize(ni + t, 0);
+        self.targets.resize(nt + t, 0);
+        if !tokens.copy_to_u32(start, &mut self.inputs[ni..])
+            || !tokens.copy_to_u32(start + 1, &mut self.targets[nt..])
+        {
+            self.inputs.truncate(ni);
+            self.targets.truncate(nt);
             return Err(DataError::bad_shard(
                 shard.path(),
                 format!(
@@ -144,8 +152,6 @@ impl Batch {
                 ),
             ));
         }
-        self.inputs.extend_from_slice(&row[..t]);
-        self.targets.extend_from_slice(&row[1..]);
         self.rows.push(w);
         self.b += 1;
         Ok(())
@@ -157,9 +163,9 @@ impl Batch {
 pub struct LoaderState {
     /// Seed of the per-epoch shuffles (the RNG of epoch `e` is `SplitMix64::with_stream(seed, e)`).
     pub seed: u64,
-    /// Current epoch (0-based).
+    /// Epoch of the next window (0-based).
     pub epoch: u64,
-    /// Index of the next window in this rank's order for the current epoch.
+    /// Index of the next window in this rank's order for that epoch (always below the windows per epoch).
     pub cursor: u64,
     /// Shard of the next window (informational; derived from epoch and cursor).
     pub shard: usize,
@@ -401,14 +407,16 @@ impl DataLoader {
         self.per_rank * self.config.seq_len as u64
     }
 
-    /// Current epoch (0-based).
+    /// Epoch of the next window (0-based; it advances as soon as an epoch's last window has been read).
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
 
     /// The window the next batch row will read.
     pub fn next_window(&self) -> WindowRef {
-        self.index.locate(self.order[self.cursor as usize])
+        // Invariant: cursor < per_rank (the epoch advances as soon as it is exhausted) and per_rank >= 1.
+        self.index
+            .locate(self.order.get(self.cursor as usize).copied().unwrap_or(0))
     }
 
     /// The next batch of B rows (wrapping into the next epoch when this one is exhausted).
@@ -422,14 +430,13 @@ impl DataLoader {
     pub fn next_batch_into(&mut self, batch: &mut Batch) -> Result<()> {
         batch.clear(self.config.seq_len);
         for _ in 0..self.config.batch_size {
+            batch.push(&self.shards, self.next_window())?;
+            self.cursor += 1;
             if self.cursor == self.per_rank {
                 self.epoch += 1;
                 self.cursor = 0;
                 self.build_order();
             }
-            let w = self.index.locate(self.order[self.cursor as usize]);
-            batch.push(&self.shards, w)?;
-            self.cursor += 1;
         }
         Ok(())
     }
@@ -485,7 +492,7 @@ impl DataLoader {
                 self.index.total()
             ));
         }
-        if state.cursor > self.per_rank {
+        if state.cursor >= self.per_rank {
             diffs.push(format!(
                 "cursor {} past the epoch's {} windows",
                 state.cursor, self.per_rank

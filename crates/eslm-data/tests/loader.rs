@@ -98,7 +98,11 @@ fn each_epoch_is_a_permutation_and_epochs_differ() {
         .into_iter()
         .flat_map(|b| b.rows)
         .collect(); // 66 rows = 3 epochs
-    assert_eq!(l.epoch(), 2);
+    assert_eq!(
+        l.epoch(),
+        3,
+        "the epoch advances once the third is exhausted"
+    );
     let epochs: Vec<&[WindowRef]> = rows.chunks(22).collect();
     for e in &epochs {
         let set: HashSet<_> = e.iter().collect();
