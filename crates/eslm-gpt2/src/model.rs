@@ -130,6 +130,21 @@ impl Gpt2 {
                 config.max_seq_len
             )));
         }
+        // The largest buffers (f32): logits [N, Vp], attention probabilities [L·H, N, T], MLP [L, N, 4C].
+        let fits = |dims: [usize; 4]| {
+            dims.iter()
+                .try_fold(4usize, |acc, &d| acc.checked_mul(d))
+                .is_some_and(|bytes| bytes <= isize::MAX as usize)
+        };
+        let (l, h, c) = (config.n_layer, config.n_head, config.n_embd);
+        let ok = fits([b_max, t_max, config.padded_vocab_size, 1])
+            && fits([l * h, b_max, t_max, t_max])
+            && fits([l, b_max, t_max, 4 * c]);
+        if !ok {
+            return Err(Gpt2Error::InvalidConfig(format!(
+                "buffers for a {b_max}x{t_max} batch do not fit in memory"
+            )));
+        }
         let grads = ParamSet::zeros(&config);
         Ok(Self {
             acts: Activations::new(&config, b_max, t_max),
