@@ -134,14 +134,15 @@ impl AdamW {
     }
 }
 
-/// The global L2 norm of `grads` (accumulated in f64).
+/// The global L2 norm of `grads` (accumulated in f64, per chunk in parallel, then the chunk sums in order, so
+/// the result is bit-for-bit reproducible whatever the thread scheduling).
 pub fn grad_norm(grads: &ParamSet) -> f64 {
-    grads
+    let partial: Vec<f64> = grads
         .as_slice()
         .par_chunks(CHUNK)
         .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-        .sum::<f64>()
-        .sqrt()
+        .collect();
+    partial.iter().sum::<f64>().sqrt()
 }
 
 /// Clips `grads` to global norm `max_norm` (PyTorch's `clip_grad_norm_`: scale by `max/(norm + 1e-6)` when that is

@@ -174,3 +174,48 @@ fn training_memorises_a_fixed_batch() {
         assert!(last < 0.3 * first, "{sel:?}: loss {first} -> {last}");
     }
 }
+
+#[test]
+fn training_is_bitwise_deterministic() {
+    use eslm_gpt2::{Gpt2, Selector, StepWorkspace, TokenScore};
+    use eslm_kernels::select::SelectRule;
+    let cfg = GptConfig::tiny();
+    let (b, t) = (4, 16);
+    let mut r = rng(23);
+    let inputs = rand_tokens(&mut r, b * t, cfg.vocab_size);
+    let targets: Vec<i32> = rand_tokens(&mut r, b * t, cfg.vocab_size)
+        .iter()
+        .map(|&x| x as i32)
+        .collect();
+    let sel = Selector::Select {
+        score: TokenScore::Entropy,
+        rule: SelectRule::Var { alpha: 0.6 },
+    };
+    let run = || {
+        let mut model = Gpt2::new(cfg, b, t, 5).unwrap();
+        let mut opt = AdamW::new(AdamWConfig::default(), model.params()).unwrap();
+        let mut ws = StepWorkspace::new();
+        let mut losses = Vec::new();
+        for _ in 0..4 {
+            model.zero_grad();
+            losses.push(
+                model
+                    .loss_and_backward(&mut ws, &inputs, &targets, b, t, sel)
+                    .unwrap()
+                    .loss_kept,
+            );
+            clip_grad_norm(model.grads_mut(), 0.5);
+            let (p, g) = model.params_and_grads_mut();
+            opt.update(p, g, 1e-2).unwrap();
+        }
+        (losses, model.params().clone())
+    };
+    let (l1, p1) = run();
+    let (l2, p2) = run();
+    assert_eq!(l1, l2);
+    assert!(p1
+        .as_slice()
+        .iter()
+        .zip(p2.as_slice())
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+}
