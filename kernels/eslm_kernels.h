@@ -27,6 +27,9 @@
 #define ESLM_SELECT_DIGIT_BITS 11
 #define ESLM_SELECT_BINS 2048
 #define ESLM_SELECT_PASSES 3
+/* VaR rounding: (1 - alpha) M within ESLM_VAR_SNAP_REL * M of an integer snaps to it, else rounds up. Must equal
+ * the band of the CPU's var_keep_count (crates/eslm-kernels/src/select.rs); the parity tests compare k. */
+#define ESLM_VAR_SNAP_REL 1e-13
 /* Rules. */
 #define ESLM_RULE_VAR 0
 #define ESLM_RULE_TOPK 1

@@ -116,13 +116,13 @@ select_histogram(const EslmSelectParams p, const float* __restrict__ scores, con
     if (pass == 0 && threadIdx.x == 0 && block_valid != 0u) atomicAdd(&state->valid_count, block_valid);
 }
 
-/* k for VaR: ceil((1 - alpha) M), snapped to the nearest integer when within 1e-9 M of it, clamped to [1, M].
+/* k for VaR: ceil((1 - alpha) M), snapped to the nearest integer when within ESLM_VAR_SNAP_REL M, clamped to [1, M].
  * Bit-identical to the CPU's var_keep_count: the same IEEE f64 operations (no contraction: explicit _rn). */
 __device__ __forceinline__ uint32_t var_keep_count(double alpha, uint32_t m_valid) {
     const double m = (double)m_valid;
     const double x = __dmul_rn(__dsub_rn(1.0, alpha), m);
     const double nearest = round(x);
-    const double k = (fabs(__dsub_rn(x, nearest)) <= __dmul_rn(1e-9, m)) ? nearest : ceil(x);
+    const double k = (fabs(__dsub_rn(x, nearest)) <= __dmul_rn(ESLM_VAR_SNAP_REL, m)) ? nearest : ceil(x);
     uint32_t ki = k < 1.0 ? 1u : (k >= (double)m_valid ? m_valid : (uint32_t)k);
     return ki;
 }

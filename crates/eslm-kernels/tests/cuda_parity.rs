@@ -273,6 +273,33 @@ fn select_matches_cpu_exactly() {
     compare_select(&gpu, &[], None, SelectRule::Var { alpha: 0.5 });
 }
 
+/// The device computes k = ⌈(1 − α)·M⌉ itself (M is only known there): same rounding band as the CPU's
+/// `var_keep_count`, checked on values where float noise decides (e.g. (1 − 0.7)·10 = 3.0000000000000004).
+#[test]
+fn var_keep_count_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let alphas = [
+        0.1,
+        0.2,
+        0.3,
+        0.7,
+        0.9,
+        1.0 / 3.0,
+        2.0 / 3.0,
+        0.25,
+        0.5,
+        1e-9,
+        1.0 - 1e-9,
+        0.123456789,
+    ];
+    for m in [1usize, 2, 3, 7, 10, 30, 100, 333, 1000, 4097] {
+        let scores: Vec<f32> = (0..m).map(|i| i as f32).collect();
+        for alpha in alphas {
+            compare_select(&gpu, &scores, None, SelectRule::Var { alpha });
+        }
+    }
+}
+
 #[test]
 fn sparse_ce_matches_cpu_f32_and_bf16() {
     let Some(gpu) = gpu() else { return };

@@ -29,8 +29,11 @@ use cudarc::driver::{
 
 use crate::error::{KernelError, Result};
 
+/// The cudarc version this backend is built on, re-exported so callers name the same device types.
+pub use cudarc;
+
 pub use select::{DeviceSelection, SelectionSummary};
-pub use sparse_ce::{DeviceSparseCe, GradScale};
+pub use sparse_ce::{DeviceSparseCe, GradScale, SparseCeArgs};
 pub use token_stats::DeviceTokenStats;
 
 impl From<DriverError> for KernelError {
