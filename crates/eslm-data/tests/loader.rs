@@ -279,3 +279,51 @@ fn loader_reads_written_shards_by_pattern() {
     assert_eq!(&b.inputs[..3], &[0, 1, 2]);
     assert_eq!(l.total_windows(), 3 * 19);
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Random shard sizes and shapes: restoring a state taken after k batches reproduces the next batches,
+        /// and within one epoch the ranks' windows are disjoint.
+        #[test]
+        fn resume_and_disjointness(
+            lens in proptest::collection::vec(0usize..400, 1..5),
+            b in 1usize..6,
+            t in 1usize..20,
+            world in 1usize..4,
+            k in 0usize..30,
+            seed in any::<u64>(),
+            shuffle in any::<bool>(),
+        ) {
+            let base = LoaderConfig::new(b, t).with_seed(seed).with_shuffle(shuffle);
+            let probe = DataLoader::new(shards(&lens), base.clone());
+            prop_assume!(probe.map(|l| l.total_windows() as usize >= world).unwrap_or(false));
+            let mut seen = HashSet::new();
+            for rank in 0..world {
+                let cfg = base.clone().with_rank(rank, world);
+                let mut a = DataLoader::new(shards(&lens), cfg.clone()).unwrap();
+                let per_epoch = a.windows_per_epoch() as usize;
+                let mut first_epoch = Vec::new();
+                while first_epoch.len() < per_epoch {
+                    first_epoch.extend(a.next_batch().unwrap().rows);
+                }
+                for w in &first_epoch[..per_epoch] {
+                    prop_assert!(seen.insert(*w), "window {:?} read twice", w);
+                }
+                let mut a = DataLoader::new(shards(&lens), cfg.clone()).unwrap();
+                for _ in 0..k {
+                    a.next_batch().unwrap();
+                }
+                let state = a.state();
+                let mut b2 = DataLoader::new(shards(&lens), cfg).unwrap();
+                b2.restore(&state).unwrap();
+                for _ in 0..3 {
+                    prop_assert_eq!(a.next_batch().unwrap(), b2.next_batch().unwrap());
+                }
+            }
+        }
+    }
+}
