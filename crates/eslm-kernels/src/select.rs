@@ -192,7 +192,7 @@ pub fn select(
     // Find the k-th largest key digit by digit.
     let (digit0, above0) = pick_bin(&top.hist, k);
     let shift0 = 32 - DIGIT_BITS[0];
-    let mut candidates = gather(scores, valid, shift0, digit0);
+    let mut candidates = gather(scores, valid, digit0);
     let mut above = above0;
     let mut rank = k - above0; // rank of the threshold among the candidates (1 = largest)
     let mut prefix = digit0 << shift0;
@@ -246,21 +246,46 @@ pub(crate) fn from_key(key: u32) -> f32 {
     }
 }
 
-#[inline(always)]
-fn is_valid(valid: Option<&[bool]>, i: usize) -> bool {
-    valid.is_none_or(|v| v[i])
+/// Which rows are valid: every row, or a flag per row. Passes are monomorphised per mask so the all-valid case
+/// has no per-row test.
+trait Mask: Copy + Send + Sync {
+    /// Whether row `i` is valid.
+    fn get(self, i: usize) -> bool;
 }
 
-/// Runs `f` over the row ranges `[c·CHUNK_ROWS, …)` in parallel (inline when there is one chunk), in order.
-fn map_chunks<R: Send>(n: usize, f: impl Fn(std::ops::Range<usize>) -> R + Sync) -> Vec<R> {
-    let chunks = n.div_ceil(CHUNK_ROWS);
-    let range = |c: usize| c * CHUNK_ROWS..((c + 1) * CHUNK_ROWS).min(n);
-    if chunks <= 1 {
-        (0..chunks).map(|c| f(range(c))).collect()
-    } else {
-        (0..chunks).into_par_iter().map(|c| f(range(c))).collect()
+#[derive(Clone, Copy)]
+struct AllValid;
+
+impl Mask for AllValid {
+    #[inline(always)]
+    fn get(self, _i: usize) -> bool {
+        true
     }
 }
+
+impl Mask for &[bool] {
+    #[inline(always)]
+    fn get(self, i: usize) -> bool {
+        self[i]
+    }
+}
+
+/// Runs `f(start, end)` over the row chunks `[c·CHUNK_ROWS, …)` in parallel (inline when there is one chunk) and
+/// returns the results in chunk order.
+fn map_chunks<R: Send>(n: usize, f: impl Fn(usize, usize) -> R + Sync) -> Vec<R> {
+    let chunks = n.div_ceil(CHUNK_ROWS);
+    let run = |c: usize| f(c * CHUNK_ROWS, ((c + 1) * CHUNK_ROWS).min(n));
+    if chunks <= 1 {
+        (0..chunks).map(run).collect()
+    } else {
+        (0..chunks).into_par_iter().map(run).collect()
+    }
+}
+
+const TOP_BINS: usize = 1 << DIGIT_BITS[0];
+const TOP_SHIFT: u32 = 32 - DIGIT_BITS[0];
+/// Interleaved sub-histograms: consecutive rows in the same bin do not wait on each other's increments.
+const SUB_HISTOGRAMS: usize = 4;
 
 struct TopHistogram {
     hist: Vec<usize>,
@@ -269,34 +294,22 @@ struct TopHistogram {
 }
 
 fn top_histogram(scores: &[f32], valid: Option<&[bool]>) -> TopHistogram {
-    let bins = 1usize << DIGIT_BITS[0];
-    let shift = 32 - DIGIT_BITS[0];
-    let parts = map_chunks(scores.len(), |range| {
-        let mut hist = vec![0u32; bins];
-        let mut count = 0usize;
-        let mut first_nan = None;
-        for i in range {
-            if !is_valid(valid, i) {
-                continue;
-            }
-            let score = scores[i];
-            if score.is_nan() {
-                first_nan.get_or_insert(i);
-                continue;
-            }
-            count += 1;
-            hist[(to_key(score) >> shift) as usize] += 1;
-        }
-        (hist, count, first_nan)
-    });
+    let parts = match valid {
+        None => map_chunks(scores.len(), |start, end| {
+            top_histogram_chunk(scores, AllValid, start, end)
+        }),
+        Some(v) => map_chunks(scores.len(), |start, end| {
+            top_histogram_chunk(scores, v, start, end)
+        }),
+    };
     let mut total = TopHistogram {
-        hist: vec![0; bins],
+        hist: vec![0; TOP_BINS],
         valid: 0,
         first_nan: None,
     };
     for (hist, count, first_nan) in parts {
-        for (t, h) in total.hist.iter_mut().zip(hist) {
-            *t += h as usize;
+        for (t, h) in total.hist.iter_mut().zip(hist.iter()) {
+            *t += *h as usize;
         }
         total.valid += count;
         if total.first_nan.is_none() {
@@ -304,6 +317,50 @@ fn top_histogram(scores: &[f32], valid: Option<&[bool]>) -> TopHistogram {
         }
     }
     total
+}
+
+/// Top-digit histogram, valid count and first NaN row of rows `start..end` (branch-free: invalid rows add 0).
+#[allow(clippy::type_complexity)]
+fn top_histogram_chunk<M: Mask>(
+    scores: &[f32],
+    valid: M,
+    start: usize,
+    end: usize,
+) -> (Box<[u32; TOP_BINS]>, usize, Option<usize>) {
+    let mut sub = vec![[0u32; TOP_BINS]; SUB_HISTOGRAMS];
+    let mut count = 0usize;
+    let mut nan = false;
+    let chunk = &scores[start..end];
+    let mut blocks = chunk.chunks_exact(SUB_HISTOGRAMS);
+    let mut i = start;
+    for block in &mut blocks {
+        for (h, &score) in sub.iter_mut().zip(block) {
+            let ok = valid.get(i);
+            nan |= ok & score.is_nan();
+            count += ok as usize;
+            h[(to_key(score) >> TOP_SHIFT) as usize] += ok as u32;
+            i += 1;
+        }
+    }
+    for &score in blocks.remainder() {
+        let ok = valid.get(i);
+        nan |= ok & score.is_nan();
+        count += ok as usize;
+        sub[0][(to_key(score) >> TOP_SHIFT) as usize] += ok as u32;
+        i += 1;
+    }
+    let mut hist = Box::new([0u32; TOP_BINS]);
+    for h in &sub {
+        for (t, x) in hist.iter_mut().zip(h) {
+            *t += x;
+        }
+    }
+    let first_nan = if nan {
+        (start..end).find(|&i| valid.get(i) && scores[i].is_nan())
+    } else {
+        None
+    };
+    (hist, count, first_nan)
 }
 
 /// The bin holding the `rank`-th largest element (1-based) and the number of elements in higher bins.
@@ -319,25 +376,49 @@ fn pick_bin(hist: &[usize], rank: usize) -> (u32, usize) {
 }
 
 /// Keys of the valid rows whose top digit is `digit`, in row order.
-fn gather(scores: &[f32], valid: Option<&[bool]>, shift: u32, digit: u32) -> Vec<u32> {
-    let parts = map_chunks(scores.len(), |range| {
-        let mut keys = Vec::new();
-        for i in range {
-            if is_valid(valid, i) {
-                let key = to_key(scores[i]);
-                if key >> shift == digit {
-                    keys.push(key);
-                }
-            }
-        }
-        keys
-    });
+fn gather(scores: &[f32], valid: Option<&[bool]>, digit: u32) -> Vec<u32> {
+    let parts = match valid {
+        None => map_chunks(scores.len(), |start, end| {
+            gather_chunk(scores, AllValid, start, end, digit)
+        }),
+        Some(v) => map_chunks(scores.len(), |start, end| {
+            gather_chunk(scores, v, start, end, digit)
+        }),
+    };
     if parts.len() == 1 {
         return parts.into_iter().next().unwrap_or_default();
     }
     let mut keys = Vec::with_capacity(parts.iter().map(Vec::len).sum());
     for part in parts {
         keys.extend_from_slice(&part);
+    }
+    keys
+}
+
+/// Rows per stack block in the branch-free compaction loops.
+const BLOCK: usize = 512;
+
+/// Branch-free gather: every key is written into a stack block, the write position only advances for candidates;
+/// each block's candidates are then appended.
+fn gather_chunk<M: Mask>(
+    scores: &[f32],
+    valid: M,
+    start: usize,
+    end: usize,
+    digit: u32,
+) -> Vec<u32> {
+    let mut keys = Vec::new();
+    let mut block = [0u32; BLOCK];
+    let mut i = start;
+    for rows in scores[start..end].chunks(BLOCK) {
+        let mut w = 0usize;
+        for &score in rows {
+            let key = to_key(score);
+            block[w] = key;
+            w += (valid.get(i) & (key >> TOP_SHIFT == digit)) as usize;
+            i += 1;
+        }
+        keys.extend_from_slice(&block[..w]);
     }
     keys
 }
@@ -364,6 +445,13 @@ fn candidate_histogram(keys: &[u32], shift: u32, bits: u32) -> Vec<usize> {
     )
 }
 
+/// One chunk's share of the final pass: its kept row indices and its count of valid rows equal to the threshold
+/// key.
+struct ChunkKept {
+    indices: Vec<u32>,
+    equal: usize,
+}
+
 /// Writes `out.keep` and `out.indices`: valid rows with key above `threshold_key`, plus the first `ties_allowed`
 /// valid rows (by index) whose key equals it.
 fn write_selection(
@@ -376,104 +464,116 @@ fn write_selection(
     let n = scores.len();
     out.keep.clear();
     out.keep.resize(n, false);
-    // Pass A: tentative mask (all ties kept) and per-chunk counts of rows above / equal.
-    let mark = |(c, keep): (usize, &mut [bool])| {
-        let start = c * CHUNK_ROWS;
-        let (mut above, mut equal) = (0usize, 0usize);
-        for (j, kept) in keep.iter_mut().enumerate() {
-            let i = start + j;
-            if is_valid(valid, i) {
-                let key = to_key(scores[i]);
-                *kept = key >= threshold_key;
-                above += (key > threshold_key) as usize;
-                equal += (key == threshold_key) as usize;
-            }
-        }
-        (above, equal)
-    };
-    let counts: Vec<(usize, usize)> = if n <= CHUNK_ROWS {
-        out.keep
-            .chunks_mut(CHUNK_ROWS)
-            .enumerate()
-            .map(mark)
-            .collect()
-    } else {
-        out.keep
-            .par_chunks_mut(CHUNK_ROWS)
-            .enumerate()
-            .map(mark)
-            .collect()
-    };
-    // Assign the tie budget to chunks in row order; chunks that must drop ties are trimmed.
-    let mut budget = ties_allowed;
-    let mut allowed = Vec::with_capacity(counts.len());
-    for &(_, equal) in &counts {
-        let take = equal.min(budget);
-        budget -= take;
-        allowed.push(take);
-    }
-    let trim = |(c, keep): (usize, &mut [bool])| {
-        let (_, equal) = counts[c];
-        if allowed[c] == equal {
-            return;
-        }
-        let start = c * CHUNK_ROWS;
-        let mut left = allowed[c];
-        for (j, kept) in keep.iter_mut().enumerate() {
-            if *kept && to_key(scores[start + j]) == threshold_key {
-                if left == 0 {
-                    *kept = false;
-                } else {
-                    left -= 1;
-                }
-            }
-        }
-    };
-    if n <= CHUNK_ROWS {
-        out.keep.chunks_mut(CHUNK_ROWS).enumerate().for_each(trim);
-    } else {
-        out.keep
-            .par_chunks_mut(CHUNK_ROWS)
-            .enumerate()
-            .for_each(trim);
-    }
-    // Indices: each chunk writes its kept rows into its own slice.
-    let per_chunk: Vec<usize> = counts
-        .iter()
-        .zip(&allowed)
-        .map(|(&(above, _), &take)| above + take)
-        .collect();
-    let total: usize = per_chunk.iter().sum();
     out.indices.clear();
-    out.indices.resize(total, 0);
-    let mut slices = Vec::with_capacity(per_chunk.len());
-    let mut rest = out.indices.as_mut_slice();
-    for &len in &per_chunk {
-        let (head, tail) = rest.split_at_mut(len);
-        slices.push(head);
-        rest = tail;
-    }
-    let fill = |(c, (keep, dst)): (usize, (&[bool], &mut &mut [u32]))| {
-        let start = c * CHUNK_ROWS;
-        let mut w = 0;
-        for (j, &kept) in keep.iter().enumerate() {
-            if kept {
-                dst[w] = (start + j) as u32;
-                w += 1;
-            }
-        }
-    };
-    if n <= CHUNK_ROWS {
-        out.keep
-            .chunks(CHUNK_ROWS)
-            .zip(slices.iter_mut())
-            .enumerate()
-            .for_each(fill);
+    // One pass: mask and index list with every tie kept, plus per-chunk tie counts. A single chunk appends to
+    // `out.indices` directly (no temporary).
+    let mut parts: Vec<ChunkKept> = if n <= CHUNK_ROWS {
+        let equal = mark_any(
+            scores,
+            valid,
+            0,
+            &mut out.keep,
+            threshold_key,
+            &mut out.indices,
+        );
+        vec![ChunkKept {
+            indices: Vec::new(),
+            equal,
+        }]
     } else {
         out.keep
-            .par_chunks(CHUNK_ROWS)
-            .zip(slices.par_iter_mut())
+            .par_chunks_mut(CHUNK_ROWS)
             .enumerate()
-            .for_each(fill);
+            .map(|(c, keep)| {
+                let mut indices = Vec::new();
+                let equal = mark_any(
+                    scores,
+                    valid,
+                    c * CHUNK_ROWS,
+                    keep,
+                    threshold_key,
+                    &mut indices,
+                );
+                ChunkKept { indices, equal }
+            })
+            .collect()
+    };
+    if n <= CHUNK_ROWS {
+        std::mem::swap(&mut parts[0].indices, &mut out.indices);
     }
+    // Hand the tie budget to chunks in row order; chunks that must drop ties keep their first ones only.
+    let mut budget = ties_allowed;
+    for (c, part) in parts.iter_mut().enumerate() {
+        let take = part.equal.min(budget);
+        budget -= take;
+        if take < part.equal {
+            let start = c * CHUNK_ROWS;
+            let keep = &mut out.keep[start..];
+            let mut left = take;
+            part.indices.retain(|&i| {
+                if to_key(scores[i as usize]) != threshold_key {
+                    return true;
+                }
+                if left > 0 {
+                    left -= 1;
+                    return true;
+                }
+                keep[i as usize - start] = false;
+                false
+            });
+        }
+    }
+    if n <= CHUNK_ROWS {
+        std::mem::swap(&mut parts[0].indices, &mut out.indices);
+    } else {
+        out.indices
+            .reserve(parts.iter().map(|p| p.indices.len()).sum());
+        for part in &parts {
+            out.indices.extend_from_slice(&part.indices);
+        }
+    }
+}
+
+fn mark_any(
+    scores: &[f32],
+    valid: Option<&[bool]>,
+    start: usize,
+    keep: &mut [bool],
+    threshold_key: u32,
+    indices: &mut Vec<u32>,
+) -> usize {
+    match valid {
+        None => mark_chunk(scores, AllValid, start, keep, threshold_key, indices),
+        Some(v) => mark_chunk(scores, v, start, keep, threshold_key, indices),
+    }
+}
+
+/// Branch-free mark of rows `start..start + keep.len()`: `keep = valid && key ≥ threshold`; kept row indices are
+/// appended to `indices` (through a stack block); returns the number of valid rows equal to the threshold.
+fn mark_chunk<M: Mask>(
+    scores: &[f32],
+    valid: M,
+    start: usize,
+    keep: &mut [bool],
+    threshold_key: u32,
+    indices: &mut Vec<u32>,
+) -> usize {
+    let mut block = [0u32; BLOCK];
+    let mut equal = 0usize;
+    let mut i = start;
+    for (keep, scores) in keep.chunks_mut(BLOCK).zip(scores[start..].chunks(BLOCK)) {
+        let mut w = 0usize;
+        for (kept, &score) in keep.iter_mut().zip(scores) {
+            let ok = valid.get(i);
+            let key = to_key(score);
+            let k = ok & (key >= threshold_key);
+            *kept = k;
+            equal += (ok & (key == threshold_key)) as usize;
+            block[w] = i as u32;
+            w += k as usize;
+            i += 1;
+        }
+        indices.extend_from_slice(&block[..w]);
+    }
+    equal
 }
