@@ -45,6 +45,20 @@ impl BigramModel {
         }
     }
 
+    /// A bigram model with the given weights `[V, Vp]` (`Vp` = `vocab` rounded up to a multiple of 8).
+    pub fn from_weights(vocab: usize, weights: Vec<f32>) -> Result<Self> {
+        let mut m = Self::new(vocab);
+        if weights.len() != m.weights.len() {
+            return Err(TrainError::Model(format!(
+                "bigram weights need {} values, got {}",
+                m.weights.len(),
+                weights.len()
+            )));
+        }
+        m.weights = weights;
+        Ok(m)
+    }
+
     /// The weights `[V, Vp]`.
     pub fn weights(&self) -> &[f32] {
         &self.weights

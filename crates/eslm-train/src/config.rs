@@ -183,7 +183,7 @@ impl Default for RunConfig {
             vocab_size: None,
             init_from: None,
             batch_size: 8,
-            seq_len: 64,
+            seq_len: 128,
             grad_accum: 1,
             steps: 300,
             token_budget: None,

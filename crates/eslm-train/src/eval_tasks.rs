@@ -179,9 +179,9 @@ pub fn score_completion(
         return Err(TrainError::Config("empty completion".into()));
     }
     let mut all: Vec<u32> = context.iter().chain(completion).copied().collect();
-    let max_t = model.max_seq_len();
-    if all.len() > max_t + 1 {
-        all.drain(..all.len() - (max_t + 1));
+    let window = model.max_seq_len().saturating_add(1);
+    if all.len() > window {
+        all.drain(..all.len() - window);
     }
     if all.len() < 2 {
         return Err(TrainError::Config(

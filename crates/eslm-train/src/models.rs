@@ -19,7 +19,7 @@ use crate::policy::{
 /// `None` for `bigram`.
 pub fn preset_shape(name: &str, seq_len: usize) -> Result<Option<(usize, usize, usize, usize)>> {
     Ok(Some(match name {
-        "synth-tiny" => (2, 4, 64, seq_len),
+        "synth-tiny" => (2, 4, 128, seq_len),
         "tiny" => (2, 2, 16, seq_len),
         "t" => (4, 4, 256, 1024),
         "124m" => (12, 12, 768, 1024),
