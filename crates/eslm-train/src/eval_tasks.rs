@@ -211,10 +211,10 @@ pub fn score_completion(
     token_stats(&view, &targets, DEFAULT_IGNORE_INDEX, stats)?;
     let mut logprob = 0.0;
     let mut greedy = true;
-    for r in t - m..t {
+    for (r, &y) in targets.iter().enumerate().skip(t - m) {
         logprob -= stats.loss[r] as f64;
         let row = view.row(r);
-        let y = targets[r] as usize;
+        let y = y as usize;
         if row.iter().any(|&z| z > row[y]) {
             greedy = false;
         }

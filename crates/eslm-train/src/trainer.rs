@@ -421,8 +421,8 @@ impl Trainer {
                 threshold,
                 divisor,
             } => {
-                for i in 0..n {
-                    if self.stats.valid[i] && threshold.is_none_or(|th| scores[i] >= th) {
+                for (i, (&s, &v)) in scores.iter().zip(&self.stats.valid).enumerate() {
+                    if v && threshold.is_none_or(|th| s >= th) {
                         self.kept_rows.push(i as u32);
                     }
                 }

@@ -115,8 +115,9 @@ fn rho1_scores_are_excess_loss_over_the_reference() {
     };
     let mut scores = Vec::new();
     rho.scores(&ctx, &mut scores).unwrap();
-    for i in 0..40 {
-        assert_eq!(scores[i], st.loss[i] - ref_st.loss[i]);
+    assert_eq!(scores.len(), 40);
+    for (i, &s) in scores.iter().enumerate() {
+        assert_eq!(s, st.loss[i] - ref_st.loss[i]);
     }
     assert!((rho.alpha().unwrap() - 0.6).abs() < 1e-12);
     assert_eq!(rho.normaliser(17, 40), 17.0);
@@ -308,9 +309,9 @@ fn hierarchical_drops_the_lowest_scoring_sequences() {
         .iter()
         .map(|&s| means[s].unwrap())
         .fold(f32::INFINITY, f32::min);
-    for s in 0..b {
+    for (s, mean) in means.iter().enumerate() {
         if !kept.contains(&s) {
-            assert!(means[s].unwrap() <= min_kept);
+            assert!(mean.unwrap() <= min_kept);
         }
     }
     assert!(

@@ -79,7 +79,7 @@ impl AdaEslm {
                 config.alpha_min, config.alpha0, config.alpha_max
             )));
         }
-        if !(config.gain.is_finite() && config.gain > 0.0) || !(0.0..1.0).contains(&config.ema) {
+        if !(config.gain.is_finite() && config.gain > 0.0 && (0.0..1.0).contains(&config.ema)) {
             return Err(TrainError::Config(format!(
                 "ada-eslm needs gain > 0 and 0 <= ema < 1, got gain {} ema {}",
                 config.gain, config.ema

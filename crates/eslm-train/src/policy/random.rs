@@ -21,7 +21,7 @@ impl RandomKeep {
         check_fraction("--keep", keep, true)?;
         Ok(RandomKeep {
             keep,
-            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_0F_4A4D),
+            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x005E_ED0F_4A4D),
         })
     }
 }
@@ -31,7 +31,7 @@ impl SelectionPolicy for RandomKeep {
         "random"
     }
     fn alpha(&self) -> Option<f64> {
-        (self.keep < 1.0).then(|| 1.0 - self.keep)
+        (self.keep < 1.0).then_some(1.0 - self.keep)
     }
     fn scores(&mut self, ctx: &StepContext<'_>, out: &mut Vec<f32>) -> Result<()> {
         out.clear();

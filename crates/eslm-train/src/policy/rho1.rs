@@ -57,7 +57,7 @@ impl SelectionPolicy for Rho1 {
         "rho1"
     }
     fn alpha(&self) -> Option<f64> {
-        (self.keep < 1.0).then(|| 1.0 - self.keep)
+        (self.keep < 1.0).then_some(1.0 - self.keep)
     }
     fn prepare(&mut self, inputs: &[u32], targets: &[i32], b: usize, t: usize) -> Result<()> {
         let vocab = self.reference.vocab_size();
