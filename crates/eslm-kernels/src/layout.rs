@@ -60,11 +60,18 @@ impl<'a, T: LogitElem> LogitsView<'a, T> {
         if data.len() < needed {
             return Err(KernelError::Shape {
                 what: "logits",
-                expected: format!("at least {needed} elements ({rows} rows, vocab {vocab}, stride {stride})"),
+                expected: format!(
+                    "at least {needed} elements ({rows} rows, vocab {vocab}, stride {stride})"
+                ),
                 got: format!("{} elements", data.len()),
             });
         }
-        Ok(Self { data, rows, vocab, stride })
+        Ok(Self {
+            data,
+            rows,
+            vocab,
+            stride,
+        })
     }
 
     /// Number of rows (tokens).
