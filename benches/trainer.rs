@@ -18,12 +18,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let steps: u64 = std::env::var("ESLM_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(6);
+    let steps: u64 = std::env::var("ESLM_BENCH_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
     let root = std::env::temp_dir().join(format!("eslm-bench-trainer-{}", std::process::id()));
     let runs: [(&str, PolicyKind, Option<f64>); 3] = [
         ("clm", PolicyKind::Clm, None),
         ("eslm a=0.7", PolicyKind::Eslm, Some(0.7)),
-        ("hierarchical E1 ai=0.5 a=0.7", PolicyKind::Hierarchical, Some(0.7)),
+        (
+            "hierarchical E1 ai=0.5 a=0.7",
+            PolicyKind::Hierarchical,
+            Some(0.7),
+        ),
     ];
     let threads = rayon::current_num_threads();
     println!("trainer end-to-end, config T (L4 H4 C256 V50257), B8 T128, {steps} timed steps, {threads} threads");
@@ -64,7 +71,12 @@ fn main() {
         let step_s = median(records.iter().skip(1).map(|r| r.step_time_s).collect());
         let tokens_per_s = 1024.0 / step_s;
         let ratio = tokens_per_s / *base.get_or_insert(tokens_per_s);
-        let realized: f64 = records.iter().skip(1).map(|r| r.flops_realized).sum::<f64>() / steps as f64;
+        let realized: f64 = records
+            .iter()
+            .skip(1)
+            .map(|r| r.flops_realized)
+            .sum::<f64>()
+            / steps as f64;
         println!(
             "{name:<30} kept {:.3}  median step {:.3} s  {:.0} tokens/s  ×{ratio:.2} vs clm  realized {:.2} GFLOP/step",
             summary.kept_fraction,
