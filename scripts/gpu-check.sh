@@ -57,9 +57,10 @@ for t in "$BIN"/tests/*; do
   timeout "$TEST_LIMIT_S" "$t" --test-threads=1 --nocapture >>"$log" 2>&1
   rc=$?
   t1=$(date +%s)
-  passed=$(sed -n "/^##### $name\$/,\$p" "$log" | grep -c '\.\.\. ok$' || true)
-  failed=$(sed -n "/^##### $name\$/,\$p" "$log" | grep -c '\.\.\. FAILED$' || true)
-  skipped=$(sed -n "/^##### $name\$/,\$p" "$log" | grep -c '^skipping: no CUDA' || true)
+  section=$(sed -n "/^##### $name\$/,\$p" "$log")
+  passed=$(echo "$section" | grep -o '[0-9]* passed' | awk '{s+=$1} END{print s+0}')
+  failed=$(echo "$section" | grep -o '[0-9]* failed' | awk '{s+=$1} END{print s+0}')
+  skipped=$(echo "$section" | grep -o 'skipping: no CUDA' | wc -l)
   result=pass
   [ "$rc" -eq 124 ] && result="TIMEOUT (${TEST_LIMIT_S}s)"
   [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && result="FAIL (rc $rc)"
