@@ -1,0 +1,188 @@
+//! Train-step benchmark: one GPT-2 step (forward + loss + backward + AdamW) on CPU, f32, in a rayon pool of 2
+//! threads (the machine the targets are set for), for CLM (every token gets gradient) and ESLM keeping 30 % of
+//! the tokens by loss (VaR selection, row-sparse backward). Same model and batch as `benches/pytorch/gpt2_step.py`:
+//!
+//! - config T: L=4, H=4, C=256, V=50257 (Vp 50304), B=8, T=128
+//! - config S: GPT-2 124M (L=12, H=12, C=768), B=4, T=64
+//!
+//! inputs `(i·7919 + 13) mod V`, targets `(i·104729 + 5) mod V` over the flat batch; AdamW (β = 0.9/0.95,
+//! decay 0.1 on matrices and embeddings). CLM and ESLM steps alternate so that load changes on a shared machine hit
+//! both alike; the median step time of each is reported, with tokens/s and the ESLM/CLM step-time ratio.
+//!
+//! `cargo bench --bench train_step -- [--configs T,S] [--steps 5] [--warmup 2] [--threads 2] [--keep 0.3]`
+//! prints a table, then one JSON line (prefix `JSON `) that `scripts/bench-vs-pytorch.sh` reads.
+
+use std::time::Instant;
+
+use eslm_gpt2::{AdamW, AdamWConfig, Gpt2, GptConfig, Selector, StepWorkspace, TokenScore};
+use eslm_kernels::select::SelectRule;
+
+struct Args {
+    configs: Vec<String>,
+    steps: usize,
+    warmup: usize,
+    threads: usize,
+    keep: f64,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        configs: vec!["T".into(), "S".into()],
+        steps: 5,
+        warmup: 2,
+        threads: 2,
+        keep: 0.3,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let val = argv.get(i + 1).cloned().unwrap_or_default();
+        let num = |what: &str| {
+            val.parse::<f64>()
+                .map_err(|_| format!("{what}: bad value `{val}`"))
+        };
+        match argv[i].as_str() {
+            "--configs" => a.configs = val.split(',').map(|s| s.trim().to_string()).collect(),
+            "--steps" => a.steps = num("--steps")?.max(1.0) as usize,
+            "--warmup" => a.warmup = num("--warmup")? as usize,
+            "--threads" => a.threads = num("--threads")?.max(1.0) as usize,
+            "--keep" => a.keep = num("--keep")?,
+            _ => {
+                i += 1; // `--bench` and other harness flags from cargo
+                continue;
+            }
+        }
+        i += 2;
+    }
+    if !(a.keep > 0.0 && a.keep < 1.0) {
+        return Err(format!("--keep must be in (0, 1), got {}", a.keep));
+    }
+    Ok(a)
+}
+
+struct ModeResult {
+    median_s: f64,
+    times_s: Vec<f64>,
+    kept: usize,
+    gflop: f64,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        0.5 * (s[n / 2 - 1] + s[n / 2])
+    }
+}
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn bench_config(name: &str, a: &Args) -> BenchResult<(usize, ModeResult, ModeResult)> {
+    let (cfg, b, t) = match name {
+        "T" => (GptConfig::config_t(), 8, 128),
+        "S" => (GptConfig::config_s(), 4, 64),
+        other => return Err(format!("unknown config `{other}` (T or S)").into()),
+    };
+    let n = b * t;
+    let mut model = Gpt2::new(cfg, b, t, 0)?;
+    let mut opt = AdamW::new(AdamWConfig::default(), model.params())?;
+    let mut ws = StepWorkspace::new();
+    let inputs: Vec<u32> = (0..n)
+        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32)
+        .collect();
+    let targets: Vec<i32> = (0..n)
+        .map(|i| ((i * 104729 + 5) % cfg.vocab_size) as i32)
+        .collect();
+    let eslm = Selector::Select {
+        score: TokenScore::Loss,
+        rule: SelectRule::Var {
+            alpha: 1.0 - a.keep,
+        },
+    };
+    let mut results: Vec<ModeResult> = (0..2)
+        .map(|_| ModeResult {
+            median_s: 0.0,
+            times_s: Vec::new(),
+            kept: 0,
+            gflop: 0.0,
+        })
+        .collect();
+    for i in 0..a.warmup + a.steps {
+        for (r, sel) in results.iter_mut().zip([Selector::All, eslm]) {
+            let t0 = Instant::now();
+            model.zero_grad();
+            let rep = model.loss_and_backward(&mut ws, &inputs, &targets, b, t, sel)?;
+            let (p, g) = model.params_and_grads_mut();
+            opt.update(p, g, 1e-4)?;
+            let dt = t0.elapsed().as_secs_f64();
+            if i >= a.warmup {
+                r.times_s.push(dt);
+            }
+            r.kept = rep.kept;
+            r.gflop = model.realized_flops().total() / 1e9;
+        }
+    }
+    for r in &mut results {
+        r.median_s = median(&r.times_s);
+    }
+    let eslm_r = results.pop().ok_or("no result")?;
+    let clm_r = results.pop().ok_or("no result")?;
+    Ok((n, clm_r, eslm_r))
+}
+
+fn json_mode(n: usize, r: &ModeResult) -> String {
+    let times: Vec<String> = r.times_s.iter().map(|x| format!("{x:.6}")).collect();
+    format!(
+        "{{\"median_s\": {:.6}, \"tokens_per_s\": {:.3}, \"kept\": {}, \"realized_gflop\": {:.3}, \"times_s\": [{}]}}",
+        r.median_s,
+        n as f64 / r.median_s,
+        r.kept,
+        r.gflop,
+        times.join(", ")
+    )
+}
+
+fn main() -> BenchResult<()> {
+    let a = parse_args()?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(a.threads)
+        .build()?;
+    println!(
+        "eslm train step, {} threads, keep {:.2}, {} warm-up + {} timed steps per mode (CLM/ESLM alternating)",
+        a.threads, a.keep, a.warmup, a.steps
+    );
+    println!(
+        "{:<6} {:>6} {:>12} {:>12} {:>12} {:>12} {:>10}",
+        "config", "tokens", "CLM s", "CLM tok/s", "ESLM s", "ESLM tok/s", "ESLM/CLM"
+    );
+    let mut json = Vec::new();
+    for name in &a.configs {
+        let (n, clm, eslm) = pool.install(|| bench_config(name, &a))?;
+        let ratio = eslm.median_s / clm.median_s;
+        println!(
+            "{:<6} {:>6} {:>12.3} {:>12.1} {:>12.3} {:>12.1} {:>10.3}",
+            name,
+            n,
+            clm.median_s,
+            n as f64 / clm.median_s,
+            eslm.median_s,
+            n as f64 / eslm.median_s,
+            ratio
+        );
+        json.push(format!(
+            "\"{name}\": {{\"tokens\": {n}, \"clm\": {}, \"eslm\": {}, \"eslm_over_clm\": {ratio:.6}}}",
+            json_mode(n, &clm),
+            json_mode(n, &eslm)
+        ));
+    }
+    println!(
+        "JSON {{\"engine\": \"eslm\", \"threads\": {}, \"keep\": {}, \"configs\": {{{}}}}}",
+        a.threads,
+        a.keep,
+        json.join(", ")
+    );
+    Ok(())
+}
