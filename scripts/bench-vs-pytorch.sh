@@ -18,7 +18,9 @@ echo "cpu:     $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- 
 echo "load:    $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null) (1/5/15 min) before the run"
 echo "command: scripts/bench-vs-pytorch.sh $*"
 
-eslm_json="$(cargo bench -q --bench train_step -- "$@" | tee /dev/stderr | sed -n 's/^JSON //p')"
+eslm_out="$(cargo bench -q --bench train_step -- "$@")"
+echo "$eslm_out"
+eslm_json="$(sed -n 's/^JSON //p' <<<"$eslm_out")"
 torch_json="$("$PY" benches/pytorch/gpt2_step.py "$@")"
 echo "eslm:    $eslm_json"
 echo "pytorch: $torch_json"
