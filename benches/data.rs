@@ -21,13 +21,16 @@ fn bench_loader(c: &mut Criterion) {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("train_000000.bin");
     let n = 16 << 20;
-    let tokens: Vec<u32> = (0..n as u64).map(|i| ((i * 2_654_435_761) % 50_257) as u32).collect();
+    let tokens: Vec<u32> = (0..n as u64)
+        .map(|i| ((i * 2_654_435_761) % 50_257) as u32)
+        .collect();
     write_shard(&path, &tokens, TokenWidth::U16).expect("write shard");
     drop(tokens);
 
     let mut group = c.benchmark_group("loader");
     for (b, t) in [(8usize, 1024usize), (64, 64)] {
-        let mut loader = DataLoader::open(&path, LoaderConfig::new(b, t).with_seed(1)).expect("loader");
+        let mut loader =
+            DataLoader::open(&path, LoaderConfig::new(b, t).with_seed(1)).expect("loader");
         let mut batch = Batch::default();
         group.throughput(Throughput::Elements((b * t) as u64));
         group.bench_function(format!("next_batch_B{b}_T{t}"), |bench| {
@@ -52,18 +55,25 @@ fn bench_loader(c: &mut Criterion) {
 }
 
 fn shared(rel: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(rel);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data")
+        .join(rel);
     if p.exists() {
         Some(p)
     } else {
-        eprintln!("SKIP tokenize bench: {} not found (shared data missing)", p.display());
+        eprintln!(
+            "SKIP tokenize bench: {} not found (shared data missing)",
+            p.display()
+        );
         None
     }
 }
 
 fn bench_tokenize(c: &mut Criterion) {
-    let (Some(corpus), Some(tok_path)) = (shared("corpus/gutenberg_100mb.txt.gz"), shared("gpt2/tokenizer.json"))
-    else {
+    let (Some(corpus), Some(tok_path)) = (
+        shared("corpus/gutenberg_100mb.txt.gz"),
+        shared("gpt2/tokenizer.json"),
+    ) else {
         return;
     };
     let tok = Tokenizer::from_path(tok_path).expect("tokenizer");
@@ -78,7 +88,10 @@ fn bench_tokenize(c: &mut Criterion) {
     group.sample_size(10);
     group.throughput(Throughput::Bytes(slice.len() as u64));
     for threads in [2usize, 1] {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("pool");
         group.bench_function(format!("gutenberg_16MB_{threads}_threads"), |bench| {
             bench.iter_batched(
                 || (),
