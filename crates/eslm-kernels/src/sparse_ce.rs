@@ -59,50 +59,15 @@ pub fn sparse_ce<T: LogitElem>(
 ) -> Result<f32> {
     let n = logits.rows();
     let vocab = logits.vocab();
-    check_len("targets", targets.len(), n)?;
-    check_len("lse", lse.len(), n)?;
-    if out_stride < vocab {
-        return Err(KernelError::Shape {
-            what: "out_stride",
-            expected: format!("at least vocab = {vocab}"),
-            got: format!("{out_stride}"),
-        });
-    }
+    let needed = check_sparse_ce_args(n, vocab, targets, lse, kept, out_stride, dlogits.len())?;
     let k = kept.len();
-    let needed = k
-        .checked_mul(out_stride)
-        .ok_or_else(|| KernelError::Shape {
-            what: "dlogits",
-            expected: "a size that fits in memory".into(),
-            got: format!("{k} rows of stride {out_stride}"),
-        })?;
-    if dlogits.len() < needed {
-        return Err(KernelError::Shape {
-            what: "dlogits",
-            expected: format!("at least {needed} elements ({k} kept rows, stride {out_stride})"),
-            got: format!("{} elements", dlogits.len()),
-        });
-    }
-    let mut loss_sum = 0.0f64;
-    for (position, &row) in kept.iter().enumerate() {
-        let r = row as usize;
-        if r >= n {
-            return Err(KernelError::KeptRowOutOfRange {
-                position,
-                row,
-                rows: n,
-            });
-        }
-        let target = targets[r];
-        if target < 0 || target as usize >= vocab {
-            return Err(KernelError::KeptTargetOutOfRange {
-                row: r,
-                target: target as i64,
-                vocab,
-            });
-        }
-        loss_sum += lse[r] as f64 - logits.row(r)[target as usize].to_f32() as f64;
-    }
+    let loss_sum: f64 = kept
+        .iter()
+        .map(|&row| {
+            let r = row as usize;
+            lse[r] as f64 - logits.row(r)[targets[r] as usize].to_f32() as f64
+        })
+        .sum();
     if k == 0 {
         return Ok(0.0);
     }
@@ -123,6 +88,63 @@ pub fn sparse_ce<T: LogitElem>(
             grad_row.write(out, avx2);
         });
     Ok((loss_sum / k as f64) as f32)
+}
+
+/// The argument checks shared by the CPU and CUDA sparse CE: `targets` and `lse` have one entry per row,
+/// `out_stride ≥ vocab`, `dlogits` holds `K·out_stride` elements, and every kept row is in range with a target in
+/// `[0, vocab)`. Returns `K·out_stride`, the number of gradient elements written.
+pub(crate) fn check_sparse_ce_args(
+    n: usize,
+    vocab: usize,
+    targets: &[i32],
+    lse: &[f32],
+    kept: &[u32],
+    out_stride: usize,
+    dlogits_len: usize,
+) -> Result<usize> {
+    check_len("targets", targets.len(), n)?;
+    check_len("lse", lse.len(), n)?;
+    if out_stride < vocab {
+        return Err(KernelError::Shape {
+            what: "out_stride",
+            expected: format!("at least vocab = {vocab}"),
+            got: format!("{out_stride}"),
+        });
+    }
+    let k = kept.len();
+    let needed = k
+        .checked_mul(out_stride)
+        .ok_or_else(|| KernelError::Shape {
+            what: "dlogits",
+            expected: "a size that fits in memory".into(),
+            got: format!("{k} rows of stride {out_stride}"),
+        })?;
+    if dlogits_len < needed {
+        return Err(KernelError::Shape {
+            what: "dlogits",
+            expected: format!("at least {needed} elements ({k} kept rows, stride {out_stride})"),
+            got: format!("{dlogits_len} elements"),
+        });
+    }
+    for (position, &row) in kept.iter().enumerate() {
+        let r = row as usize;
+        if r >= n {
+            return Err(KernelError::KeptRowOutOfRange {
+                position,
+                row,
+                rows: n,
+            });
+        }
+        let target = targets[r];
+        if target < 0 || target as usize >= vocab {
+            return Err(KernelError::KeptTargetOutOfRange {
+                row: r,
+                target: target as i64,
+                vocab,
+            });
+        }
+    }
+    Ok(needed)
 }
 
 /// One kept row's inputs.

@@ -9,6 +9,7 @@ use super::params::{EslmSparseCeParams, ESLM_STATUS_BAD_KEPT_ROW};
 use super::{grid_for, CudaKernels, DeviceElem, DeviceLogits, DeviceSelection};
 use crate::error::{check_len, KernelError, Result};
 use crate::layout::{LogitElem, LogitsView};
+use crate::sparse_ce::check_sparse_ce_args;
 
 /// Threads per block of the gradient kernel (`CE_THREADS`).
 const THREADS: u32 = 512;
@@ -222,50 +223,8 @@ impl CudaKernels {
     ) -> Result<f32> {
         let n = logits.rows();
         let vocab = logits.vocab();
-        check_len("targets", targets.len(), n)?;
-        check_len("lse", lse.len(), n)?;
-        if out_stride < vocab {
-            return Err(KernelError::Shape {
-                what: "out_stride",
-                expected: format!("at least vocab = {vocab}"),
-                got: format!("{out_stride}"),
-            });
-        }
+        let needed = check_sparse_ce_args(n, vocab, targets, lse, kept, out_stride, dlogits.len())?;
         let k = kept.len();
-        let needed = k
-            .checked_mul(out_stride)
-            .ok_or_else(|| KernelError::Shape {
-                what: "dlogits",
-                expected: "a size that fits in memory".into(),
-                got: format!("{k} rows of stride {out_stride}"),
-            })?;
-        if dlogits.len() < needed {
-            return Err(KernelError::Shape {
-                what: "dlogits",
-                expected: format!(
-                    "at least {needed} elements ({k} kept rows, stride {out_stride})"
-                ),
-                got: format!("{} elements", dlogits.len()),
-            });
-        }
-        for (position, &row) in kept.iter().enumerate() {
-            let r = row as usize;
-            if r >= n {
-                return Err(KernelError::KeptRowOutOfRange {
-                    position,
-                    row,
-                    rows: n,
-                });
-            }
-            let target = targets[r];
-            if target < 0 || target as usize >= vocab {
-                return Err(KernelError::KeptTargetOutOfRange {
-                    row: r,
-                    target: target as i64,
-                    vocab,
-                });
-            }
-        }
         if k == 0 {
             return Ok(0.0);
         }
