@@ -55,6 +55,9 @@ pub enum Gpt2Error {
     /// An error from an `eslm-kernels` kernel (statistics, selection, sparse CE).
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    /// A collective operation across ranks failed.
+    #[error("collective: {0}")]
+    Collective(String),
 }
 
 /// `Result` with [`Gpt2Error`].

@@ -12,6 +12,8 @@ use crate::error::{Gpt2Error, Result};
 use crate::ops::attention::{self, AttnDims};
 use crate::ops::{encoder, gelu, layernorm, linear, residual, FlopCounter, RowSet};
 use crate::params::{layer, layer_mut, ParamSet};
+use crate::loss_head::LossHead;
+use crate::optim::AdamW;
 use eslm_kernels::LogitsView;
 
 /// Forward activations for `B_max·T_max` rows (per-layer tensors stacked over L, each `N_max` rows).
@@ -104,6 +106,10 @@ pub struct Gpt2 {
     /// `(B, T)` of the logits currently in the logits buffer.
     last_logits: Option<(usize, usize)>,
     flops: FlopCounter,
+    /// Targets, statistics, selection and kept-row gradient of the last forward ([`crate::loss_head`]).
+    pub(crate) head: LossHead,
+    /// AdamW state ([`crate::update`]); `None` until the first update or restore.
+    pub(crate) optimizer: Option<AdamW>,
 }
 
 impl Gpt2 {
@@ -158,6 +164,8 @@ impl Gpt2 {
             last_forward: None,
             last_logits: None,
             flops: FlopCounter::default(),
+            head: LossHead::default(),
+            optimizer: None,
         })
     }
 

@@ -92,53 +92,106 @@ impl AdamW {
             )));
         }
         self.step += 1;
-        let AdamWConfig {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.config;
-        let t = self.step as i32;
-        let bc1 = 1.0 - (beta1 as f64).powi(t);
-        let bc2 = 1.0 - (beta2 as f64).powi(t);
-        let step_size = (lr as f64 / bc1) as f32;
-        let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
+        let constants = AdamWStep::new(&self.config, lr, self.step);
         let layout = params.layout().clone();
         for kind in ParamKind::ALL {
             let r = layout.range(kind);
-            let decay = if kind.decays() {
-                1.0 - lr * weight_decay
-            } else {
-                1.0
-            };
-            let p = &mut params.as_mut_slice()[r.clone()];
-            let g = &grads.as_slice()[r.clone()];
-            let m = &mut self.m.as_mut_slice()[r.clone()];
-            let v = &mut self.v.as_mut_slice()[r];
-            p.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK))
-                .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-                .for_each(|((p, g), (m, v))| {
-                    for i in 0..p.len() {
-                        let gi = g[i];
-                        let mi = beta1 * m[i] + (1.0 - beta1) * gi;
-                        let vi = beta2 * v[i] + (1.0 - beta2) * gi * gi;
-                        m[i] = mi;
-                        v[i] = vi;
-                        let denom = vi.sqrt() * inv_sqrt_bc2 + eps;
-                        p[i] = p[i] * decay - step_size * mi / denom;
-                    }
-                });
+            adamw_update_slice(
+                &mut params.as_mut_slice()[r.clone()],
+                &grads.as_slice()[r.clone()],
+                &mut self.m.as_mut_slice()[r.clone()],
+                &mut self.v.as_mut_slice()[r],
+                kind.decays(),
+                &constants,
+            );
         }
         Ok(())
     }
 }
 
+/// The constants of AdamW step `s` (1-based): bias corrections folded into a step size and a denominator scale.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    /// `lr / (1 − β₁ˢ)`.
+    step_size: f32,
+    /// `1 / √(1 − β₂ˢ)`.
+    inv_sqrt_bc2: f32,
+    /// `1 − lr·wd`, the decoupled decay factor of decaying tensors.
+    decay: f32,
+}
+
+impl AdamWStep {
+    /// The constants of step `step` (1-based) at learning rate `lr`.
+    pub fn new(config: &AdamWConfig, lr: f32, step: u64) -> Self {
+        let t = step.min(i32::MAX as u64) as i32;
+        let bc1 = 1.0 - (config.beta1 as f64).powi(t);
+        let bc2 = 1.0 - (config.beta2 as f64).powi(t);
+        Self {
+            beta1: config.beta1,
+            beta2: config.beta2,
+            eps: config.eps,
+            step_size: (lr as f64 / bc1) as f32,
+            inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+            decay: 1.0 - lr * config.weight_decay,
+        }
+    }
+}
+
+/// The fused AdamW update of one tensor (see the module docs), in parallel chunks: the one AdamW of the
+/// workspace (the engine's optimizer and the trainer's bigram test double both call it). `decays` applies the
+/// decoupled weight decay.
+pub fn adamw_update_slice(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    decays: bool,
+    s: &AdamWStep,
+) {
+    let decay = if decays { s.decay } else { 1.0 };
+    let AdamWStep {
+        beta1,
+        beta2,
+        eps,
+        step_size,
+        inv_sqrt_bc2,
+        ..
+    } = *s;
+    p.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+        .for_each(|((p, g), (m, v))| {
+            for i in 0..p.len() {
+                let gi = g[i];
+                let mi = beta1 * m[i] + (1.0 - beta1) * gi;
+                let vi = beta2 * v[i] + (1.0 - beta2) * gi * gi;
+                m[i] = mi;
+                v[i] = vi;
+                let denom = vi.sqrt() * inv_sqrt_bc2 + eps;
+                p[i] = p[i] * decay - step_size * mi / denom;
+            }
+        });
+}
+
+/// The global-norm clipping factor (PyTorch's `clip_grad_norm_`): `max/(norm + 1e-6)` when that is < 1 and the
+/// norm is finite, else `None` (no scaling). `max_norm ≤ 0` disables clipping.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> Option<f32> {
+    let coef = max_norm / (norm + 1e-6);
+    (max_norm > 0.0 && norm.is_finite() && coef < 1.0).then_some(coef as f32)
+}
+
 /// The global L2 norm of `grads` (accumulated in f64, per chunk in parallel, then the chunk sums in order, so
 /// the result is bit-for-bit reproducible whatever the thread scheduling).
 pub fn grad_norm(grads: &ParamSet) -> f64 {
-    let partial: Vec<f64> = grads
-        .as_slice()
+    slice_norm(grads.as_slice())
+}
+
+/// The L2 norm of a flat vector, reproducibly (see [`grad_norm`]).
+pub fn slice_norm(x: &[f32]) -> f64 {
+    let partial: Vec<f64> = x
         .par_chunks(CHUNK)
         .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
         .collect();
@@ -149,9 +202,7 @@ pub fn grad_norm(grads: &ParamSet) -> f64 {
 /// < 1). Returns the norm before clipping. A non-finite norm leaves the gradients untouched.
 pub fn clip_grad_norm(grads: &mut ParamSet, max_norm: f64) -> f64 {
     let norm = grad_norm(grads);
-    let coef = max_norm / (norm + 1e-6);
-    if norm.is_finite() && coef < 1.0 {
-        let s = coef as f32;
+    if let Some(s) = clip_coefficient(norm, max_norm) {
         grads
             .as_mut_slice()
             .par_chunks_mut(CHUNK)

@@ -1,16 +1,13 @@
-//! The usual training-step loss path, built on `eslm-kernels`: full forward → token statistics (lse, loss,
-//! entropy per row) → selection of the kept rows by a score → sparse cross-entropy gradient on the K kept rows
-//! (`dZ_K = (softmax(z_K) − onehot(y_K))/K`, mean loss over kept rows, the CVaR estimator) →
-//! [`Gpt2::backward_sparse`]. CLM is the same path with every valid row kept.
-//!
-//! Other losses (distillation, other policies' scores) use [`Gpt2::forward`] and [`Gpt2::backward_sparse`]
-//! directly with their own `dlogits`.
+//! One call for the common ESLM step on a single batch, composed of the loss head's calls
+//! ([`crate::loss_head`]: forward + statistics → selection by a score → sparse cross-entropy on the K kept rows,
+//! `dZ_K = (softmax(z_K) − onehot(y_K))/K`, the CVaR estimator → row-sparse backward) — the same calls the trainer
+//! makes, so there is one step path. CLM is the same path with every valid row kept.
 
-use crate::error::{check_len, Result};
+use crate::error::Result;
+use crate::loss_head::{Keep, ScoreSource};
 use crate::model::Gpt2;
-use eslm_kernels::select::{select, SelectRule, Selection};
-use eslm_kernels::sparse_ce::sparse_ce;
-use eslm_kernels::token_stats::{token_stats, TokenStats, DEFAULT_IGNORE_INDEX};
+use eslm_kernels::select::{SelectRule, Selection};
+use eslm_kernels::token_stats::TokenStats;
 
 /// Which per-token statistic scores the rows for selection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,14 +32,13 @@ pub enum Selector {
     },
 }
 
-/// Reusable buffers of the step path (statistics, selection, compact `dlogits`); grow-only.
+/// Copies of the last step's per-row statistics and selection, for inspection.
 #[derive(Debug, Clone, Default)]
 pub struct StepWorkspace {
     /// Per-row statistics of the last step.
     pub stats: TokenStats,
     /// The selection of the last step (for `Selector::All`, every valid row).
     pub selection: Selection,
-    dlogits: Vec<f32>,
 }
 
 impl StepWorkspace {
@@ -94,57 +90,24 @@ impl Gpt2 {
         t: usize,
         selector: Selector,
     ) -> Result<StepReport> {
-        check_len("targets", targets.len(), b * t)?;
-        let vp = self.config().padded_vocab_size;
-        let view = self.forward(inputs, b, t)?;
-        token_stats(&view, targets, DEFAULT_IGNORE_INDEX, &mut ws.stats)?;
-        let valid = ws.stats.num_valid();
-        let loss_all = {
-            let s: f64 = ws
-                .stats
-                .loss
-                .iter()
-                .zip(&ws.stats.valid)
-                .filter(|(_, &v)| v)
-                .map(|(&l, _)| l as f64)
-                .sum();
-            s / valid.max(1) as f64
-        };
-        match selector {
-            Selector::All => {
-                let sel = &mut ws.selection;
-                sel.keep.clear();
-                sel.keep.extend_from_slice(&ws.stats.valid);
-                sel.indices.clear();
-                sel.indices
-                    .extend((0..b * t).filter(|&i| ws.stats.valid[i]).map(|i| i as u32));
-                sel.k = sel.indices.len();
-                sel.threshold = f32::NAN;
-            }
+        let stats = self.forward_stats(inputs, targets, b, t)?;
+        let valid = stats.num_valid();
+        let loss_all = mean_valid_loss(stats);
+        let (score, keep) = match selector {
+            Selector::All => (ScoreSource::Loss, Keep::AllValid),
             Selector::Select { score, rule } => {
-                let scores = match score {
-                    TokenScore::Loss => &ws.stats.loss,
-                    TokenScore::Entropy => &ws.stats.entropy,
+                let source = match score {
+                    TokenScore::Loss => ScoreSource::Loss,
+                    TokenScore::Entropy => ScoreSource::Entropy,
                 };
-                select(scores, Some(&ws.stats.valid), rule, &mut ws.selection)?;
+                (source, Keep::Rule(rule))
             }
-        }
-        let kept = &ws.selection.indices;
-        let k = kept.len();
-        if ws.dlogits.len() < k * vp {
-            ws.dlogits.resize(k * vp, 0.0);
-        }
-        let scale = 1.0 / k.max(1) as f32;
-        let loss_kept = sparse_ce(
-            &view,
-            targets,
-            &ws.stats.lse,
-            kept,
-            scale,
-            &mut ws.dlogits,
-            vp,
-        )?;
-        self.backward_sparse(kept, &ws.dlogits[..k * vp])?;
+        };
+        let k = self.select(score, keep)?.indices.len();
+        let loss_kept = self.ce_grad(1.0 / k.max(1) as f32)?;
+        self.backward_selected()?;
+        ws.stats.clone_from(self.stats());
+        ws.selection.clone_from(self.selection());
         Ok(StepReport {
             loss_all,
             loss_kept: loss_kept as f64,
@@ -153,4 +116,15 @@ impl Gpt2 {
             threshold: ws.selection.threshold,
         })
     }
+}
+
+/// Mean loss over the valid rows of `stats` (f64; 0 when none is valid).
+pub fn mean_valid_loss(stats: &TokenStats) -> f64 {
+    let (sum, n) = stats
+        .loss
+        .iter()
+        .zip(&stats.valid)
+        .filter(|(_, &v)| v)
+        .fold((0.0f64, 0usize), |(s, n), (&l, _)| (s + l as f64, n + 1));
+    sum / n.max(1) as f64
 }

@@ -34,6 +34,15 @@ pub enum KernelError {
         /// The first row (lowest index) whose score is NaN.
         row: usize,
     },
+    /// Valid rows hold NaN scores (the global selection counts them over every rank).
+    #[error("{count} valid rows have a NaN score (over every rank)")]
+    NanScores {
+        /// How many.
+        count: usize,
+    },
+    /// The cross-rank reduction of a global selection failed.
+    #[error("reduction across ranks failed: {0}")]
+    Reduce(String),
     /// A target id is neither the ignore value nor inside `[0, vocab)`.
     #[error("target {target} at row {row} is outside the vocabulary [0, {vocab}) and is not the ignore value")]
     TargetOutOfRange {

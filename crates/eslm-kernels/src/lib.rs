@@ -17,6 +17,8 @@ mod cpu_features;
 pub mod cuda;
 pub mod error;
 pub mod fast_exp;
+pub mod global_select;
+pub mod kd;
 pub mod layout;
 pub mod select;
 pub mod sparse_ce;

@@ -1,0 +1,124 @@
+//! # eslm-collective
+//!
+//! The seam through which data-parallel ranks agree: the [`Collective`] trait (llm.c's `multi_gpu_config`, as a
+//! trait). A training step touches it in three places only, all after the micro-batches' backward passes:
+//!
+//! - the flat f32 gradient buffer (sum) — [`Collective::all_reduce_sum_f32`];
+//! - the per-pass histograms of the exact global VaR radix select (`eslm_kernels::select::global_threshold`, a
+//!   few KB per pass, never a gather of the scores) — [`Collective::all_reduce_sum_u32`];
+//! - a few f64 statistics: the kept count `K` (the CVaR normaliser is `1/K` over *all* ranks), Ada-ESLM's mass
+//!   statistics, hierarchical's instance scores, metrics — [`Collective::all_reduce_sum_f64`];
+//!
+//! plus [`Collective::broadcast_bytes`] for start-up agreement (seeds, configs, a NCCL unique id).
+//!
+//! [`SingleProcess`] is the world of one rank: every reduction is the identity. Multi-rank implementations (MPI
+//! for CPU ranks, NCCL for GPU ranks) live behind cargo features so the default build needs neither.
+
+#![warn(missing_docs)]
+
+/// Errors of a collective operation.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    /// A rank failed, left, or the transport reported an error.
+    #[error("collective {op} failed: {message}")]
+    Transport {
+        /// The operation (`all_reduce_sum_f32`, ...).
+        op: &'static str,
+        /// What the transport said.
+        message: String,
+    },
+    /// Ranks disagree on a buffer length or a root.
+    #[error("collective {op}: {message}")]
+    Mismatch {
+        /// The operation.
+        op: &'static str,
+        /// What differs.
+        message: String,
+    },
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, CollectiveError>;
+
+/// Collective operations across the ranks of a data-parallel job. Every rank must make the same calls in the same
+/// order with buffers of the same length (as with MPI and NCCL); the results are identical on every rank.
+pub trait Collective: Send + Sync {
+    /// This process's rank, `0 ≤ rank < world_size`.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world_size(&self) -> usize;
+    /// In-place element-wise sum over ranks.
+    fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()>;
+    /// In-place element-wise sum over ranks (histograms, counts).
+    fn all_reduce_sum_u32(&self, buf: &mut [u32]) -> Result<()>;
+    /// In-place element-wise sum over ranks (statistics).
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
+    /// Replaces `buf` on every rank by `root`'s bytes (lengths may differ before the call).
+    fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<()>;
+    /// Blocks until every rank reaches this call.
+    fn barrier(&self) -> Result<()>;
+
+    /// Whether this rank writes shared outputs (metrics, checkpoints): rank 0.
+    fn is_root(&self) -> bool {
+        self.rank() == 0
+    }
+    /// Sum of one f64 over ranks.
+    fn sum_f64(&self, x: f64) -> Result<f64> {
+        let mut b = [x];
+        self.all_reduce_sum_f64(&mut b)?;
+        Ok(b[0])
+    }
+}
+
+/// The world of one process: reductions are the identity, broadcast keeps the buffer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum_f32(&self, _buf: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn all_reduce_sum_u32(&self, _buf: &mut [u32]) -> Result<()> {
+        Ok(())
+    }
+    fn all_reduce_sum_f64(&self, _buf: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast_bytes(&self, _buf: &mut Vec<u8>, root: usize) -> Result<()> {
+        if root != 0 {
+            return Err(CollectiveError::Mismatch {
+                op: "broadcast_bytes",
+                message: format!("root {root} outside a world of 1 rank"),
+            });
+        }
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_process_is_the_identity_and_rejects_other_roots() {
+        let c = SingleProcess;
+        let mut f = [1.5f32, -2.0];
+        c.all_reduce_sum_f32(&mut f).unwrap();
+        assert_eq!(f, [1.5, -2.0]);
+        assert_eq!(c.sum_f64(3.25).unwrap(), 3.25);
+        let mut b = vec![1u8, 2];
+        c.broadcast_bytes(&mut b, 0).unwrap();
+        assert_eq!(b, [1, 2]);
+        assert!(c.broadcast_bytes(&mut b, 1).is_err());
+        assert!(c.is_root() && c.world_size() == 1);
+    }
+}
