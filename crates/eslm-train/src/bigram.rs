@@ -1,13 +1,21 @@
 //! A bigram language model, the trainer's test double: `logits[i] = W[inputs[i]]` with `W [V, Vp]`.
 //!
-//! It implements [`LanguageModel`] exactly (sparse backward `dW[x_i] += dlogits_k` for kept rows, AdamW, global
-//! norm clipping, optimizer-state save/load) so the trainer's policies, selection, metrics and checkpoints are
+//! It implements [`LanguageModel`] exactly (row statistics on one-row views of `W`, the kept rows' gradient
+//! folded into `dW[x_i]`, the workspace's one AdamW and clipping rule, optimizer-state save/load) so the trainer's policies, selection, metrics and checkpoints are
 //! tested without the GPT-2 engine, in milliseconds. It has no blocks: an early exit is the full model.
 
 use std::path::Path;
 
+use eslm_collective::Collective;
+use eslm_gpt2::optim::{adamw_update_slice, clip_coefficient, slice_norm, AdamWStep};
+use eslm_kernels::kd::kd_row;
+use eslm_kernels::select::select;
+use eslm_kernels::sparse_ce::sparse_ce;
+use eslm_kernels::token_stats::{token_stats, DEFAULT_IGNORE_INDEX};
+use eslm_kernels::LogitsView;
+
 use crate::error::{Result, TrainError};
-use crate::model::{LanguageModel, OptimStep};
+use crate::model::{Keep, LanguageModel, LossSpec, OptimStep, ScoreSource, Selection, TokenStats};
 use crate::tensor_file;
 
 /// A bigram model with an AdamW optimizer.
@@ -21,8 +29,15 @@ pub struct BigramModel {
     m: Vec<f32>,
     v: Vec<f32>,
     adam_step: u64,
-    logits: Vec<f32>,
     last_inputs: Vec<u32>,
+    targets: Vec<i32>,
+    stats: TokenStats,
+    row_stats: TokenStats,
+    selection: Selection,
+    /// The kept rows' loss gradient folded into weight shape `[V, Vp]` (row `x` collects the rows whose input
+    /// is `x`); added to `grads` by the backward.
+    pending: Vec<f32>,
+    grad_ready: bool,
     flops: u64,
 }
 
@@ -39,8 +54,13 @@ impl BigramModel {
             m: vec![0.0; n],
             v: vec![0.0; n],
             adam_step: 0,
-            logits: Vec::new(),
             last_inputs: Vec::new(),
+            targets: Vec::new(),
+            stats: TokenStats::default(),
+            row_stats: TokenStats::default(),
+            selection: Selection::default(),
+            pending: Vec::new(),
+            grad_ready: false,
             flops: 0,
         }
     }
@@ -93,22 +113,60 @@ impl BigramModel {
         Ok(())
     }
 
-    fn fill_logits(&mut self, inputs: &[u32]) {
-        self.logits.resize(inputs.len() * self.stride, 0.0);
-        for (row, &x) in self.logits.chunks_exact_mut(self.stride).zip(inputs) {
-            let x = x as usize;
-            row.copy_from_slice(&self.weights[x * self.stride..(x + 1) * self.stride]);
+    /// Token statistics of the batch: row `i`'s logits are the weight row `W[x_i]`, so each row is a one-row
+    /// view of the weights (no `[N, V]` logits buffer exists).
+    fn compute_stats(&mut self, inputs: &[u32], targets: &[i32]) -> Result<()> {
+        if targets.len() != inputs.len() {
+            return Err(TrainError::Model(format!(
+                "targets have {} ids, expected {}",
+                targets.len(),
+                inputs.len()
+            )));
         }
-        self.flops += (inputs.len() * self.vocab) as u64;
+        let n = inputs.len();
+        let stats = &mut self.stats;
+        stats.lse.resize(n, 0.0);
+        stats.loss.resize(n, 0.0);
+        stats.entropy.resize(n, 0.0);
+        stats.valid.resize(n, false);
+        let one = &mut self.row_stats;
+        for (i, (&x, &y)) in inputs.iter().zip(targets).enumerate() {
+            let row = weight_row(&self.weights, x as usize, self.vocab, self.stride)?;
+            token_stats(&row, &[y], DEFAULT_IGNORE_INDEX, one)?;
+            stats.lse[i] = one.lse[0];
+            stats.loss[i] = one.loss[0];
+            stats.entropy[i] = one.entropy[0];
+            stats.valid[i] = one.valid[0];
+        }
+        self.last_inputs.clear();
+        self.last_inputs.extend_from_slice(inputs);
+        self.targets.clear();
+        self.targets.extend_from_slice(targets);
+        self.selection = Selection::default();
+        self.grad_ready = false;
+        self.flops += (n * self.vocab) as u64;
+        Ok(())
     }
+
+    /// Weight row `x` as a one-row logits view.
+    fn row(&self, x: usize) -> Result<LogitsView<'_, f32>> {
+        weight_row(&self.weights, x, self.vocab, self.stride)
+    }
+}
+
+/// Row `x` of the weights `[V, Vp]` as a one-row logits view.
+fn weight_row(weights: &[f32], x: usize, vocab: usize, stride: usize) -> Result<LogitsView<'_, f32>> {
+    Ok(LogitsView::new(
+        &weights[x * stride..(x + 1) * stride],
+        1,
+        vocab,
+        stride,
+    )?)
 }
 
 impl LanguageModel for BigramModel {
     fn vocab_size(&self) -> usize {
         self.vocab
-    }
-    fn logits_stride(&self) -> usize {
-        self.stride
     }
     fn max_seq_len(&self) -> usize {
         usize::MAX
@@ -119,80 +177,119 @@ impl LanguageModel for BigramModel {
     fn num_params(&self) -> usize {
         self.vocab * self.vocab
     }
-    fn forward(&mut self, inputs: &[u32], b: usize, t: usize) -> Result<&[f32]> {
+    fn forward(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i32],
+        b: usize,
+        t: usize,
+    ) -> Result<&TokenStats> {
         self.check(inputs, b, t)?;
-        self.last_inputs.clear();
-        self.last_inputs.extend_from_slice(inputs);
-        self.fill_logits(inputs);
-        Ok(&self.logits)
+        self.compute_stats(inputs, targets)?;
+        Ok(&self.stats)
     }
     fn forward_inference(
         &mut self,
         inputs: &[u32],
+        targets: &[i32],
         b: usize,
         t: usize,
         _exit: Option<usize>,
-    ) -> Result<&[f32]> {
+    ) -> Result<&TokenStats> {
         self.check(inputs, b, t)?;
-        self.fill_logits(inputs);
-        Ok(&self.logits)
+        self.compute_stats(inputs, targets)?;
+        Ok(&self.stats)
     }
-    fn last_logits(&self) -> &[f32] {
-        &self.logits
+    fn row_logits(&self, row: usize) -> Result<Vec<f32>> {
+        let x = *self
+            .last_inputs
+            .get(row)
+            .ok_or_else(|| TrainError::Model(format!("row {row} is not a row of the last forward")))?;
+        Ok(self.row(x as usize)?.row(0).to_vec())
     }
-    fn backward_sparse(&mut self, kept: &[u32], dlogits: &[f32]) -> Result<()> {
-        if dlogits.len() != kept.len() * self.stride {
-            return Err(TrainError::Model(format!(
-                "dlogits has {} values, expected {}·{}",
-                dlogits.len(),
-                kept.len(),
-                self.stride
-            )));
-        }
-        for (&r, d) in kept.iter().zip(dlogits.chunks_exact(self.stride)) {
-            let x = *self
-                .last_inputs
-                .get(r as usize)
-                .ok_or_else(|| TrainError::Model(format!("kept row {r} is out of range")))?
-                as usize;
-            let g = &mut self.grads[x * self.stride..x * self.stride + self.vocab];
-            for (gi, di) in g.iter_mut().zip(&d[..self.vocab]) {
-                *gi += di;
+    fn select(&mut self, score: ScoreSource<'_>, keep: Keep) -> Result<&Selection> {
+        let scores: &[f32] = match score {
+            ScoreSource::Loss => &self.stats.loss,
+            ScoreSource::Entropy => &self.stats.entropy,
+            ScoreSource::Host(s) => s,
+        };
+        select_rows(scores, &self.stats.valid, keep, &mut self.selection)?;
+        self.grad_ready = false;
+        Ok(&self.selection)
+    }
+    fn loss_grad(&mut self, loss: LossSpec<'_>, scale: f32) -> Result<f32> {
+        let teacher = match loss {
+            LossSpec::CrossEntropy => None,
+            LossSpec::Distill { teacher, params } => {
+                let t = teacher.as_any().downcast_ref::<BigramModel>().ok_or_else(|| {
+                    TrainError::Config("the teacher of a bigram student must be a bigram model".into())
+                })?;
+                if t.vocab != self.vocab || t.last_inputs != self.last_inputs {
+                    return Err(TrainError::Model(
+                        "eslm-kd: the teacher's last forward does not cover the student's rows".into(),
+                    ));
+                }
+                Some((t, params))
             }
+        };
+        self.pending.clear();
+        self.pending.resize(self.weights.len(), 0.0);
+        let mut grad = vec![0.0f32; self.stride];
+        let mut sum = 0.0f64;
+        for &r in &self.selection.indices {
+            let r = r as usize;
+            let x = self.last_inputs[r] as usize;
+            let row = self.row(x)?;
+            sum += match teacher {
+                None => {
+                    let lse = [self.stats.lse[r]];
+                    sparse_ce(&row, &[self.targets[r]], &lse, &[0], scale, &mut grad, self.stride)?
+                        as f64
+                }
+                Some((t, params)) => {
+                    let y = self.targets[r];
+                    if y < 0 {
+                        return Err(TrainError::Model(format!("eslm-kd: kept row {r} has no target")));
+                    }
+                    kd_row(row.row(0), t.row(x)?.row(0), y as usize, params, scale, &mut grad)
+                }
+            };
+            let dst = &mut self.pending[x * self.stride..x * self.stride + self.vocab];
+            dst.iter_mut().zip(&grad[..self.vocab]).for_each(|(d, &g)| *d += g);
         }
-        self.flops += (kept.len() * self.vocab) as u64;
+        self.grad_ready = true;
+        let k = self.selection.indices.len();
+        Ok(if k == 0 { 0.0 } else { (sum / k as f64) as f32 })
+    }
+    fn backward(&mut self) -> Result<()> {
+        if !self.grad_ready {
+            return Err(TrainError::Model("backward needs loss_grad after the selection".into()));
+        }
+        self.grads.iter_mut().zip(&self.pending).for_each(|(g, &p)| *g += p);
+        self.flops += (self.selection.indices.len() * self.vocab) as u64;
         Ok(())
     }
     fn zero_grad(&mut self) {
         self.grads.iter_mut().for_each(|g| *g = 0.0);
     }
+    fn reduce_grads(&mut self, collective: &dyn Collective) -> Result<()> {
+        collective
+            .all_reduce_sum_f32(&mut self.grads)
+            .map_err(|e| TrainError::Model(e.to_string()))
+    }
     fn optimizer_step(&mut self, s: &OptimStep) -> Result<f32> {
-        let norm = self
-            .grads
-            .iter()
-            .map(|&g| (g as f64) * (g as f64))
-            .sum::<f64>()
-            .sqrt() as f32;
+        let norm = slice_norm(&self.grads);
         if !norm.is_finite() {
-            return Ok(norm);
+            return Ok(norm as f32);
         }
-        let clip = if s.grad_clip > 0.0 && norm > s.grad_clip {
-            s.grad_clip / norm
-        } else {
-            1.0
-        };
+        if let Some(c) = clip_coefficient(norm, s.grad_clip as f64) {
+            self.grads.iter_mut().for_each(|g| *g *= c);
+        }
         self.adam_step += 1;
-        let t = self.adam_step as i32;
-        let (bc1, bc2) = (1.0 - s.beta1.powi(t), 1.0 - s.beta2.powi(t));
-        for i in 0..self.weights.len() {
-            let g = self.grads[i] * clip;
-            self.m[i] = s.beta1 * self.m[i] + (1.0 - s.beta1) * g;
-            self.v[i] = s.beta2 * self.v[i] + (1.0 - s.beta2) * g * g;
-            let update = (self.m[i] / bc1) / ((self.v[i] / bc2).sqrt() + s.eps);
-            self.weights[i] -= s.lr * (update + s.weight_decay * self.weights[i]);
-        }
+        let constants = AdamWStep::new(&s.adamw(), s.lr, self.adam_step);
+        adamw_update_slice(&mut self.weights, &self.grads, &mut self.m, &mut self.v, true, &constants);
         self.flops += 10 * self.weights.len() as u64;
-        Ok(norm)
+        Ok(norm as f32)
     }
     fn realized_flops(&self) -> u64 {
         self.flops
@@ -222,4 +319,37 @@ impl LanguageModel for BigramModel {
         self.adam_step = all[2 * n] as u64;
         Ok(())
     }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// The CPU selection rule shared by test doubles: [`Keep`] over `scores` among `valid` rows.
+pub fn select_rows(scores: &[f32], valid: &[bool], keep: Keep, out: &mut Selection) -> Result<()> {
+    if scores.len() != valid.len() {
+        return Err(TrainError::Model(format!(
+            "{} scores for {} rows",
+            scores.len(),
+            valid.len()
+        )));
+    }
+    match keep {
+        Keep::Rule(rule) => select(scores, Some(valid), rule, out)?,
+        Keep::AllValid | Keep::AtLeast(_) => {
+            let th = match keep {
+                Keep::AtLeast(th) => th,
+                _ => f32::NEG_INFINITY,
+            };
+            if let Some(row) = (0..scores.len()).find(|&i| valid[i] && scores[i].is_nan()) {
+                return Err(eslm_kernels::KernelError::NanScore { row }.into());
+            }
+            out.keep.clear();
+            out.keep.extend(scores.iter().zip(valid).map(|(&s, &v)| v && s >= th));
+            out.indices.clear();
+            out.indices.extend((0..scores.len() as u32).filter(|&i| out.keep[i as usize]));
+            out.k = out.indices.len();
+            out.threshold = if th == f32::NEG_INFINITY { f32::NAN } else { th };
+        }
+    }
+    Ok(())
 }

@@ -525,19 +525,23 @@ impl RunConfig {
     /// The learning rate of step `step` (0-based): linear warm-up to `lr`, then the decay schedule down to
     /// `lr·min_lr_ratio` at the last step.
     pub fn lr_at(&self, step: u64) -> f64 {
-        let total = self.total_steps();
-        if step < self.warmup_steps {
-            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
-        }
-        let min = self.lr * self.min_lr_ratio;
-        let span = total.saturating_sub(self.warmup_steps).max(1);
-        let progress = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
-        match self.schedule {
-            Schedule::Constant => self.lr,
-            Schedule::Linear => self.lr + (min - self.lr) * progress,
-            Schedule::Cosine => {
-                min + 0.5 * (self.lr - min) * (1.0 + (std::f64::consts::PI * progress).cos())
-            }
+        self.lr_schedule().lr(step)
+    }
+
+    /// The run's learning-rate schedule (the engine's one `LrSchedule`): warm-up over `warmup_steps`, then the
+    /// decay to `lr·min_lr_ratio` at the last step.
+    pub fn lr_schedule(&self) -> eslm_gpt2::LrSchedule {
+        eslm_gpt2::LrSchedule {
+            max_lr: self.lr,
+            min_lr: self.lr * self.min_lr_ratio,
+            warmup_steps: self.warmup_steps,
+            total_steps: self.total_steps().max(self.warmup_steps),
+            decay: match self.schedule {
+                Schedule::Cosine => eslm_gpt2::Decay::Cosine,
+                Schedule::Linear => eslm_gpt2::Decay::Linear,
+                Schedule::Constant => eslm_gpt2::Decay::Constant,
+            },
         }
     }
+
 }

@@ -1,9 +1,10 @@
 //! [`LanguageModel`] for the eslm-gpt2 engine: [`Gpt2Model`] wraps a `Gpt2` with its AdamW state.
 //!
-//! - Training forward → `Gpt2::forward`; no-grad forward → `Gpt2::forward_shallow` (exit layer E) or
-//!   `forward_inference` (full depth); sparse backward → `Gpt2::backward_sparse`.
-//! - Optimizer: global norm (f64) → if not finite, no update (the trainer then stops or skips) → clip to
-//!   `grad_clip` → AdamW (`eslm_gpt2::AdamW`, decoupled decay on matrices and embeddings only).
+//! - Training forward → `Gpt2::forward_stats`; no-grad forward → `Gpt2::forward_scores` (exit layer E or full
+//!   depth); selection, CE/KD gradient and the row-sparse backward → the engine's loss head
+//!   (`eslm_gpt2::loss_head`); a KD teacher must be another `Gpt2Model` (its logits stay in the engine).
+//! - Optimizer: `Gpt2::reduce_grads`, then `Gpt2::clip_and_update`: global norm (f64) → if not finite, no update
+//!   (the trainer then stops or skips) → clip to `grad_clip` → AdamW (decoupled decay on matrices and embeddings).
 //! - Realized FLOPs: the engine's counter covers the ops since its last full forward, so the adapter folds it
 //!   into a running total before each new forward, and adds each shallow / inference forward's FLOPs
 //!   (`forward_shallow_flops`). Optimizer work is not counted (O(P) per step, not FLOP-comparable).
@@ -13,23 +14,23 @@
 
 use std::path::Path;
 
+use eslm_collective::Collective;
 use eslm_gpt2::checkpoint::hf;
-use eslm_gpt2::{clip_grad_norm, grad_norm, AdamW, AdamWConfig, Gpt2, GptConfig};
+use eslm_gpt2::{Gpt2, GptConfig, OptimizerSnapshot};
 
 use crate::checkpoint::write_atomic;
 use crate::error::{Result, TrainError};
-use crate::model::{LanguageModel, OptimStep};
+use crate::model::{Keep, LanguageModel, LossSpec, OptimStep, ScoreSource, Selection, TokenStats};
 use crate::tensor_file;
 
 fn engine_err(e: impl std::fmt::Display) -> TrainError {
     TrainError::Model(e.to_string())
 }
 
-/// A GPT-2 model from eslm-gpt2 with its optimizer state.
+/// A GPT-2 model from eslm-gpt2 (its optimizer state lives in the engine).
 #[derive(Debug)]
 pub struct Gpt2Model {
     model: Gpt2,
-    opt: AdamW,
     flops_done: f64,
 }
 
@@ -41,10 +42,8 @@ impl Gpt2Model {
     }
 
     fn wrap(model: Gpt2) -> Result<Self> {
-        let opt = AdamW::new(AdamWConfig::default(), model.params()).map_err(engine_err)?;
         Ok(Gpt2Model {
             model,
-            opt,
             flops_done: 0.0,
         })
     }
@@ -74,9 +73,6 @@ impl LanguageModel for Gpt2Model {
     fn vocab_size(&self) -> usize {
         self.model.config().vocab_size
     }
-    fn logits_stride(&self) -> usize {
-        self.model.config().padded_vocab_size
-    }
     fn max_seq_len(&self) -> usize {
         self.model.max_batch().1
     }
@@ -86,55 +82,73 @@ impl LanguageModel for Gpt2Model {
     fn num_params(&self) -> usize {
         self.model.config().num_params_unpadded()
     }
-    fn forward(&mut self, inputs: &[u32], b: usize, t: usize) -> Result<&[f32]> {
+    fn forward(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i32],
+        b: usize,
+        t: usize,
+    ) -> Result<&TokenStats> {
         self.flops_done += self.model.realized_flops().total();
-        let view = self.model.forward(inputs, b, t).map_err(engine_err)?;
-        Ok(view.data())
+        self.model
+            .forward_stats(inputs, targets, b, t)
+            .map_err(engine_err)
     }
     fn forward_inference(
         &mut self,
         inputs: &[u32],
+        targets: &[i32],
         b: usize,
         t: usize,
         exit_layer: Option<usize>,
-    ) -> Result<&[f32]> {
+    ) -> Result<&TokenStats> {
         let exit = exit_layer.unwrap_or(self.model.config().n_layer);
         // A no-grad forward invalidates the engine's pending activations: fold their counter first.
         self.flops_done +=
             self.model.realized_flops().total() + self.model.forward_shallow_flops(b, t, exit);
-        let view = self
-            .model
-            .forward_shallow(inputs, b, t, exit)
-            .map_err(engine_err)?;
-        Ok(view.data())
-    }
-    fn last_logits(&self) -> &[f32] {
-        self.model.logits().map(|v| v.data()).unwrap_or(&[])
-    }
-    fn backward_sparse(&mut self, kept: &[u32], dlogits: &[f32]) -> Result<()> {
         self.model
-            .backward_sparse(kept, dlogits)
+            .forward_scores(inputs, targets, b, t, Some(exit))
             .map_err(engine_err)
+    }
+    fn row_logits(&self, row: usize) -> Result<Vec<f32>> {
+        self.model.row_logits(row).map_err(engine_err)
+    }
+    fn select(&mut self, score: ScoreSource<'_>, keep: Keep) -> Result<&Selection> {
+        self.model.select(score, keep).map_err(engine_err)
+    }
+    fn loss_grad(&mut self, loss: LossSpec<'_>, scale: f32) -> Result<f32> {
+        match loss {
+            LossSpec::CrossEntropy => self.model.ce_grad(scale).map_err(engine_err),
+            LossSpec::Distill { teacher, params } => {
+                let teacher = teacher
+                    .as_any()
+                    .downcast_ref::<Gpt2Model>()
+                    .ok_or_else(|| {
+                        TrainError::Config(
+                            "eslm-kd: the teacher must be a GPT-2 model on the same engine as the student"
+                                .into(),
+                        )
+                    })?;
+                self.model
+                    .kd_grad(&teacher.model, params, scale)
+                    .map_err(engine_err)
+            }
+        }
+    }
+    fn backward(&mut self) -> Result<()> {
+        self.model.backward_selected().map_err(engine_err)
     }
     fn zero_grad(&mut self) {
         self.model.zero_grad();
     }
+    fn reduce_grads(&mut self, collective: &dyn Collective) -> Result<()> {
+        self.model.reduce_grads(collective).map_err(engine_err)
+    }
     fn optimizer_step(&mut self, s: &OptimStep) -> Result<f32> {
-        let norm = grad_norm(self.model.grads());
-        if !norm.is_finite() {
-            return Ok(norm as f32);
-        }
-        if s.grad_clip > 0.0 {
-            clip_grad_norm(self.model.grads_mut(), s.grad_clip as f64);
-        }
-        self.opt.config = AdamWConfig {
-            beta1: s.beta1,
-            beta2: s.beta2,
-            eps: s.eps,
-            weight_decay: s.weight_decay,
-        };
-        let (params, grads) = self.model.params_and_grads_mut();
-        self.opt.update(params, grads, s.lr).map_err(engine_err)?;
+        let norm = self
+            .model
+            .clip_and_update(s.adamw(), s.lr, s.grad_clip as f64)
+            .map_err(engine_err)?;
         Ok(norm as f32)
     }
     fn realized_flops(&self) -> u64 {
@@ -172,32 +186,30 @@ impl LanguageModel for Gpt2Model {
         Ok(())
     }
     fn save_optimizer(&self, dir: &Path) -> Result<()> {
-        tensor_file::write_f32(&dir.join("optimizer_m.bin"), self.opt.m.as_slice())?;
-        tensor_file::write_f32(&dir.join("optimizer_v.bin"), self.opt.v.as_slice())?;
-        let meta = serde_json::json!({ "step": self.opt.step });
+        let snap = self.model.optimizer_snapshot();
+        tensor_file::write_f32(&dir.join("optimizer_m.bin"), &snap.m)?;
+        tensor_file::write_f32(&dir.join("optimizer_v.bin"), &snap.v)?;
+        let meta = serde_json::json!({ "step": snap.step });
         write_atomic(&dir.join("optimizer.json"), meta.to_string().as_bytes())
     }
     fn load_optimizer(&mut self, dir: &Path) -> Result<()> {
         let m = tensor_file::read_f32(&dir.join("optimizer_m.bin"))?;
         let v = tensor_file::read_f32(&dir.join("optimizer_v.bin"))?;
-        let n = self.opt.m.len();
-        if m.len() != n || v.len() != n {
-            return Err(TrainError::Checkpoint(format!(
-                "{}: optimizer state has {} values, the model needs {n}",
-                dir.display(),
-                m.len()
-            )));
-        }
         let path = dir.join("optimizer.json");
         let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
-        let meta: serde_json::Value = serde_json::from_str(&text)?;
+        let meta: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            TrainError::Checkpoint(format!("{}: not valid JSON: {e}", path.display()))
+        })?;
         let step = meta
             .get("step")
             .and_then(|s| s.as_u64())
             .ok_or_else(|| TrainError::Checkpoint(format!("{}: no step", path.display())))?;
-        self.opt.m.as_mut_slice().copy_from_slice(&m);
-        self.opt.v.as_mut_slice().copy_from_slice(&v);
-        self.opt.step = step;
-        Ok(())
+        let snap = OptimizerSnapshot { m, v, step };
+        self.model.restore_optimizer(&snap).map_err(|e| {
+            TrainError::Checkpoint(format!("{}: {e}", dir.display()))
+        })
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }

@@ -59,6 +59,9 @@ pub enum TrainError {
         /// What is wrong (with the line number).
         message: String,
     },
+    /// A collective operation across data-parallel ranks failed.
+    #[error("collective: {0}")]
+    Collective(#[from] eslm_collective::CollectiveError),
     /// JSON (de)serialisation failed.
     #[error("JSON error: {0}")]
     Json(#[from] serde_json::Error),

@@ -10,8 +10,7 @@
 
 use std::path::Path;
 
-use eslm_kernels::token_stats::{token_stats, TokenStats, DEFAULT_IGNORE_INDEX};
-use eslm_kernels::LogitsView;
+use eslm_kernels::token_stats::{TokenStats, DEFAULT_IGNORE_INDEX};
 
 use crate::error::{Result, TrainError};
 use crate::model::LanguageModel;
@@ -202,21 +201,19 @@ pub fn score_completion(
             }
         })
         .collect();
-    let (vocab, stride) = (model.vocab_size(), model.logits_stride());
+    let vocab = model.vocab_size();
     if let Some(&id) = all.iter().find(|&&x| x as usize >= vocab) {
         return Err(TrainError::TokenOutOfRange { id, vocab });
     }
-    let logits = model.forward_inference(inputs, 1, t, None)?;
-    let view = LogitsView::new(logits, t, vocab, stride)?;
-    token_stats(&view, &targets, DEFAULT_IGNORE_INDEX, stats)?;
+    stats.clone_from(model.forward_inference(inputs, &targets, 1, t, None)?);
     let mut logprob = 0.0;
     let mut greedy = true;
     for (r, &y) in targets.iter().enumerate().skip(t - m) {
         logprob -= stats.loss[r] as f64;
-        let row = view.row(r);
-        let y = y as usize;
-        if row.iter().any(|&z| z > row[y]) {
-            greedy = false;
+        if greedy {
+            // One row of logits at a time (the engine boundary's one exception); skipped once any row fails.
+            let row = model.row_logits(r)?;
+            greedy = !row.iter().any(|&z| z > row[y as usize]);
         }
     }
     Ok(CompletionScore {

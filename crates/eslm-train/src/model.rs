@@ -1,15 +1,28 @@
 //! The seam between the trainer and a model engine: the [`LanguageModel`] trait.
 //!
-//! A step needs only five things from an engine: a training forward that keeps activations and returns logits
-//! `[B·T, Vp]` (row stride `Vp ≥ V`), a no-grad forward that may stop after the first `E` blocks (hierarchical
-//! scoring, reference and teacher models, evaluation), a backward that takes the gradient of the logits on the
-//! kept rows only (`dlogits [K, Vp]`, rows in the order of `kept`) and accumulates parameter gradients, the
-//! optimizer (global-norm clipping, AdamW), and checkpoint I/O. `eslm-gpt2` implements it through
+//! Only per-row vectors and scalars cross it (the engine rule, `docs/engine.md`): a forward returns the token
+//! statistics of every row (lse, loss, entropy, valid — [`TokenStats`]); the trainer asks the engine to select
+//! rows by a score ([`ScoreSource`], [`Keep`]) and gets the kept row indices back ([`Selection`]); the loss
+//! gradient of the kept rows (cross-entropy, or distillation against a teacher on the same engine) and the
+//! row-sparse backward run inside the engine. Logits, their gradients and activations never reach the trainer;
+//! the one exception is [`LanguageModel::row_logits`], a single row for sampling.
+//!
+//! An optimizer step is llm.c's four calls: per micro-batch [`LanguageModel::forward`] + selection + loss
+//! gradient + [`LanguageModel::backward`]; then [`LanguageModel::reduce_grads`] (sum over data-parallel ranks);
+//! then [`LanguageModel::optimizer_step`] (global norm, clipping, AdamW). `eslm-gpt2` implements the trait through
 //! [`crate::engine::Gpt2Model`]; [`crate::bigram::BigramModel`] is a tiny test double.
 
+use std::any::Any;
 use std::path::Path;
 
+use eslm_collective::Collective;
+use eslm_kernels::kd::KdParams;
+
 use crate::error::Result;
+
+pub use eslm_gpt2::{Keep, ScoreSource};
+pub use eslm_kernels::select::Selection;
+pub use eslm_kernels::token_stats::TokenStats;
 
 /// Optimizer hyper-parameters of one step.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -28,38 +41,73 @@ pub struct OptimStep {
     pub grad_clip: f32,
 }
 
+impl OptimStep {
+    /// The engine's AdamW hyper-parameters of this step.
+    pub fn adamw(&self) -> eslm_gpt2::AdamWConfig {
+        eslm_gpt2::AdamWConfig {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
+/// The loss whose gradient the kept rows receive.
+#[derive(Clone, Copy)]
+pub enum LossSpec<'a> {
+    /// Cross-entropy `lse − z_y`.
+    CrossEntropy,
+    /// Cross-entropy blended with distillation towards `teacher` (same engine, same vocabulary; its last forward
+    /// covered the same rows), see `eslm_kernels::kd`.
+    Distill {
+        /// The frozen teacher.
+        teacher: &'a dyn LanguageModel,
+        /// Weight and temperature.
+        params: KdParams,
+    },
+}
+
 /// What the trainer needs from a model engine.
-pub trait LanguageModel {
+pub trait LanguageModel: Any {
     /// Real vocabulary size `V`.
     fn vocab_size(&self) -> usize;
-    /// Row stride of the logits, `Vp ≥ V`.
-    fn logits_stride(&self) -> usize;
     /// Maximum sequence length.
     fn max_seq_len(&self) -> usize;
     /// Number of transformer blocks `L` (1 for models without blocks).
     fn num_layers(&self) -> usize;
     /// Number of parameters `P` (for the paper's FLOP convention).
     fn num_params(&self) -> usize;
-    /// Training forward over `b × t` tokens: keeps what the backward needs, returns logits `[b·t, Vp]`.
-    fn forward(&mut self, inputs: &[u32], b: usize, t: usize) -> Result<&[f32]>;
-    /// No-grad forward: the first `exit_layer` blocks (all when `None`), the final layer norm and the LM head.
-    /// Returns logits `[b·t, Vp]`. Does not disturb a pending training forward's gradients.
+    /// Training forward over `b × t` tokens (keeps what the backward needs), then the token statistics against
+    /// `targets` (`[b·t]`, negative = ignored).
+    fn forward(&mut self, inputs: &[u32], targets: &[i32], b: usize, t: usize)
+        -> Result<&TokenStats>;
+    /// No-grad forward through the first `exit_layer` blocks (all when `None`), the final layer norm and the LM
+    /// head, then the token statistics. Invalidates a pending training forward.
     fn forward_inference(
         &mut self,
         inputs: &[u32],
+        targets: &[i32],
         b: usize,
         t: usize,
         exit_layer: Option<usize>,
-    ) -> Result<&[f32]>;
-    /// The logits of the most recent forward (training or inference), `[b·t, Vp]`.
-    fn last_logits(&self) -> &[f32];
-    /// Backward of the last training forward given `dlogits [K, Vp]` on rows `kept` (ascending); accumulates
-    /// into the parameter gradients.
-    fn backward_sparse(&mut self, kept: &[u32], dlogits: &[f32]) -> Result<()>;
+    ) -> Result<&TokenStats>;
+    /// The `V` logits of one row of the last forward (sampling, greedy checks): never a whole batch.
+    fn row_logits(&self, row: usize) -> Result<Vec<f32>>;
+    /// Selects the rows that get gradient among the valid rows of the last forward.
+    fn select(&mut self, score: ScoreSource<'_>, keep: Keep) -> Result<&Selection>;
+    /// Writes the loss gradient of the selected rows times `scale` (inside the engine); returns the mean loss
+    /// over the kept rows (unscaled; 0 when none is kept).
+    fn loss_grad(&mut self, loss: LossSpec<'_>, scale: f32) -> Result<f32>;
+    /// Row-sparse backward of the last training forward from the selected rows' loss gradient; accumulates into
+    /// the parameter gradients.
+    fn backward(&mut self) -> Result<()>;
     /// Sets every parameter gradient to zero.
     fn zero_grad(&mut self);
-    /// Clips the accumulated gradients to global norm `step.grad_clip` and applies one AdamW update. Returns the
-    /// global gradient norm before clipping. When that norm is not finite the parameters must be left unchanged.
+    /// Sums the accumulated gradients over the ranks of `collective`.
+    fn reduce_grads(&mut self, collective: &dyn Collective) -> Result<()>;
+    /// Global gradient norm, clipping to `step.grad_clip`, one AdamW update. Returns the norm before clipping;
+    /// when it is not finite the parameters are left unchanged.
     fn optimizer_step(&mut self, step: &OptimStep) -> Result<f32>;
     /// FLOPs the engine really executed since it was created (forward, backward, optimizer).
     fn realized_flops(&self) -> u64;
@@ -76,4 +124,6 @@ pub trait LanguageModel {
     fn save_optimizer(&self, dir: &Path) -> Result<()>;
     /// Restores the optimizer state written by [`LanguageModel::save_optimizer`].
     fn load_optimizer(&mut self, dir: &Path) -> Result<()>;
+    /// The model as `Any`, so an engine can find its own kind among other models (a KD teacher).
+    fn as_any(&self) -> &dyn Any;
 }

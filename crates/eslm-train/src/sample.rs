@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use eslm_data::Tokenizer;
+use eslm_kernels::token_stats::DEFAULT_IGNORE_INDEX;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -84,7 +85,7 @@ pub fn generate(
             "the prompt is empty; pass --prompt or --prompt-ids".into(),
         ));
     }
-    let (vocab, stride) = (model.vocab_size(), model.logits_stride());
+    let vocab = model.vocab_size();
     if let Some(&id) = prompt.iter().find(|&&x| x as usize >= vocab) {
         return Err(TrainError::TokenOutOfRange { id, vocab });
     }
@@ -95,9 +96,10 @@ pub fn generate(
         let start = ids.len().saturating_sub(max_t);
         let ctx = &ids[start..];
         let t = ctx.len();
-        let logits = model.forward_inference(ctx, 1, t, None)?;
-        let row = &logits[(t - 1) * stride..(t - 1) * stride + vocab];
-        let next = sample_token(row, temperature, top_k, &mut rng);
+        let no_targets = vec![DEFAULT_IGNORE_INDEX; t];
+        model.forward_inference(ctx, &no_targets, 1, t, None)?;
+        let row = model.row_logits(t - 1)?;
+        let next = sample_token(&row, temperature, top_k, &mut rng);
         ids.push(next);
     }
     Ok(ids[prompt.len()..].to_vec())

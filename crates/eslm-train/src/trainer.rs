@@ -1,15 +1,18 @@
 //! The training loop: one optimizer step = `grad_accum` micro-batches, each scored, selected and back-propagated
-//! on its kept rows only, then clipping + AdamW; metrics, evaluation, checkpoints, exact resume, Ctrl-C and
+//! on its kept rows only (all inside the engine: the trainer sees per-row statistics and kept indices), then the
+//! gradient reduction over ranks, clipping + AdamW; metrics, evaluation, checkpoints, exact resume, Ctrl-C and
 //! non-finite handling.
 //!
-//! Loss normalisation. With the micro scope every micro-batch `j` selects its own kept set `K_j` (VaR over its
-//! `M_j` valid rows) and contributes `(1/A)·(1/n_j)·Σ_{i∈K_j} ℓ_i` with `n_j = policy.normaliser(|K_j|, M_j)`
-//! (`|K_j|` for all but Rho-1's budget normalisation). With the global scope a first pass forwards every
-//! micro-batch (no backward), the threshold is the VaR over the pooled scores of the whole step, and the second
-//! pass back-propagates `(1/n)·Σ_{i∈K} ℓ_i` with `n = policy.normaliser(|K|, M)` over the whole step. The
-//! global scope is exact (the same kept set as one big batch) and costs one extra forward per micro-batch; the
-//! micro scope is free but selects against a noisier, smaller sample. With `grad_accum = 1` both are identical
-//! and no extra pass runs.
+//! Loss normalisation. With the micro scope every micro-batch `j` of every rank selects its own kept set `K_j`
+//! (VaR over its `M_j` valid rows) and contributes `(1/(A·R))·(1/n_j)·Σ_{i∈K_j} ℓ_i` with
+//! `n_j = policy.normaliser(|K_j|, M_j)` (`|K_j|` for all but Rho-1's budget normalisation), `A` micro-batches
+//! per step and `R` ranks. With the global scope a first pass forwards every micro-batch (no backward), the
+//! threshold is the exact VaR over the scores of the whole step on every rank (a radix select whose histograms
+//! are summed through the collective, never a gather of scores), and the second pass back-propagates
+//! `(1/n)·Σ_{i∈K} ℓ_i` with `n = policy.normaliser(|K|, M)`, `|K|` and `M` summed over ranks. The global scope is
+//! exact (the same kept set as one big batch) and costs one extra forward per micro-batch; the micro scope is
+//! free but selects against a noisier, smaller sample. With `grad_accum = 1` on one rank both are identical and
+//! no extra pass runs.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,9 +21,11 @@ use std::time::Instant;
 
 use eslm_data::synthetic::TokenKind;
 use eslm_data::Batch;
-use eslm_kernels::select::{select, SelectRule, Selection};
-use eslm_kernels::token_stats::{token_stats, TokenStats, DEFAULT_IGNORE_INDEX};
-use eslm_kernels::LogitsView;
+use eslm_collective::{Collective, SingleProcess};
+use eslm_kernels::global_select::{global_threshold, ScorePart};
+use eslm_kernels::select::SelectRule;
+use eslm_kernels::token_stats::TokenStats;
+use eslm_kernels::KernelError;
 
 use crate::checkpoint::{
     latest_checkpoint, load_trainer_state, save_checkpoint, TrainerState, TRAINER_STATE_VERSION,
@@ -29,8 +34,8 @@ use crate::config::{QuantileScope, RunConfig};
 use crate::data::{batch_kinds, RunData, ValData};
 use crate::error::{Result, TrainError};
 use crate::metrics::{EvalRecord, MetricsWriter, StepRecord};
-use crate::model::{LanguageModel, OptimStep};
-use crate::policy::{SelectionPolicy, StepContext};
+use crate::model::{Keep, LanguageModel, OptimStep, ScoreSource};
+use crate::policy::{Score, SelectionPolicy, StepContext};
 
 /// The result of a validation pass.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,7 +79,7 @@ pub struct TrainSummary {
     pub skipped_steps: u64,
 }
 
-/// Per-step accumulators.
+/// Per-step accumulators (this rank's; summed over ranks by [`StepAcc::reduce`] before they are logged).
 #[derive(Debug, Default)]
 struct StepAcc {
     loss_sum: f64,
@@ -94,6 +99,40 @@ struct StepAcc {
     nonfinite: Option<f32>,
 }
 
+impl StepAcc {
+    /// Sums the logged counters over the ranks of `c` (a no-op for one process); a non-finite loss on any rank
+    /// marks the step non-finite on every rank, so all ranks skip or stop together.
+    fn reduce(&mut self, c: &dyn Collective) -> Result<()> {
+        if c.world_size() == 1 {
+            return Ok(());
+        }
+        let mut v = [
+            self.loss_sum,
+            self.loss_count as f64,
+            self.kept_loss_sum,
+            self.kept as f64,
+            self.valid as f64,
+            self.seqs_kept as f64,
+            self.seqs_total as f64,
+            self.flops_paper,
+            self.nonfinite.map_or(0.0, |_| 1.0),
+        ];
+        c.all_reduce_sum_f64(&mut v)?;
+        self.loss_sum = v[0];
+        self.loss_count = v[1] as u64;
+        self.kept_loss_sum = v[2];
+        self.kept = v[3] as u64;
+        self.valid = v[4] as u64;
+        self.seqs_kept = v[5] as u64;
+        self.seqs_total = v[6] as u64;
+        self.flops_paper = v[7];
+        if v[8] > 0.0 && self.nonfinite.is_none() {
+            self.nonfinite = Some(f32::NAN);
+        }
+        Ok(())
+    }
+}
+
 /// A micro-batch after sequence filtering.
 #[derive(Debug, Clone, Default)]
 struct Micro {
@@ -105,13 +144,13 @@ struct Micro {
 }
 
 /// How the kept rows of a micro-batch are chosen.
-enum Keep<'a> {
+enum KeepRule<'a> {
     /// VaR over this micro-batch at the policy's α (or all valid rows when α is `None`).
     Micro,
     /// Rows whose pass-1 `scores` are ≥ `threshold` (global scope), loss divided by `divisor`.
     Global {
         scores: &'a [f32],
-        threshold: Option<f32>,
+        threshold: f32,
         divisor: f64,
     },
 }
@@ -123,16 +162,16 @@ pub struct Trainer {
     policy: Box<dyn SelectionPolicy>,
     data: RunData,
     stop: Arc<AtomicBool>,
+    collective: Arc<dyn Collective>,
     step: u64,
     tokens: u64,
     flops_paper: f64,
     flops_realized: f64,
     wall_s: f64,
+    /// Host copy of the current micro-batch's row statistics (per-row vectors only).
     stats: TokenStats,
-    scores: Vec<f32>,
-    selection: Selection,
-    dlogits: Vec<f32>,
-    kept_rows: Vec<u32>,
+    /// Scores a policy computed itself ([`Score::Host`]).
+    host_scores: Vec<f32>,
     last_checkpoint: Option<PathBuf>,
 }
 
@@ -142,7 +181,8 @@ fn to_i32(targets: &[u32]) -> Vec<i32> {
 
 impl Trainer {
     /// A trainer for `cfg` with a built `model`, `policy` and `data`. `stop` is polled after every step
-    /// (Ctrl-C): when set the run checkpoints and returns.
+    /// (Ctrl-C): when set the run checkpoints and returns. Runs as a single process until
+    /// [`Trainer::with_collective`] says otherwise.
     pub fn new(
         cfg: RunConfig,
         model: Box<dyn LanguageModel>,
@@ -171,18 +211,23 @@ impl Trainer {
             policy,
             data,
             stop,
+            collective: Arc::new(SingleProcess),
             step: 0,
             tokens: 0,
             flops_paper: 0.0,
             flops_realized: 0.0,
             wall_s: 0.0,
             stats: TokenStats::default(),
-            scores: Vec::new(),
-            selection: Selection::default(),
-            dlogits: Vec::new(),
-            kept_rows: Vec::new(),
+            host_scores: Vec::new(),
             last_checkpoint: None,
         })
+    }
+
+    /// Trains as one rank of a data-parallel job whose ranks agree through `collective` (gradients, the global
+    /// VaR threshold, the kept count, policy statistics and logged counters).
+    pub fn with_collective(mut self, collective: Arc<dyn Collective>) -> Self {
+        self.collective = collective;
+        self
     }
 
     /// Steps completed.
@@ -290,9 +335,14 @@ impl Trainer {
             * self
                 .model
                 .paper_forward_flops_per_token(Some(self.cfg.exit_layer));
-        let kept =
-            self.policy
-                .filter_sequences(self.model.as_mut(), &batch.inputs, &targets, b, t)?;
+        let kept = self.policy.filter_sequences(
+            self.model.as_mut(),
+            &batch.inputs,
+            &targets,
+            b,
+            t,
+            self.collective.as_ref(),
+        )?;
         Ok(match kept {
             None => {
                 acc.seqs_kept += b as u64;
@@ -326,48 +376,63 @@ impl Trainer {
         })
     }
 
-    /// Pass 1 of the global scope: forward + statistics + scores of a micro-batch, no backward.
+    /// Pass 1 of the global scope: no-grad forward + statistics + scores of a micro-batch. Returns host copies
+    /// of the scores and the valid mask (per-row vectors).
     fn score_micro(&mut self, micro: &Micro, acc: &mut StepAcc) -> Result<(Vec<f32>, Vec<bool>)> {
         if micro.b == 0 {
             return Ok((Vec::new(), Vec::new()));
         }
         let (b, t, n) = (micro.b, micro.t, micro.b * micro.t);
-        let (vocab, stride) = (self.model.vocab_size(), self.model.logits_stride());
         acc.flops_paper += n as f64 * self.model.paper_forward_flops_per_token(None);
         self.policy.prepare(&micro.inputs, &micro.targets, b, t)?;
-        let logits = self.model.forward(&micro.inputs, b, t)?;
-        let view = LogitsView::new(logits, n, vocab, stride)?;
-        token_stats(&view, &micro.targets, DEFAULT_IGNORE_INDEX, &mut self.stats)?;
+        let stats = self
+            .model
+            .forward_inference(&micro.inputs, &micro.targets, b, t, None)?;
+        self.stats.clone_from(stats);
         if let Some(bad) = nonfinite_mean(&self.stats) {
             acc.nonfinite = Some(bad);
             return Ok((Vec::new(), Vec::new()));
         }
-        let ctx = StepContext {
-            logits: view,
-            targets: &micro.targets,
-            stats: &self.stats,
-            b,
-            t,
-            step: self.step,
-        };
-        let mut scores = Vec::with_capacity(n);
-        self.policy.scores(&ctx, &mut scores)?;
+        let scores = self.scores_of_micro(micro)?.to_vec();
         Ok((scores, self.stats.valid.clone()))
     }
 
-    /// Forward, selection, kept-row gradient and sparse backward of one micro-batch.
-    fn train_micro(&mut self, micro: &Micro, keep: Keep<'_>, acc: &mut StepAcc) -> Result<()> {
+    /// The policy's scores of the micro-batch whose statistics are in `self.stats`.
+    fn scores_of_micro(&mut self, micro: &Micro) -> Result<&[f32]> {
+        let ctx = StepContext {
+            targets: &micro.targets,
+            stats: &self.stats,
+            b: micro.b,
+            t: micro.t,
+            step: self.step,
+        };
+        Ok(match self.policy.score(&ctx, &mut self.host_scores)? {
+            Score::Loss => &self.stats.loss,
+            Score::Entropy => &self.stats.entropy,
+            Score::Host => {
+                if self.host_scores.len() != self.stats.rows() {
+                    return Err(TrainError::Model(format!(
+                        "policy {} wrote {} scores for {} rows",
+                        self.policy.name(),
+                        self.host_scores.len(),
+                        self.stats.rows()
+                    )));
+                }
+                &self.host_scores
+            }
+        })
+    }
+
+    /// Forward, selection, kept-row loss gradient and sparse backward of one micro-batch, all in the engine.
+    fn train_micro(&mut self, micro: &Micro, rule: KeepRule<'_>, acc: &mut StepAcc) -> Result<()> {
         if micro.b == 0 {
             return Ok(());
         }
         let (b, t, n) = (micro.b, micro.t, micro.b * micro.t);
-        let (vocab, stride) = (self.model.vocab_size(), self.model.logits_stride());
         let fwd_flops = self.model.paper_forward_flops_per_token(None);
-        let alpha = self.policy.alpha();
         self.policy.prepare(&micro.inputs, &micro.targets, b, t)?;
-        let logits = self.model.forward(&micro.inputs, b, t)?;
-        let view = LogitsView::new(logits, n, vocab, stride)?;
-        token_stats(&view, &micro.targets, DEFAULT_IGNORE_INDEX, &mut self.stats)?;
+        let stats = self.model.forward(&micro.inputs, &micro.targets, b, t)?;
+        self.stats.clone_from(stats);
         acc.flops_paper += n as f64 * fwd_flops;
         if let Some(bad) = nonfinite_mean(&self.stats) {
             acc.nonfinite = Some(bad);
@@ -379,73 +444,46 @@ impl Trainer {
                 acc.loss_count += 1;
             }
         }
-        let valid_here = self.stats.valid.iter().filter(|&&v| v).count();
+        let valid_here = self.stats.num_valid();
         if valid_here == 0 {
             return Ok(());
         }
-        let ctx = StepContext {
-            logits: view,
-            targets: &micro.targets,
-            stats: &self.stats,
-            b,
-            t,
-            step: self.step,
-        };
-        self.kept_rows.clear();
-        let divisor = match keep {
-            Keep::Micro => {
-                self.policy.scores(&ctx, &mut self.scores)?;
-                match alpha {
-                    None => {
-                        self.kept_rows
-                            .extend((0..n as u32).filter(|&i| self.stats.valid[i as usize]));
-                        acc.threshold = None;
-                    }
-                    Some(a) => {
-                        select(
-                            &self.scores,
-                            Some(&self.stats.valid),
-                            SelectRule::Var { alpha: a },
-                            &mut self.selection,
-                        )?;
-                        self.kept_rows.extend_from_slice(&self.selection.indices);
-                        acc.threshold = Some(self.selection.threshold);
-                    }
-                }
-                acc.all_scores.extend_from_slice(&self.scores);
-                self.policy.normaliser(self.kept_rows.len(), valid_here)
-                    * self.cfg.grad_accum as f64
+        let (scores, keep, divisor) = match rule {
+            KeepRule::Micro => {
+                let scores = self.scores_of_micro(micro)?.to_vec();
+                let keep = match self.policy.alpha() {
+                    None => Keep::AllValid,
+                    Some(alpha) => Keep::Rule(SelectRule::Var { alpha }),
+                };
+                (scores, keep, None)
             }
-            Keep::Global {
+            KeepRule::Global {
                 scores,
                 threshold,
                 divisor,
-            } => {
-                for (i, (&s, &v)) in scores.iter().zip(&self.stats.valid).enumerate() {
-                    if v && threshold.is_none_or(|th| s >= th) {
-                        self.kept_rows.push(i as u32);
-                    }
-                }
-                acc.threshold = threshold;
-                acc.all_scores.extend_from_slice(scores);
-                divisor
-            }
+            } => (scores.to_vec(), Keep::AtLeast(threshold), Some(divisor)),
         };
-        let mut is_kept = vec![false; n];
-        for &r in &self.kept_rows {
-            is_kept[r as usize] = true;
-        }
-        acc.all_keep.extend_from_slice(&is_kept);
+        let sel = self.model.select(ScoreSource::Host(&scores), keep)?;
+        let k = sel.indices.len();
+        acc.threshold = (!sel.threshold.is_nan()).then_some(sel.threshold);
+        acc.all_scores.extend_from_slice(&scores);
+        acc.all_keep.extend_from_slice(&sel.keep);
         acc.all_valid.extend_from_slice(&self.stats.valid);
-        let k = self.kept_rows.len();
+        if let Some(kinds) = &micro.kinds {
+            for &r in &sel.indices {
+                acc.kind_kept[kinds[r as usize] as usize] += 1;
+            }
+        }
         if k == 0 {
             return Ok(());
         }
-        self.dlogits.resize(k * stride, 0.0);
+        // Micro scope: each micro-batch's mean over its kept rows, averaged over micro-batches and ranks.
+        let world = self.collective.world_size() as f64;
+        let divisor = divisor.unwrap_or_else(|| {
+            self.policy.normaliser(k, valid_here) * self.cfg.grad_accum as f64 * world
+        });
         let scale = (1.0 / divisor.max(1e-30)) as f32;
-        let kept_loss = self
-            .policy
-            .gradient(&ctx, &self.kept_rows, scale, &mut self.dlogits)?;
+        let kept_loss = self.model.loss_grad(self.policy.loss(), scale)?;
         if !kept_loss.is_finite() {
             acc.nonfinite = Some(kept_loss);
             return Ok(());
@@ -453,18 +491,73 @@ impl Trainer {
         acc.kept_loss_sum += kept_loss as f64 * k as f64;
         acc.kept += k as u64;
         acc.flops_paper += 2.0 * fwd_flops * k as f64;
-        if let Some(kinds) = &micro.kinds {
-            for &r in &self.kept_rows {
-                acc.kind_kept[kinds[r as usize] as usize] += 1;
+        self.model.backward()
+    }
+
+    /// Micro scope: each micro-batch selects its own rows. Every micro-batch runs even after a non-finite one
+    /// (without its backward), so every rank makes the same collective calls.
+    fn micro_scope(&mut self, acc: &mut StepAcc) -> Result<()> {
+        for _ in 0..self.cfg.grad_accum {
+            let batch = self.data.train.loader.next_batch()?;
+            let micro = self.filter(&batch, acc)?;
+            if acc.nonfinite.is_none() {
+                self.train_micro(&micro, KeepRule::Micro, acc)?;
             }
         }
-        self.model
-            .backward_sparse(&self.kept_rows, &self.dlogits[..k * stride])?;
         Ok(())
     }
 
-    /// One optimizer step. Returns the step's record, or an error (non-finite loss without --skip-nonfinite,
-    /// after checkpointing the last good state).
+    /// Global scope: pass 1 scores every micro-batch (no backward); the exact VaR threshold over every micro-batch
+    /// of every rank comes from histograms reduced through the collective; the kept count is summed over ranks
+    /// for the `1/K` normaliser; pass 2 back-propagates the kept rows.
+    fn global_scope(&mut self, alpha: f64, acc: &mut StepAcc) -> Result<()> {
+        let mut micros = Vec::with_capacity(self.cfg.grad_accum);
+        for _ in 0..self.cfg.grad_accum {
+            let batch = self.data.train.loader.next_batch()?;
+            let micro = self.filter(&batch, acc)?;
+            let (scores, valid) = self.score_micro(&micro, acc)?;
+            micros.push((micro, scores, valid));
+        }
+        let coll = self.collective.clone();
+        let bad = coll.sum_f64(acc.nonfinite.map_or(0.0, |_| 1.0))?;
+        if bad > 0.0 {
+            acc.nonfinite.get_or_insert(f32::NAN);
+            return Ok(());
+        }
+        let parts: Vec<ScorePart> = micros
+            .iter()
+            .map(|(_, s, v)| ScorePart {
+                scores: s,
+                valid: Some(v),
+            })
+            .collect();
+        let mut reduce = |h: &mut [u32]| coll.all_reduce_sum_u32(h).map_err(|e| e.to_string());
+        let g = match global_threshold(&parts, alpha, &mut reduce) {
+            Ok(g) => g,
+            Err(KernelError::NoValidRows) => return Ok(()), // every target ignored on every rank
+            Err(e) => return Err(e.into()),
+        };
+        let local_kept = parts
+            .iter()
+            .flat_map(|p| p.scores.iter().zip(p.valid.unwrap_or(&[])))
+            .filter(|(&s, &v)| v && s >= g.threshold)
+            .count();
+        let kept = coll.sum_f64(local_kept as f64)? as usize;
+        let divisor = self.policy.normaliser(kept, g.valid);
+        for (micro, scores, _) in &micros {
+            let rule = KeepRule::Global {
+                scores,
+                threshold: g.threshold,
+                divisor,
+            };
+            self.train_micro(micro, rule, acc)?;
+        }
+        Ok(())
+    }
+
+    /// One optimizer step: the micro-batches (forward, selection, backward of the kept rows), the gradient
+    /// reduction over ranks, then norm, clipping and AdamW. Returns the step's record, or an error (non-finite
+    /// loss without --skip-nonfinite, after checkpointing the last good state).
     fn train_step(&mut self) -> Result<StepRecord> {
         let t0 = Instant::now();
         let loader_before = self.data.train.loader.state();
@@ -472,78 +565,19 @@ impl Trainer {
         let realized_before = self.model.realized_flops();
         let mut acc = StepAcc::default();
         self.model.zero_grad();
-        let accum = self.cfg.grad_accum;
         let alpha = self.policy.alpha();
-        let global =
-            self.cfg.quantile_scope == QuantileScope::Global && accum > 1 && alpha.is_some();
-        if !global {
-            for _ in 0..accum {
-                let batch = self.data.train.loader.next_batch()?;
-                let micro = self.filter(&batch, &mut acc)?;
-                self.train_micro(&micro, Keep::Micro, &mut acc)?;
-                if acc.nonfinite.is_some() {
-                    break;
-                }
+        match alpha {
+            Some(a) if self.cfg.quantile_scope == QuantileScope::Global && self.cfg.grad_accum > 1 => {
+                self.global_scope(a, &mut acc)?
             }
-        } else {
-            let mut micros = Vec::with_capacity(accum);
-            let mut pool = Vec::new();
-            for _ in 0..accum {
-                let batch = self.data.train.loader.next_batch()?;
-                let micro = self.filter(&batch, &mut acc)?;
-                let (scores, valid) = self.score_micro(&micro, &mut acc)?;
-                if acc.nonfinite.is_some() {
-                    break;
-                }
-                pool.extend(
-                    scores
-                        .iter()
-                        .zip(&valid)
-                        .filter(|(_, &v)| v)
-                        .map(|(&s, _)| s),
-                );
-                micros.push((micro, scores));
-            }
-            if acc.nonfinite.is_none() && !pool.is_empty() {
-                let a = alpha.unwrap_or(0.0);
-                select(
-                    &pool,
-                    None,
-                    SelectRule::Var { alpha: a },
-                    &mut self.selection,
-                )?;
-                let threshold = self.selection.threshold;
-                let divisor = self
-                    .policy
-                    .normaliser(self.selection.indices.len(), pool.len());
-                for (micro, scores) in &micros {
-                    self.train_micro(
-                        micro,
-                        Keep::Global {
-                            scores,
-                            threshold: Some(threshold),
-                            divisor,
-                        },
-                        &mut acc,
-                    )?;
-                    if acc.nonfinite.is_some() {
-                        break;
-                    }
-                }
-            }
+            _ => self.micro_scope(&mut acc)?,
         }
+        acc.reduce(self.collective.as_ref())?;
         let lr = self.cfg.lr_at(self.step);
         let mut grad_norm = f32::NAN;
         if acc.nonfinite.is_none() {
-            let opt = OptimStep {
-                lr: lr as f32,
-                weight_decay: self.cfg.weight_decay as f32,
-                beta1: self.cfg.beta1 as f32,
-                beta2: self.cfg.beta2 as f32,
-                eps: self.cfg.eps as f32,
-                grad_clip: self.cfg.grad_clip as f32,
-            };
-            grad_norm = self.model.optimizer_step(&opt)?;
+            self.model.reduce_grads(self.collective.as_ref())?;
+            grad_norm = self.model.optimizer_step(&self.optim_step(lr))?;
             if !grad_norm.is_finite() {
                 acc.nonfinite = Some(grad_norm);
             }
@@ -568,8 +602,12 @@ impl Trainer {
                 });
             }
         } else {
-            self.policy
-                .observe(&acc.all_scores, &acc.all_keep, &acc.all_valid);
+            self.policy.observe(
+                &acc.all_scores,
+                &acc.all_keep,
+                &acc.all_valid,
+                self.collective.as_ref(),
+            )?;
         }
         let dt = t0.elapsed().as_secs_f64();
         let realized = self.model.realized_flops().saturating_sub(realized_before) as f64;
@@ -578,8 +616,36 @@ impl Trainer {
         self.wall_s += dt;
         self.flops_paper += acc.flops_paper;
         self.flops_realized += realized;
+        Ok(self.step_record(&acc, lr, alpha, grad_norm, dt, realized, skipped))
+    }
+
+    /// The optimizer hyper-parameters at learning rate `lr`.
+    fn optim_step(&self, lr: f64) -> OptimStep {
+        OptimStep {
+            lr: lr as f32,
+            weight_decay: self.cfg.weight_decay as f32,
+            beta1: self.cfg.beta1 as f32,
+            beta2: self.cfg.beta2 as f32,
+            eps: self.cfg.eps as f32,
+            grad_clip: self.cfg.grad_clip as f32,
+        }
+    }
+
+    /// The metrics line of the step just taken.
+    #[allow(clippy::too_many_arguments)] // the step's scalars, named at the one call site
+    fn step_record(
+        &self,
+        acc: &StepAcc,
+        lr: f64,
+        alpha: Option<f64>,
+        grad_norm: f32,
+        dt: f64,
+        realized: f64,
+        skipped: bool,
+    ) -> StepRecord {
+        let ratio = |num: f64, den: f64| if den > 0.0 { num / den } else { 0.0 };
         let has_kinds = self.data.train.kinds.is_some();
-        Ok(StepRecord {
+        StepRecord {
             kind: "step".into(),
             step: self.step,
             lr,
@@ -593,19 +659,11 @@ impl Trainer {
             } else {
                 f32::NAN
             },
-            kept_fraction: if acc.valid > 0 {
-                acc.kept as f64 / acc.valid as f64
-            } else {
-                0.0
-            },
+            kept_fraction: ratio(acc.kept as f64, acc.valid as f64),
             kept_tokens: acc.kept,
             threshold: acc.threshold,
             alpha,
-            sequence_fraction: if acc.seqs_total > 0 {
-                acc.seqs_kept as f64 / acc.seqs_total as f64
-            } else {
-                0.0
-            },
+            sequence_fraction: ratio(acc.seqs_kept as f64, acc.seqs_total as f64),
             grad_norm,
             step_time_s: dt,
             tokens_per_s: self.cfg.tokens_per_step() as f64 / dt.max(1e-12),
@@ -618,7 +676,7 @@ impl Trainer {
             kind_kept: has_kinds.then_some(acc.kind_kept),
             kind_total: has_kinds.then_some(acc.kind_total),
             skipped,
-        })
+        }
     }
 
     fn eval_record(&self, r: &EvalResult) -> EvalRecord {
@@ -756,8 +814,7 @@ pub fn evaluate(
     val: &ValData,
     max_batches: usize,
 ) -> Result<EvalResult> {
-    let (vocab, stride) = (model.vocab_size(), model.logits_stride());
-    let mut stats = TokenStats::default();
+    let vocab = model.vocab_size();
     let (mut sum, mut n) = (0.0f64, 0u64);
     let (mut kind_sum, mut kind_n) = ([0.0f64; 3], [0u64; 3]);
     let limit = if max_batches == 0 {
@@ -776,9 +833,7 @@ pub fn evaluate(
             return Err(TrainError::TokenOutOfRange { id, vocab });
         }
         let targets = to_i32(&batch.targets);
-        let logits = model.forward_inference(&batch.inputs, batch.b, batch.t, None)?;
-        let view = LogitsView::new(logits, batch.b * batch.t, vocab, stride)?;
-        token_stats(&view, &targets, DEFAULT_IGNORE_INDEX, &mut stats)?;
+        let stats = model.forward_inference(&batch.inputs, &targets, batch.b, batch.t, None)?;
         let kinds = batch_kinds(val.kinds.as_ref(), &batch)?;
         for (i, (&l, &v)) in stats.loss.iter().zip(&stats.valid).enumerate() {
             if v {

@@ -17,7 +17,9 @@
 //! `β = 0.9`, `α ∈ [0.1, 0.9]`, `α_0 = --alpha` (0.5 if unset). α is logged every step (`alpha` in
 //! metrics.jsonl). With gradient accumulation α is updated once per optimizer step over all its micro-batches.
 
-use super::{check_fraction, ScoreKind, SelectionPolicy, StepContext};
+use eslm_collective::Collective;
+
+use super::{check_fraction, Score, ScoreKind, SelectionPolicy, StepContext};
 use crate::error::{Result, TrainError};
 
 /// Hyper-parameters of the Ada-ESLM controller.
@@ -114,12 +116,16 @@ impl SelectionPolicy for AdaEslm {
     fn alpha(&self) -> Option<f64> {
         Some(self.state.alpha)
     }
-    fn scores(&mut self, ctx: &StepContext<'_>, out: &mut Vec<f32>) -> Result<()> {
-        out.clear();
-        out.extend_from_slice(self.score.of(ctx.stats));
-        Ok(())
+    fn score(&mut self, _ctx: &StepContext<'_>, _host: &mut Vec<f32>) -> Result<Score> {
+        Ok(self.score.score())
     }
-    fn observe(&mut self, scores: &[f32], keep: &[bool], valid: &[bool]) {
+    fn observe(
+        &mut self,
+        scores: &[f32],
+        keep: &[bool],
+        valid: &[bool],
+        collective: &dyn Collective,
+    ) -> Result<()> {
         let (mut kept_mass, mut total) = (0.0f64, 0.0f64);
         for ((&s, &k), &v) in scores.iter().zip(keep).zip(valid) {
             if v && s.is_finite() {
@@ -130,8 +136,11 @@ impl SelectionPolicy for AdaEslm {
                 }
             }
         }
+        let mut sums = [kept_mass, total];
+        collective.all_reduce_sum_f64(&mut sums)?;
+        let [kept_mass, total] = sums;
         if total <= 0.0 {
-            return; // no information (all scores zero): leave α where it is
+            return Ok(()); // no information (all scores zero): leave α where it is
         }
         let m = kept_mass / total;
         self.last_mass = Some(m);
@@ -142,6 +151,7 @@ impl SelectionPolicy for AdaEslm {
         self.state.mass_ema = Some(ema);
         let next = self.state.alpha + self.config.gain * (ema - self.config.target_mass);
         self.state.alpha = next.clamp(self.config.alpha_min, self.config.alpha_max);
+        Ok(())
     }
     fn state(&self) -> serde_json::Value {
         serde_json::to_value(self.state).unwrap_or(serde_json::Value::Null)

@@ -1,6 +1,6 @@
 //! `clm`: causal language modeling, the baseline. Every valid token is kept; loss = mean CE over all tokens.
 
-use super::{SelectionPolicy, StepContext};
+use super::{Score, SelectionPolicy, StepContext};
 use crate::error::Result;
 
 /// Keeps every valid token.
@@ -14,9 +14,7 @@ impl SelectionPolicy for Clm {
     fn alpha(&self) -> Option<f64> {
         None
     }
-    fn scores(&mut self, ctx: &StepContext<'_>, out: &mut Vec<f32>) -> Result<()> {
-        out.clear();
-        out.extend_from_slice(&ctx.stats.loss);
-        Ok(())
+    fn score(&mut self, _ctx: &StepContext<'_>, _host: &mut Vec<f32>) -> Result<Score> {
+        Ok(Score::Loss) // every valid row is kept (alpha = None): the score is only logged
     }
 }

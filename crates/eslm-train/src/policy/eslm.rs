@@ -3,7 +3,7 @@
 //! scores in the selection scope; keep score ≥ threshold (k = ⌈(1 − α)·M⌉ rows, ties kept); loss = mean CE over
 //! the kept rows (with the loss score: the CVaR_α estimator).
 
-use super::{check_fraction, ScoreKind, SelectionPolicy, StepContext};
+use super::{check_fraction, Score, ScoreKind, SelectionPolicy, StepContext};
 use crate::error::Result;
 
 /// ESLM with a fixed α.
@@ -28,9 +28,7 @@ impl SelectionPolicy for Eslm {
     fn alpha(&self) -> Option<f64> {
         Some(self.alpha)
     }
-    fn scores(&mut self, ctx: &StepContext<'_>, out: &mut Vec<f32>) -> Result<()> {
-        out.clear();
-        out.extend_from_slice(self.score.of(ctx.stats));
-        Ok(())
+    fn score(&mut self, _ctx: &StepContext<'_>, _host: &mut Vec<f32>) -> Result<Score> {
+        Ok(self.score.score())
     }
 }

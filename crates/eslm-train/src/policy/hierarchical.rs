@@ -3,16 +3,18 @@
 //! 1. Instance level: a no-grad shallow pass of the model being trained (first `E` blocks, then the final layer
 //!    norm and the LM head) gives token scores `s_{b,t}`; each sequence's score is the mean over its valid
 //!    tokens `S_b = mean_t s_{b,t}`. Sequences with `S_b` under the VaR threshold at `A_i` over the B sequences
-//!    (keep ⌈(1 − A_i)·B⌉, ties kept) are dropped: they cost only the shallow pass.
+//!    (keep ⌈(1 − A_i)·B⌉, ties kept) are dropped: they cost only the shallow pass. The threshold is the exact
+//!    VaR over the sequences of every data-parallel rank (`eslm_kernels::global_select`, histograms summed
+//!    through the collective).
 //! 2. Token level: plain ESLM at α = `A` on the kept sequences (full forward, selective backward).
 //!
 //! Kept fraction of tokens ≈ (1 − A_i)·(1 − A).
 
-use eslm_kernels::select::{select, SelectRule, Selection};
-use eslm_kernels::token_stats::{token_stats, TokenStats, DEFAULT_IGNORE_INDEX};
-use eslm_kernels::LogitsView;
+use eslm_collective::Collective;
+use eslm_kernels::global_select::{global_threshold, ScorePart};
+use eslm_kernels::KernelError;
 
-use super::{check_fraction, ScoreKind, SelectionPolicy, StepContext};
+use super::{check_fraction, Score, ScoreKind, SelectionPolicy, StepContext};
 use crate::error::{Result, TrainError};
 use crate::model::LanguageModel;
 
@@ -23,8 +25,6 @@ pub struct Hierarchical {
     exit_layer: usize,
     instance_alpha: f64,
     alpha: f64,
-    shallow: TokenStats,
-    selection: Selection,
     last_threshold: f32,
 }
 
@@ -47,8 +47,6 @@ impl Hierarchical {
             exit_layer,
             instance_alpha,
             alpha,
-            shallow: TokenStats::default(),
-            selection: Selection::default(),
             last_threshold: f32::NAN,
         })
     }
@@ -90,6 +88,7 @@ impl SelectionPolicy for Hierarchical {
         targets: &[i32],
         b: usize,
         t: usize,
+        collective: &dyn Collective,
     ) -> Result<Option<Vec<usize>>> {
         if self.exit_layer > model.num_layers() {
             return Err(TrainError::Config(format!(
@@ -98,32 +97,28 @@ impl SelectionPolicy for Hierarchical {
                 model.num_layers()
             )));
         }
-        let (vocab, stride) = (model.vocab_size(), model.logits_stride());
-        let logits = model.forward_inference(inputs, b, t, Some(self.exit_layer))?;
-        let view = LogitsView::new(logits, b * t, vocab, stride)?;
-        token_stats(&view, targets, DEFAULT_IGNORE_INDEX, &mut self.shallow)?;
-        let means = sequence_means(self.score.of(&self.shallow), &self.shallow.valid, b, t);
+        let shallow = model.forward_inference(inputs, targets, b, t, Some(self.exit_layer))?;
+        let means = sequence_means(self.score.of(shallow), &shallow.valid, b, t);
         let valid: Vec<bool> = means.iter().map(Option::is_some).collect();
-        if !valid.iter().any(|&v| v) {
-            return Ok(Some(Vec::new()));
-        }
         let scores: Vec<f32> = means.iter().map(|m| m.unwrap_or(0.0)).collect();
-        select(
-            &scores,
-            Some(&valid),
-            SelectRule::Var {
-                alpha: self.instance_alpha,
-            },
-            &mut self.selection,
-        )?;
-        self.last_threshold = self.selection.threshold;
+        let part = [ScorePart {
+            scores: &scores,
+            valid: Some(&valid),
+        }];
+        let mut reduce = |h: &mut [u32]| collective.all_reduce_sum_u32(h).map_err(|e| e.to_string());
+        let threshold = match global_threshold(&part, self.instance_alpha, &mut reduce) {
+            Ok(g) => g.threshold,
+            Err(KernelError::NoValidRows) => return Ok(Some(Vec::new())),
+            Err(e) => return Err(e.into()),
+        };
+        self.last_threshold = threshold;
         Ok(Some(
-            self.selection.indices.iter().map(|&i| i as usize).collect(),
+            (0..b)
+                .filter(|&s| valid[s] && scores[s] >= threshold)
+                .collect(),
         ))
     }
-    fn scores(&mut self, ctx: &StepContext<'_>, out: &mut Vec<f32>) -> Result<()> {
-        out.clear();
-        out.extend_from_slice(self.score.of(ctx.stats));
-        Ok(())
+    fn score(&mut self, _ctx: &StepContext<'_>, _host: &mut Vec<f32>) -> Result<Score> {
+        Ok(self.score.score())
     }
 }

@@ -1,16 +1,18 @@
-//! Selection policies: which token positions of a micro-batch the loss keeps, and the gradient of the logits on
-//! those rows.
+//! Selection policies: which token positions of a micro-batch the loss keeps, and which loss they get.
 //!
-//! Every policy implements [`SelectionPolicy`]. The trainer drives one micro-batch as
+//! A policy sees per-row statistics only (never logits) and answers with a selection spec; the engine does the
+//! selection, the loss gradient and the backward. The trainer drives one micro-batch as
 //! 1. [`SelectionPolicy::filter_sequences`] (hierarchical only: drop whole sequences after a shallow pass),
-//! 2. [`SelectionPolicy::prepare`] (Rho-1 / KD: run the reference or teacher model on the same tokens),
+//! 2. [`SelectionPolicy::prepare`] (Rho-1 / KD: the reference or teacher engine model forwards the same tokens;
+//!    the policy keeps its per-row statistics),
 //! 3. the training forward and the token statistics (`lse`, loss, entropy) of the model's own logits,
-//! 4. [`SelectionPolicy::scores`]: one score per row; the trainer keeps the rows with score ≥ the VaR threshold at
-//!    [`SelectionPolicy::alpha`] (k = ⌈(1 − α)·M⌉ of the M valid rows, ties kept; `None` keeps every valid row),
-//! 5. [`SelectionPolicy::gradient`]: `dlogits [K, Vp]` for the kept rows (cross-entropy by default) times `scale`,
-//! 6. after the optimizer step, [`SelectionPolicy::observe`] with the step's scores and keep mask (Ada-ESLM).
-//!
-//! Policies only choose scores, α and the kept-row gradient; selection and the backward are shared.
+//! 4. [`SelectionPolicy::score`]: the model's loss or entropy, or per-row scores of the policy's own; the engine
+//!    keeps the rows with score ≥ the VaR threshold at [`SelectionPolicy::alpha`] (k = ⌈(1 − α)·M⌉ of the M valid
+//!    rows, ties kept; `None` keeps every valid row),
+//! 5. [`SelectionPolicy::loss`]: cross-entropy, or distillation towards the policy's teacher, on the kept rows,
+//!    divided by [`SelectionPolicy::normaliser`],
+//! 6. after the optimizer step, [`SelectionPolicy::observe`] with the step's scores and keep mask (Ada-ESLM),
+//!    its statistics summed over ranks through the collective.
 
 pub mod ada;
 pub mod clm;
@@ -20,18 +22,17 @@ pub mod kd;
 pub mod random;
 pub mod rho1;
 
-use eslm_kernels::sparse_ce::sparse_ce;
+use eslm_collective::Collective;
 use eslm_kernels::token_stats::TokenStats;
-use eslm_kernels::LogitsView;
 
 use crate::error::{Result, TrainError};
-use crate::model::LanguageModel;
+use crate::model::{LanguageModel, LossSpec};
 
 pub use ada::{AdaConfig, AdaEslm};
 pub use clm::Clm;
 pub use eslm::Eslm;
 pub use hierarchical::Hierarchical;
-pub use kd::{kd_row_loss_grad, EslmKd, KdConfig};
+pub use kd::{EslmKd, KdConfig};
 pub use random::RandomKeep;
 pub use rho1::{Rho1, Rho1Norm};
 
@@ -55,16 +56,33 @@ impl ScoreKind {
             ScoreKind::Entropy => &stats.entropy,
         }
     }
+
+    /// The same statistic as a policy score.
+    pub fn score(&self) -> Score {
+        match self {
+            ScoreKind::Loss => Score::Loss,
+            ScoreKind::Entropy => Score::Entropy,
+        }
+    }
 }
 
-/// What a policy sees of one micro-batch after the training forward.
+/// The per-row score a policy ranks rows by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Score {
+    /// The model's own token loss (already in the engine).
+    Loss,
+    /// The model's own predictive entropy (already in the engine).
+    Entropy,
+    /// The vector the policy wrote into the `host` buffer of [`SelectionPolicy::score`].
+    Host,
+}
+
+/// What a policy sees of one micro-batch after the training forward: per-row vectors only.
 #[derive(Debug, Clone, Copy)]
 pub struct StepContext<'a> {
-    /// The model's logits `[b·t, Vp]`.
-    pub logits: LogitsView<'a, f32>,
     /// Targets `[b·t]` (ignored rows carry the ignore index).
     pub targets: &'a [i32],
-    /// Token statistics of `logits` (lse, loss, entropy, valid).
+    /// The model's token statistics (lse, loss, entropy, valid) of the micro-batch.
     pub stats: &'a TokenStats,
     /// Sequences in the micro-batch (after any sequence filtering).
     pub b: usize,
@@ -83,7 +101,8 @@ pub trait SelectionPolicy {
     fn alpha(&self) -> Option<f64>;
 
     /// Optionally drops whole sequences before the training forward; returns the kept sequence indices
-    /// (ascending) or `None` for all. `model` is the model being trained (for a no-grad shallow pass).
+    /// (ascending) or `None` for all. `model` is the model being trained (for a no-grad shallow pass); a
+    /// threshold over sequences is taken over every rank of `collective`.
     fn filter_sequences(
         &mut self,
         model: &mut dyn LanguageModel,
@@ -91,8 +110,9 @@ pub trait SelectionPolicy {
         targets: &[i32],
         b: usize,
         t: usize,
+        collective: &dyn Collective,
     ) -> Result<Option<Vec<usize>>> {
-        let _ = (model, inputs, targets, b, t);
+        let _ = (model, inputs, targets, b, t, collective);
         Ok(None)
     }
 
@@ -102,8 +122,9 @@ pub trait SelectionPolicy {
         Ok(())
     }
 
-    /// Writes one score per row into `out` (length `b·t`); higher scores are kept first.
-    fn scores(&mut self, ctx: &StepContext<'_>, out: &mut Vec<f32>) -> Result<()>;
+    /// The score rows are ranked by (higher is kept first); for [`Score::Host`] the policy writes one score per
+    /// row (length `b·t`) into `host`.
+    fn score(&mut self, ctx: &StepContext<'_>, host: &mut Vec<f32>) -> Result<Score>;
 
     /// The divisor of the kept-token loss sum given `kept` kept rows out of `valid` valid rows of the whole
     /// selection scope (default: `kept`, the CVaR / mean-over-kept estimator).
@@ -112,21 +133,22 @@ pub trait SelectionPolicy {
         kept as f64
     }
 
-    /// Writes `dlogits [K, Vp]` for rows `kept` into `dlogits`, each multiplied by `scale`, and returns the mean
-    /// per-token training loss over the kept rows (unscaled). Default: cross-entropy.
-    fn gradient(
-        &mut self,
-        ctx: &StepContext<'_>,
-        kept: &[u32],
-        scale: f32,
-        dlogits: &mut [f32],
-    ) -> Result<f32> {
-        ce_gradient(ctx, kept, scale, dlogits)
+    /// The loss of the kept rows (default: cross-entropy).
+    fn loss(&self) -> LossSpec<'_> {
+        LossSpec::CrossEntropy
     }
 
-    /// Feedback after a step: the scores, keep mask and valid mask of every row the step selected among.
-    fn observe(&mut self, scores: &[f32], keep: &[bool], valid: &[bool]) {
-        let _ = (scores, keep, valid);
+    /// Feedback after a step: the scores, keep mask and valid mask of every row this rank selected among; a
+    /// policy that adapts sums its statistics over the ranks of `collective`.
+    fn observe(
+        &mut self,
+        scores: &[f32],
+        keep: &[bool],
+        valid: &[bool],
+        collective: &dyn Collective,
+    ) -> Result<()> {
+        let _ = (scores, keep, valid, collective);
+        Ok(())
     }
 
     /// Serialisable state for exact resume (RNG, adapted α, ...).
@@ -139,25 +161,6 @@ pub trait SelectionPolicy {
         let _ = state;
         Ok(())
     }
-}
-
-/// The cross-entropy gradient on kept rows through `eslm_kernels::sparse_ce`.
-pub fn ce_gradient(
-    ctx: &StepContext<'_>,
-    kept: &[u32],
-    scale: f32,
-    dlogits: &mut [f32],
-) -> Result<f32> {
-    let stride = ctx.logits.stride();
-    Ok(sparse_ce(
-        &ctx.logits,
-        ctx.targets,
-        &ctx.stats.lse,
-        kept,
-        scale,
-        dlogits,
-        stride,
-    )?)
 }
 
 /// Checks that an α or keep fraction lies in `(0, 1)` (α) or `(0, 1]` (keep).

@@ -5,7 +5,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{check_fraction, SelectionPolicy, StepContext};
+use super::{check_fraction, Score, SelectionPolicy, StepContext};
 use crate::error::Result;
 
 /// Keeps a seeded uniformly random fraction of the tokens.
@@ -33,10 +33,10 @@ impl SelectionPolicy for RandomKeep {
     fn alpha(&self) -> Option<f64> {
         (self.keep < 1.0).then_some(1.0 - self.keep)
     }
-    fn scores(&mut self, ctx: &StepContext<'_>, out: &mut Vec<f32>) -> Result<()> {
-        out.clear();
-        out.extend((0..ctx.stats.loss.len()).map(|_| self.rng.gen::<f32>()));
-        Ok(())
+    fn score(&mut self, ctx: &StepContext<'_>, host: &mut Vec<f32>) -> Result<Score> {
+        host.clear();
+        host.extend((0..ctx.stats.loss.len()).map(|_| self.rng.gen::<f32>()));
+        Ok(Score::Host)
     }
     fn state(&self) -> serde_json::Value {
         serde_json::to_value(&self.rng).unwrap_or(serde_json::Value::Null)

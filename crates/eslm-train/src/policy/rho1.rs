@@ -7,10 +7,9 @@
 //! differ only by ties and rounding (⌈K·M⌉ vs K·M, plus ties at the threshold): same direction, slightly
 //! different scale.
 
-use eslm_kernels::token_stats::{token_stats, TokenStats, DEFAULT_IGNORE_INDEX};
-use eslm_kernels::LogitsView;
+use eslm_kernels::token_stats::TokenStats;
 
-use super::{check_fraction, SelectionPolicy, StepContext};
+use super::{check_fraction, Score, SelectionPolicy, StepContext};
 use crate::error::{Result, TrainError};
 use crate::model::LanguageModel;
 
@@ -60,14 +59,11 @@ impl SelectionPolicy for Rho1 {
         (self.keep < 1.0).then_some(1.0 - self.keep)
     }
     fn prepare(&mut self, inputs: &[u32], targets: &[i32], b: usize, t: usize) -> Result<()> {
-        let vocab = self.reference.vocab_size();
-        let stride = self.reference.logits_stride();
-        let logits = self.reference.forward_inference(inputs, b, t, None)?;
-        let view = LogitsView::new(logits, b * t, vocab, stride)?;
-        token_stats(&view, targets, DEFAULT_IGNORE_INDEX, &mut self.ref_stats)?;
+        let stats = self.reference.forward_inference(inputs, targets, b, t, None)?;
+        self.ref_stats.clone_from(stats);
         Ok(())
     }
-    fn scores(&mut self, ctx: &StepContext<'_>, out: &mut Vec<f32>) -> Result<()> {
+    fn score(&mut self, ctx: &StepContext<'_>, out: &mut Vec<f32>) -> Result<Score> {
         if self.ref_stats.loss.len() != ctx.stats.loss.len() {
             return Err(TrainError::Model(
                 "rho1: reference statistics do not match the micro-batch".into(),
@@ -81,7 +77,7 @@ impl SelectionPolicy for Rho1 {
                 .zip(&self.ref_stats.loss)
                 .map(|(l, r)| l - r),
         );
-        Ok(())
+        Ok(Score::Host)
     }
     fn normaliser(&self, kept: usize, valid: usize) -> f64 {
         match self.norm {
