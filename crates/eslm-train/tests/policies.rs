@@ -1,15 +1,15 @@
 //! Unit tests of the selection policies, the KD gradient, the Ada-ESLM controller and the config layers.
 
+use eslm_collective::SingleProcess;
 use eslm_kernels::select::{select, SelectRule, Selection};
-use eslm_kernels::token_stats::{token_stats, TokenStats, DEFAULT_IGNORE_INDEX};
-use eslm_kernels::LogitsView;
+use eslm_kernels::token_stats::TokenStats;
 use eslm_train::bigram::BigramModel;
 use eslm_train::config::{RunConfig, TrainArgs};
 use eslm_train::model::LanguageModel;
 use eslm_train::policy::hierarchical::sequence_means;
 use eslm_train::policy::{
-    kd_row_loss_grad, AdaConfig, AdaEslm, EslmKd, Hierarchical, KdConfig, RandomKeep, Rho1,
-    Rho1Norm, ScoreKind, SelectionPolicy, StepContext,
+    AdaConfig, AdaEslm, EslmKd, Hierarchical, KdConfig, RandomKeep, Rho1, Rho1Norm, Score,
+    ScoreKind, SelectionPolicy, StepContext,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -26,19 +26,12 @@ fn random_weights(vocab: usize, seed: u64, scale: f32) -> Vec<f32> {
     w
 }
 
-/// Forward a bigram model and compute its statistics: returns (logits copy, stats).
-fn stats_of(model: &mut BigramModel, inputs: &[u32], targets: &[i32]) -> (Vec<f32>, TokenStats) {
-    let (v, s) = (model.vocab_size(), model.logits_stride());
-    let logits = model.forward(inputs, 1, inputs.len()).unwrap().to_vec();
-    let mut st = TokenStats::default();
-    token_stats(
-        &LogitsView::new(&logits, inputs.len(), v, s).unwrap(),
-        targets,
-        DEFAULT_IGNORE_INDEX,
-        &mut st,
-    )
-    .unwrap();
-    (logits, st)
+/// Forward a bigram model: its row statistics.
+fn stats_of(model: &mut BigramModel, inputs: &[u32], targets: &[i32]) -> TokenStats {
+    model
+        .forward(inputs, targets, 1, inputs.len())
+        .unwrap()
+        .clone()
 }
 
 #[test]
@@ -50,10 +43,8 @@ fn random_policy_keeps_the_right_count_and_is_reproducible() {
         entropy: vec![1.0; n],
         valid: vec![true; n],
     };
-    let logits = vec![0.0f32; n * 8];
     let targets = vec![0i32; n];
     let ctx = StepContext {
-        logits: LogitsView::new(&logits, n, 8, 8).unwrap(),
         targets: &targets,
         stats: &stats,
         b: 1,
@@ -64,7 +55,7 @@ fn random_policy_keeps_the_right_count_and_is_reproducible() {
         let mut p = RandomKeep::new(keep, 7).unwrap();
         let state = p.state();
         let mut scores = Vec::new();
-        p.scores(&ctx, &mut scores).unwrap();
+        assert_eq!(p.score(&ctx, &mut scores).unwrap(), Score::Host);
         let mut sel = Selection::default();
         select(
             &scores,
@@ -83,9 +74,9 @@ fn random_policy_keeps_the_right_count_and_is_reproducible() {
         // Restoring the RNG state reproduces the same draw; a further draw differs.
         let mut again = Vec::new();
         p.restore(&state).unwrap();
-        p.scores(&ctx, &mut again).unwrap();
+        p.score(&ctx, &mut again).unwrap();
         assert_eq!(scores, again);
-        p.scores(&ctx, &mut again).unwrap();
+        p.score(&ctx, &mut again).unwrap();
         assert_ne!(scores, again);
     }
     assert!(RandomKeep::new(0.0, 1).is_err());
@@ -103,10 +94,9 @@ fn rho1_scores_are_excess_loss_over_the_reference() {
     let inputs: Vec<u32> = (0..40).map(|i| (i * 7 % vocab) as u32).collect();
     let targets: Vec<i32> = (0..40).map(|i| (i * 5 % vocab) as i32).collect();
     rho.prepare(&inputs, &targets, 1, 40).unwrap();
-    let (logits, st) = stats_of(&mut student, &inputs, &targets);
-    let (_, ref_st) = stats_of(&mut ref_copy, &inputs, &targets);
+    let st = stats_of(&mut student, &inputs, &targets);
+    let ref_st = stats_of(&mut ref_copy, &inputs, &targets);
     let ctx = StepContext {
-        logits: LogitsView::new(&logits, 40, vocab, student.logits_stride()).unwrap(),
         targets: &targets,
         stats: &st,
         b: 1,
@@ -114,7 +104,7 @@ fn rho1_scores_are_excess_loss_over_the_reference() {
         step: 0,
     };
     let mut scores = Vec::new();
-    rho.scores(&ctx, &mut scores).unwrap();
+    assert_eq!(rho.score(&ctx, &mut scores).unwrap(), Score::Host);
     assert_eq!(scores.len(), 40);
     for (i, &s) in scores.iter().enumerate() {
         assert_eq!(s, st.loss[i] - ref_st.loss[i]);
@@ -123,57 +113,6 @@ fn rho1_scores_are_excess_loss_over_the_reference() {
     assert_eq!(rho.normaliser(17, 40), 17.0);
     let budget = Rho1::new(Box::new(ref_copy), 0.4, Rho1Norm::Budget).unwrap();
     assert!((budget.normaliser(17, 40) - 16.0).abs() < 1e-12);
-}
-
-fn kd_loss_only(student: &[f32], teacher: &[f32], y: usize, w: f64, tau: f64) -> f64 {
-    let mut g = vec![0.0f32; student.len()];
-    kd_row_loss_grad(student, teacher, y, w, tau, 1.0, &mut g)
-}
-
-#[test]
-fn kd_gradient_matches_finite_differences() {
-    let mut rng = ChaCha8Rng::seed_from_u64(11);
-    for &(vocab, w, tau) in &[
-        (7usize, 0.5, 1.0),
-        (13, 0.3, 2.0),
-        (5, 1.0, 0.5),
-        (9, 0.0, 3.0),
-    ] {
-        let student: Vec<f32> = (0..vocab).map(|_| rng.gen_range(-3.0..3.0)).collect();
-        let teacher: Vec<f32> = (0..vocab).map(|_| rng.gen_range(-3.0..3.0)).collect();
-        let y = rng.gen_range(0..vocab);
-        let mut grad = vec![0.0f32; vocab + 3];
-        grad[vocab..].iter_mut().for_each(|g| *g = 9.0);
-        let scale = 0.25f32;
-        kd_row_loss_grad(&student, &teacher, y, w, tau, scale, &mut grad);
-        assert!(grad[vocab..].iter().all(|&g| g == 0.0), "padding zeroed");
-        for j in 0..vocab {
-            let h = 1e-2f32;
-            let (mut up, mut dn) = (student.clone(), student.clone());
-            up[j] += h;
-            dn[j] -= h;
-            let fd = (kd_loss_only(&up, &teacher, y, w, tau)
-                - kd_loss_only(&dn, &teacher, y, w, tau))
-                / ((up[j] - dn[j]) as f64);
-            let analytic = grad[j] as f64 / scale as f64;
-            assert!(
-                (fd - analytic).abs() <= 2e-4 + 1e-3 * fd.abs(),
-                "V{vocab} W{w} τ{tau} j{j}: fd {fd} vs {analytic}"
-            );
-        }
-    }
-}
-
-#[test]
-fn kd_with_zero_weight_is_cross_entropy_and_kl_vanishes_for_identical_models() {
-    let z = [0.5f32, -1.0, 2.0, 0.1];
-    let mut g = [0.0f32; 4];
-    let loss = kd_row_loss_grad(&z, &[9.0, 9.0, 9.0, 9.0], 2, 0.0, 1.0, 1.0, &mut g);
-    let lse = z.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
-    assert!((loss - (lse - 2.0)).abs() < 1e-9);
-    let pure_kd = kd_row_loss_grad(&z, &z, 2, 1.0, 2.0, 1.0, &mut g);
-    assert!(pure_kd.abs() < 1e-12);
-    assert!(g.iter().all(|&x| x.abs() < 1e-7));
 }
 
 #[test]
@@ -192,10 +131,9 @@ fn kd_policy_scores_by_the_teacher_and_rejects_bad_hyper_parameters() {
     let inputs: Vec<u32> = (0..20).map(|i| (i % vocab) as u32).collect();
     let targets: Vec<i32> = (0..20).map(|i| ((i + 3) % vocab) as i32).collect();
     kd.prepare(&inputs, &targets, 1, 20).unwrap();
-    let (logits, st) = stats_of(&mut student, &inputs, &targets);
-    let (_, tst) = stats_of(&mut t2, &inputs, &targets);
+    let st = stats_of(&mut student, &inputs, &targets);
+    let tst = stats_of(&mut t2, &inputs, &targets);
     let ctx = StepContext {
-        logits: LogitsView::new(&logits, 20, vocab, student.logits_stride()).unwrap(),
         targets: &targets,
         stats: &st,
         b: 1,
@@ -203,12 +141,16 @@ fn kd_policy_scores_by_the_teacher_and_rejects_bad_hyper_parameters() {
         step: 0,
     };
     let mut scores = Vec::new();
-    kd.scores(&ctx, &mut scores).unwrap();
+    kd.score(&ctx, &mut scores).unwrap();
     assert_eq!(scores, tst.entropy);
-    let stride = student.logits_stride();
-    let kept = [1u32, 4, 9];
-    let mut d = vec![0.0f32; kept.len() * stride];
-    let mean = kd.gradient(&ctx, &kept, 1.0 / 3.0, &mut d).unwrap();
+    // The KD loss of the kept rows, computed by the student's engine against the teacher's last forward.
+    student
+        .select(
+            eslm_train::model::ScoreSource::Host(&scores),
+            eslm_train::model::Keep::Rule(SelectRule::Var { alpha: 0.5 }),
+        )
+        .unwrap();
+    let mean = student.loss_grad(kd.loss(), 1.0 / 10.0).unwrap();
     assert!(mean.is_finite() && mean > 0.0);
     let bad = KdConfig {
         kd_weight: 1.5,
@@ -244,12 +186,13 @@ fn ada_alpha_moves_in_the_documented_direction_and_stays_in_bounds() {
     let mut ada = AdaEslm::new(ScoreKind::Loss, cfg).unwrap();
     let a0 = ada.alpha().unwrap();
     let keep = keep_top(a0, &heavy);
-    ada.observe(&heavy, &keep, &valid);
+    ada.observe(&heavy, &keep, &valid, &SingleProcess).unwrap();
     assert!(ada.last_mass().unwrap() > 0.6);
     assert!(ada.alpha().unwrap() > a0, "heavy tail must raise alpha");
     for _ in 0..500 {
         let a = ada.alpha().unwrap();
-        ada.observe(&heavy, &keep_top(a, &heavy), &valid);
+        ada.observe(&heavy, &keep_top(a, &heavy), &valid, &SingleProcess)
+            .unwrap();
         let a = ada.alpha().unwrap();
         assert!((0.2..=0.8).contains(&a));
     }
@@ -261,11 +204,13 @@ fn ada_alpha_moves_in_the_documented_direction_and_stays_in_bounds() {
     // (Distinct values: with exact ties VaR keeps every tied token.)
     let flat: Vec<f32> = (0..n).map(|i| 1.0 + i as f32 * 1e-4).collect();
     let mut ada = AdaEslm::new(ScoreKind::Loss, cfg).unwrap();
-    ada.observe(&flat, &keep_top(0.5, &flat), &valid);
+    ada.observe(&flat, &keep_top(0.5, &flat), &valid, &SingleProcess)
+        .unwrap();
     assert!(ada.alpha().unwrap() < 0.5, "flat scores must lower alpha");
     for _ in 0..2000 {
         let a = ada.alpha().unwrap();
-        ada.observe(&flat, &keep_top(a, &flat), &valid);
+        ada.observe(&flat, &keep_top(a, &flat), &valid, &SingleProcess)
+            .unwrap();
         assert!((0.2..=0.8).contains(&ada.alpha().unwrap()));
     }
     assert!(
@@ -299,11 +244,11 @@ fn hierarchical_drops_the_lowest_scoring_sequences() {
     let inputs: Vec<u32> = (0..b * t).map(|i| (i * 4 % vocab) as u32).collect();
     let targets: Vec<i32> = (0..b * t).map(|i| (i * 2 % vocab) as i32).collect();
     let kept = h
-        .filter_sequences(&mut model, &inputs, &targets, b, t)
+        .filter_sequences(&mut model, &inputs, &targets, b, t, &SingleProcess)
         .unwrap()
         .unwrap();
     assert_eq!(kept.len(), 3);
-    let (_, st) = stats_of(&mut model, &inputs, &targets);
+    let st = stats_of(&mut model, &inputs, &targets);
     let means = sequence_means(&st.loss, &st.valid, b, t);
     let min_kept = kept
         .iter()
@@ -317,7 +262,7 @@ fn hierarchical_drops_the_lowest_scoring_sequences() {
     assert!(
         Hierarchical::new(ScoreKind::Loss, 2, 0.5, 0.5)
             .unwrap()
-            .filter_sequences(&mut model, &inputs, &targets, b, t)
+            .filter_sequences(&mut model, &inputs, &targets, b, t, &SingleProcess)
             .is_err(),
         "exit layer beyond the model is an error"
     );
