@@ -9,11 +9,11 @@
 
 use crate::config::GptConfig;
 use crate::error::{Gpt2Error, Result};
+use crate::loss_head::LossHead;
 use crate::ops::attention::{self, AttnDims};
 use crate::ops::{encoder, gelu, layernorm, linear, residual, FlopCounter, RowSet};
-use crate::params::{layer, layer_mut, ParamSet};
-use crate::loss_head::LossHead;
 use crate::optim::AdamW;
+use crate::params::{layer, layer_mut, ParamSet};
 use eslm_kernels::LogitsView;
 
 /// Forward activations for `B_max·T_max` rows (per-layer tensors stacked over L, each `N_max` rows).

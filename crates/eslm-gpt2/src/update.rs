@@ -45,7 +45,10 @@ impl Gpt2 {
             return Ok(norm);
         }
         if let Some(s) = clip_coefficient(norm, grad_clip) {
-            self.grads_mut().as_mut_slice().iter_mut().for_each(|g| *g *= s);
+            self.grads_mut()
+                .as_mut_slice()
+                .iter_mut()
+                .for_each(|g| *g *= s);
         }
         let mut opt = match self.optimizer.take() {
             Some(o) => o,

@@ -99,6 +99,7 @@ pub fn kd_row<T: LogitElem>(
 /// # Errors
 /// The sparse CE argument checks (targets, kept rows, output size; a kept row must have a valid target), a
 /// teacher of another shape, or invalid [`KdParams`].
+#[allow(clippy::too_many_arguments)] // sparse_ce's arguments plus the teacher, in the same order
 pub fn kd_grad<T: LogitElem>(
     student: &LogitsView<T>,
     teacher: &LogitsView<T>,
@@ -130,7 +131,14 @@ pub fn kd_grad<T: LogitElem>(
         .zip(kept.par_iter())
         .map(|(out, &row)| {
             let r = row as usize;
-            kd_row(student.row(r), teacher.row(r), targets[r] as usize, kd, scale, out)
+            kd_row(
+                student.row(r),
+                teacher.row(r),
+                targets[r] as usize,
+                kd,
+                scale,
+                out,
+            )
         })
         .sum();
     Ok((sum / kept.len() as f64) as f32)

@@ -23,7 +23,10 @@ fn reference(scores: &[f32], valid: &[bool], alpha: f64) -> (f32, usize) {
 }
 
 /// Runs `global_threshold` on `ranks` threads, rank r holding `parts[r]`, with a summing reduction.
-fn simulated(parts: Vec<Vec<(Vec<f32>, Vec<bool>)>>, alpha: f64) -> Vec<Result<(f32, usize, usize), KernelError>> {
+fn simulated(
+    parts: Vec<Vec<(Vec<f32>, Vec<bool>)>>,
+    alpha: f64,
+) -> Vec<Result<(f32, usize, usize), KernelError>> {
     let ranks = parts.len();
     let barrier = Barrier::new(ranks);
     let sum: Mutex<Vec<u32>> = Mutex::new(Vec::new());
@@ -36,7 +39,10 @@ fn simulated(parts: Vec<Vec<(Vec<f32>, Vec<bool>)>>, alpha: f64) -> Vec<Result<(
                 s.spawn(move || {
                     let views: Vec<ScorePart> = mine
                         .iter()
-                        .map(|(sc, va)| ScorePart { scores: sc, valid: Some(va) })
+                        .map(|(sc, va)| ScorePart {
+                            scores: sc,
+                            valid: Some(va),
+                        })
                         .collect();
                     let mut reduce = |buf: &mut [u32]| {
                         barrier.wait();
@@ -56,7 +62,8 @@ fn simulated(parts: Vec<Vec<(Vec<f32>, Vec<bool>)>>, alpha: f64) -> Vec<Result<(
                         barrier.wait();
                         Ok(())
                     };
-                    global_threshold(&views, alpha, &mut reduce).map(|g| (g.threshold, g.k, g.valid))
+                    global_threshold(&views, alpha, &mut reduce)
+                        .map(|g| (g.threshold, g.k, g.valid))
                 })
             })
             .collect();
@@ -111,16 +118,43 @@ proptest! {
 
 #[test]
 fn one_row_ties_and_infinities() {
-    let one = [ScorePart { scores: &[2.5], valid: None }];
+    let one = [ScorePart {
+        scores: &[2.5],
+        valid: None,
+    }];
     let g = global_threshold(&one, 0.5, &mut |_| Ok(())).unwrap();
     assert_eq!((g.threshold, g.k, g.valid), (2.5, 1, 1));
     let tied = [1.0f32; 7];
-    let g = global_threshold(&[ScorePart { scores: &tied, valid: None }], 0.7, &mut |_| Ok(())).unwrap();
+    let g = global_threshold(
+        &[ScorePart {
+            scores: &tied,
+            valid: None,
+        }],
+        0.7,
+        &mut |_| Ok(()),
+    )
+    .unwrap();
     assert_eq!((g.threshold, g.k), (1.0, 3));
     let inf = [f32::NEG_INFINITY, f32::INFINITY, -0.0, 0.0];
-    let g = global_threshold(&[ScorePart { scores: &inf, valid: None }], 0.75, &mut |_| Ok(())).unwrap();
+    let g = global_threshold(
+        &[ScorePart {
+            scores: &inf,
+            valid: None,
+        }],
+        0.75,
+        &mut |_| Ok(()),
+    )
+    .unwrap();
     assert_eq!(g.threshold, f32::INFINITY);
-    let g = global_threshold(&[ScorePart { scores: &inf, valid: None }], 0.01, &mut |_| Ok(())).unwrap();
+    let g = global_threshold(
+        &[ScorePart {
+            scores: &inf,
+            valid: None,
+        }],
+        0.01,
+        &mut |_| Ok(()),
+    )
+    .unwrap();
     assert_eq!(g.threshold, f32::NEG_INFINITY);
 }
 
@@ -135,7 +169,10 @@ fn nan_on_any_rank_is_an_error_on_every_rank() {
     }
     // NaN in an invalid row is never inspected.
     let g = global_threshold(
-        &[ScorePart { scores: &[f32::NAN, 1.0], valid: Some(&[false, true]) }],
+        &[ScorePart {
+            scores: &[f32::NAN, 1.0],
+            valid: Some(&[false, true]),
+        }],
         0.5,
         &mut |_| Ok(()),
     )
@@ -146,12 +183,30 @@ fn nan_on_any_rank_is_an_error_on_every_rank() {
 #[test]
 fn errors_are_typed() {
     let s = [1.0f32];
-    let none = [ScorePart { scores: &s, valid: Some(&[false]) }];
-    assert_eq!(global_threshold(&none, 0.5, &mut |_| Ok(())).unwrap_err(), KernelError::NoValidRows);
-    let bad = [ScorePart { scores: &s, valid: Some(&[true, true]) }];
-    assert!(matches!(global_threshold(&bad, 0.5, &mut |_| Ok(())), Err(KernelError::Shape { .. })));
-    let ok = [ScorePart { scores: &s, valid: None }];
-    assert_eq!(global_threshold(&ok, 1.0, &mut |_| Ok(())).unwrap_err(), KernelError::InvalidAlpha(1.0));
+    let none = [ScorePart {
+        scores: &s,
+        valid: Some(&[false]),
+    }];
+    assert_eq!(
+        global_threshold(&none, 0.5, &mut |_| Ok(())).unwrap_err(),
+        KernelError::NoValidRows
+    );
+    let bad = [ScorePart {
+        scores: &s,
+        valid: Some(&[true, true]),
+    }];
+    assert!(matches!(
+        global_threshold(&bad, 0.5, &mut |_| Ok(())),
+        Err(KernelError::Shape { .. })
+    ));
+    let ok = [ScorePart {
+        scores: &s,
+        valid: None,
+    }];
+    assert_eq!(
+        global_threshold(&ok, 1.0, &mut |_| Ok(())).unwrap_err(),
+        KernelError::InvalidAlpha(1.0)
+    );
     let failing = global_threshold(&ok, 0.5, &mut |_| Err("rank 1 died".into())).unwrap_err();
     assert_eq!(failing, KernelError::Reduce("rank 1 died".into()));
 }

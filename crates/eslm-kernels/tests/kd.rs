@@ -14,8 +14,16 @@ fn loss_only(student: &[f32], teacher: &[f32], y: usize, kd: KdParams) -> f64 {
 #[test]
 fn row_gradient_matches_finite_differences() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    for &(vocab, w, tau) in &[(7usize, 0.5, 1.0), (13, 0.3, 2.0), (5, 1.0, 0.5), (9, 0.0, 3.0)] {
-        let kd = KdParams { kd_weight: w, temperature: tau };
+    for &(vocab, w, tau) in &[
+        (7usize, 0.5, 1.0),
+        (13, 0.3, 2.0),
+        (5, 1.0, 0.5),
+        (9, 0.0, 3.0),
+    ] {
+        let kd = KdParams {
+            kd_weight: w,
+            temperature: tau,
+        };
         let student: Vec<f32> = (0..vocab).map(|_| rng.gen_range(-3.0..3.0)).collect();
         let teacher: Vec<f32> = (0..vocab).map(|_| rng.gen_range(-3.0..3.0)).collect();
         let y = rng.gen_range(0..vocab);
@@ -43,11 +51,17 @@ fn row_gradient_matches_finite_differences() {
 fn zero_weight_is_cross_entropy_and_kl_vanishes_for_identical_models() {
     let z = [0.5f32, -1.0, 2.0, 0.1];
     let mut g = [0.0f32; 4];
-    let ce = KdParams { kd_weight: 0.0, temperature: 1.0 };
+    let ce = KdParams {
+        kd_weight: 0.0,
+        temperature: 1.0,
+    };
     let loss = kd_row(&z, &[9.0, 9.0, 9.0, 9.0], 2, ce, 1.0, &mut g);
     let lse = z.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
     assert!((loss - (lse - 2.0)).abs() < 1e-9);
-    let pure = KdParams { kd_weight: 1.0, temperature: 2.0 };
+    let pure = KdParams {
+        kd_weight: 1.0,
+        temperature: 2.0,
+    };
     assert!(kd_row(&z, &z, 2, pure, 1.0, &mut g).abs() < 1e-12);
     assert!(g.iter().all(|&x| x.abs() < 1e-7));
 }
@@ -58,9 +72,14 @@ fn batched_gradient_equals_the_row_function_on_kept_rows() {
     let (n, vocab, stride, out_stride) = (9usize, 50usize, 56usize, 53usize);
     let s: Vec<f32> = (0..n * stride).map(|_| rng.gen_range(-4.0..4.0)).collect();
     let t: Vec<f32> = (0..n * stride).map(|_| rng.gen_range(-4.0..4.0)).collect();
-    let targets: Vec<i32> = (0..n).map(|i| if i == 2 { -100 } else { (i * 7 % vocab) as i32 }).collect();
+    let targets: Vec<i32> = (0..n)
+        .map(|i| if i == 2 { -100 } else { (i * 7 % vocab) as i32 })
+        .collect();
     let kept = [0u32, 3, 8];
-    let kd = KdParams { kd_weight: 0.4, temperature: 1.5 };
+    let kd = KdParams {
+        kd_weight: 0.4,
+        temperature: 1.5,
+    };
     let sv = LogitsView::new(&s, n, vocab, stride).unwrap();
     let tv = LogitsView::new(&t, n, vocab, stride).unwrap();
     let mut out = vec![f32::NAN; kept.len() * out_stride];
@@ -68,19 +87,39 @@ fn batched_gradient_equals_the_row_function_on_kept_rows() {
     let mut want_sum = 0.0;
     for (i, &r) in kept.iter().enumerate() {
         let mut row = vec![0.0f32; out_stride];
-        want_sum += kd_row(sv.row(r as usize), tv.row(r as usize), targets[r as usize] as usize, kd, 0.5, &mut row);
-        assert_eq!(&out[i * out_stride..(i + 1) * out_stride], &row[..], "row {r}");
+        want_sum += kd_row(
+            sv.row(r as usize),
+            tv.row(r as usize),
+            targets[r as usize] as usize,
+            kd,
+            0.5,
+            &mut row,
+        );
+        assert_eq!(
+            &out[i * out_stride..(i + 1) * out_stride],
+            &row[..],
+            "row {r}"
+        );
     }
     assert!((mean as f64 - want_sum / 3.0).abs() < 1e-6);
     // K = 0 writes nothing and returns 0; an ignored kept row and a teacher of another shape are errors.
-    assert_eq!(kd_grad(&sv, &tv, &targets, &[], kd, 1.0, &mut [], out_stride).unwrap(), 0.0);
+    assert_eq!(
+        kd_grad(&sv, &tv, &targets, &[], kd, 1.0, &mut [], out_stride).unwrap(),
+        0.0
+    );
     let err = kd_grad(&sv, &tv, &targets, &[2], kd, 1.0, &mut out, out_stride).unwrap_err();
-    assert!(matches!(err, KernelError::KeptTargetOutOfRange { row: 2, .. }), "{err}");
+    assert!(
+        matches!(err, KernelError::KeptTargetOutOfRange { row: 2, .. }),
+        "{err}"
+    );
     let short = LogitsView::new(&t[..8 * stride], 8, vocab, stride).unwrap();
     assert!(matches!(
         kd_grad(&sv, &short, &targets, &kept, kd, 1.0, &mut out, out_stride),
         Err(KernelError::Shape { .. })
     ));
-    let bad = KdParams { kd_weight: 1.5, temperature: 1.0 };
+    let bad = KdParams {
+        kd_weight: 1.5,
+        temperature: 1.0,
+    };
     assert!(kd_grad(&sv, &tv, &targets, &kept, bad, 1.0, &mut out, out_stride).is_err());
 }

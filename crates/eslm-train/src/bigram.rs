@@ -155,7 +155,12 @@ impl BigramModel {
 }
 
 /// Row `x` of the weights `[V, Vp]` as a one-row logits view.
-fn weight_row(weights: &[f32], x: usize, vocab: usize, stride: usize) -> Result<LogitsView<'_, f32>> {
+fn weight_row(
+    weights: &[f32],
+    x: usize,
+    vocab: usize,
+    stride: usize,
+) -> Result<LogitsView<'_, f32>> {
     Ok(LogitsView::new(
         &weights[x * stride..(x + 1) * stride],
         1,
@@ -201,10 +206,9 @@ impl LanguageModel for BigramModel {
         Ok(&self.stats)
     }
     fn row_logits(&self, row: usize) -> Result<Vec<f32>> {
-        let x = *self
-            .last_inputs
-            .get(row)
-            .ok_or_else(|| TrainError::Model(format!("row {row} is not a row of the last forward")))?;
+        let x = *self.last_inputs.get(row).ok_or_else(|| {
+            TrainError::Model(format!("row {row} is not a row of the last forward"))
+        })?;
         Ok(self.row(x as usize)?.row(0).to_vec())
     }
     fn select(&mut self, score: ScoreSource<'_>, keep: Keep) -> Result<&Selection> {
@@ -221,12 +225,18 @@ impl LanguageModel for BigramModel {
         let teacher = match loss {
             LossSpec::CrossEntropy => None,
             LossSpec::Distill { teacher, params } => {
-                let t = teacher.as_any().downcast_ref::<BigramModel>().ok_or_else(|| {
-                    TrainError::Config("the teacher of a bigram student must be a bigram model".into())
-                })?;
+                let t = teacher
+                    .as_any()
+                    .downcast_ref::<BigramModel>()
+                    .ok_or_else(|| {
+                        TrainError::Config(
+                            "the teacher of a bigram student must be a bigram model".into(),
+                        )
+                    })?;
                 if t.vocab != self.vocab || t.last_inputs != self.last_inputs {
                     return Err(TrainError::Model(
-                        "eslm-kd: the teacher's last forward does not cover the student's rows".into(),
+                        "eslm-kd: the teacher's last forward does not cover the student's rows"
+                            .into(),
                     ));
                 }
                 Some((t, params))
@@ -243,19 +253,37 @@ impl LanguageModel for BigramModel {
             sum += match teacher {
                 None => {
                     let lse = [self.stats.lse[r]];
-                    sparse_ce(&row, &[self.targets[r]], &lse, &[0], scale, &mut grad, self.stride)?
-                        as f64
+                    sparse_ce(
+                        &row,
+                        &[self.targets[r]],
+                        &lse,
+                        &[0],
+                        scale,
+                        &mut grad,
+                        self.stride,
+                    )? as f64
                 }
                 Some((t, params)) => {
                     let y = self.targets[r];
                     if y < 0 {
-                        return Err(TrainError::Model(format!("eslm-kd: kept row {r} has no target")));
+                        return Err(TrainError::Model(format!(
+                            "eslm-kd: kept row {r} has no target"
+                        )));
                     }
-                    kd_row(row.row(0), t.row(x)?.row(0), y as usize, params, scale, &mut grad)
+                    kd_row(
+                        row.row(0),
+                        t.row(x)?.row(0),
+                        y as usize,
+                        params,
+                        scale,
+                        &mut grad,
+                    )
                 }
             };
             let dst = &mut self.pending[x * self.stride..x * self.stride + self.vocab];
-            dst.iter_mut().zip(&grad[..self.vocab]).for_each(|(d, &g)| *d += g);
+            dst.iter_mut()
+                .zip(&grad[..self.vocab])
+                .for_each(|(d, &g)| *d += g);
         }
         self.grad_ready = true;
         let k = self.selection.indices.len();
@@ -263,9 +291,14 @@ impl LanguageModel for BigramModel {
     }
     fn backward(&mut self) -> Result<()> {
         if !self.grad_ready {
-            return Err(TrainError::Model("backward needs loss_grad after the selection".into()));
+            return Err(TrainError::Model(
+                "backward needs loss_grad after the selection".into(),
+            ));
         }
-        self.grads.iter_mut().zip(&self.pending).for_each(|(g, &p)| *g += p);
+        self.grads
+            .iter_mut()
+            .zip(&self.pending)
+            .for_each(|(g, &p)| *g += p);
         self.flops += (self.selection.indices.len() * self.vocab) as u64;
         Ok(())
     }
@@ -287,7 +320,14 @@ impl LanguageModel for BigramModel {
         }
         self.adam_step += 1;
         let constants = AdamWStep::new(&s.adamw(), s.lr, self.adam_step);
-        adamw_update_slice(&mut self.weights, &self.grads, &mut self.m, &mut self.v, true, &constants);
+        adamw_update_slice(
+            &mut self.weights,
+            &self.grads,
+            &mut self.m,
+            &mut self.v,
+            true,
+            &constants,
+        );
         self.flops += 10 * self.weights.len() as u64;
         Ok(norm as f32)
     }
@@ -344,11 +384,17 @@ pub fn select_rows(scores: &[f32], valid: &[bool], keep: Keep, out: &mut Selecti
                 return Err(eslm_kernels::KernelError::NanScore { row }.into());
             }
             out.keep.clear();
-            out.keep.extend(scores.iter().zip(valid).map(|(&s, &v)| v && s >= th));
+            out.keep
+                .extend(scores.iter().zip(valid).map(|(&s, &v)| v && s >= th));
             out.indices.clear();
-            out.indices.extend((0..scores.len() as u32).filter(|&i| out.keep[i as usize]));
+            out.indices
+                .extend((0..scores.len() as u32).filter(|&i| out.keep[i as usize]));
             out.k = out.indices.len();
-            out.threshold = if th == f32::NEG_INFINITY { f32::NAN } else { th };
+            out.threshold = if th == f32::NEG_INFINITY {
+                f32::NAN
+            } else {
+                th
+            };
         }
     }
     Ok(())

@@ -543,5 +543,4 @@ impl RunConfig {
             },
         }
     }
-
 }

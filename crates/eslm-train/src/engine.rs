@@ -205,9 +205,9 @@ impl LanguageModel for Gpt2Model {
             .and_then(|s| s.as_u64())
             .ok_or_else(|| TrainError::Checkpoint(format!("{}: no step", path.display())))?;
         let snap = OptimizerSnapshot { m, v, step };
-        self.model.restore_optimizer(&snap).map_err(|e| {
-            TrainError::Checkpoint(format!("{}: {e}", dir.display()))
-        })
+        self.model
+            .restore_optimizer(&snap)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self

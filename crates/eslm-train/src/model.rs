@@ -80,8 +80,13 @@ pub trait LanguageModel: Any {
     fn num_params(&self) -> usize;
     /// Training forward over `b × t` tokens (keeps what the backward needs), then the token statistics against
     /// `targets` (`[b·t]`, negative = ignored).
-    fn forward(&mut self, inputs: &[u32], targets: &[i32], b: usize, t: usize)
-        -> Result<&TokenStats>;
+    fn forward(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i32],
+        b: usize,
+        t: usize,
+    ) -> Result<&TokenStats>;
     /// No-grad forward through the first `exit_layer` blocks (all when `None`), the final layer norm and the LM
     /// head, then the token statistics. Invalidates a pending training forward.
     fn forward_inference(

@@ -19,9 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use eslm_collective::{Collective, SingleProcess};
 use eslm_data::synthetic::TokenKind;
 use eslm_data::Batch;
-use eslm_collective::{Collective, SingleProcess};
 use eslm_kernels::global_select::{global_threshold, ScorePart};
 use eslm_kernels::select::SelectRule;
 use eslm_kernels::token_stats::TokenStats;
@@ -567,7 +567,9 @@ impl Trainer {
         self.model.zero_grad();
         let alpha = self.policy.alpha();
         match alpha {
-            Some(a) if self.cfg.quantile_scope == QuantileScope::Global && self.cfg.grad_accum > 1 => {
+            Some(a)
+                if self.cfg.quantile_scope == QuantileScope::Global && self.cfg.grad_accum > 1 =>
+            {
                 self.global_scope(a, &mut acc)?
             }
             _ => self.micro_scope(&mut acc)?,

@@ -30,7 +30,13 @@ fn batch(seed: u64) -> (Vec<u32>, Vec<i32>) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let inputs = (0..B * T).map(|_| rng.gen_range(0..67)).collect();
     let targets = (0..B * T)
-        .map(|i| if i % 7 == 3 { DEFAULT_IGNORE_INDEX } else { rng.gen_range(0..67) })
+        .map(|i| {
+            if i % 7 == 3 {
+                DEFAULT_IGNORE_INDEX
+            } else {
+                rng.gen_range(0..67)
+            }
+        })
         .collect();
     (inputs, targets)
 }
@@ -72,9 +78,13 @@ fn host_step(reference: &Reference, inputs: &[u32], targets: &[i32]) -> (Vec<u32
     let var = |a: f64| SelectRule::Var { alpha: a };
     match reference {
         Reference::All => {
-            sel.indices = (0..(B * T) as u32).filter(|&i| st.valid[i as usize]).collect();
+            sel.indices = (0..(B * T) as u32)
+                .filter(|&i| st.valid[i as usize])
+                .collect();
         }
-        Reference::Own(kind, a) => select(kind.of(&st), Some(&st.valid), var(*a), &mut sel).unwrap(),
+        Reference::Own(kind, a) => {
+            select(kind.of(&st), Some(&st.valid), var(*a), &mut sel).unwrap()
+        }
         Reference::Excess(_, keep) => {
             let r = &aux.as_ref().unwrap().1;
             let s: Vec<f32> = st.loss.iter().zip(&r.loss).map(|(l, q)| l - q).collect();
@@ -82,7 +92,13 @@ fn host_step(reference: &Reference, inputs: &[u32], targets: &[i32]) -> (Vec<u32
         }
         Reference::Random(seed, keep) => {
             let mut p = RandomKeep::new(*keep, *seed).unwrap();
-            let ctx = StepContext { targets, stats: &st, b: B, t: T, step: 0 };
+            let ctx = StepContext {
+                targets,
+                stats: &st,
+                b: B,
+                t: T,
+                step: 0,
+            };
             let mut s = Vec::new();
             p.score(&ctx, &mut s).unwrap();
             select(&s, Some(&st.valid), var(1.0 - keep), &mut sel).unwrap();
@@ -121,7 +137,13 @@ fn engine_step(
     model.zero_grad();
     policy.prepare(inputs, targets, B, T).unwrap();
     let st = model.forward(inputs, targets, B, T).unwrap().clone();
-    let ctx = StepContext { targets, stats: &st, b: B, t: T, step: 0 };
+    let ctx = StepContext {
+        targets,
+        stats: &st,
+        b: B,
+        t: T,
+        step: 0,
+    };
     let mut host = Vec::new();
     let score = match policy.score(&ctx, &mut host).unwrap() {
         Score::Loss => ScoreSource::Loss,
@@ -132,7 +154,9 @@ fn engine_step(
         .alpha()
         .map_or(Keep::AllValid, |a| Keep::Rule(SelectRule::Var { alpha: a }));
     let kept = model.select(score, keep).unwrap().indices.clone();
-    let loss = model.loss_grad(policy.loss(), 1.0 / kept.len() as f32).unwrap();
+    let loss = model
+        .loss_grad(policy.loss(), 1.0 / kept.len() as f32)
+        .unwrap();
     model.backward().unwrap();
     model.reduce_grads(&SingleProcess).unwrap();
     (kept, loss, model.inner().grads().as_slice().to_vec())
@@ -145,12 +169,20 @@ fn gpt(seed: u64) -> Box<dyn LanguageModel> {
 type Build = fn() -> Box<dyn SelectionPolicy>;
 
 fn kd_config() -> KdConfig {
-    KdConfig { score: ScoreKind::Loss, alpha: 0.5, kd_weight: 0.4, temperature: 2.0 }
+    KdConfig {
+        score: ScoreKind::Loss,
+        alpha: 0.5,
+        kd_weight: 0.4,
+        temperature: 2.0,
+    }
 }
 
 #[test]
 fn every_policy_matches_the_host_computation_bitwise() {
-    let kd = KdParams { kd_weight: 0.4, temperature: 2.0 };
+    let kd = KdParams {
+        kd_weight: 0.4,
+        temperature: 2.0,
+    };
     let cases: [(&str, Build, Reference); 6] = [
         ("clm", || Box::new(Clm), Reference::All),
         (
@@ -168,7 +200,11 @@ fn every_policy_matches_the_host_computation_bitwise() {
             || Box::new(Rho1::new(gpt(5), 0.5, Rho1Norm::Kept).unwrap()),
             Reference::Excess(5, 0.5),
         ),
-        ("random", || Box::new(RandomKeep::new(0.3, 9).unwrap()), Reference::Random(9, 0.3)),
+        (
+            "random",
+            || Box::new(RandomKeep::new(0.3, 9).unwrap()),
+            Reference::Random(9, 0.3),
+        ),
         (
             "eslm-kd",
             || Box::new(EslmKd::new(gpt(6), kd_config()).unwrap()),
@@ -181,9 +217,19 @@ fn every_policy_matches_the_host_computation_bitwise() {
             let (want_kept, want_loss, want_grads) = host_step(reference, &inputs, &targets);
             let (kept, loss, grads) = engine_step(build().as_mut(), &inputs, &targets);
             assert_eq!(kept, want_kept, "{name} seed {seed}: kept rows");
-            assert_eq!(loss.to_bits(), want_loss.to_bits(), "{name} seed {seed}: loss");
-            assert!(grads.iter().any(|&g| g != 0.0), "{name}: gradients are not all zero");
-            let same = grads.iter().zip(&want_grads).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert_eq!(
+                loss.to_bits(),
+                want_loss.to_bits(),
+                "{name} seed {seed}: loss"
+            );
+            assert!(
+                grads.iter().any(|&g| g != 0.0),
+                "{name}: gradients are not all zero"
+            );
+            let same = grads
+                .iter()
+                .zip(&want_grads)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{name} seed {seed}: gradients differ");
         }
     }
@@ -197,9 +243,18 @@ fn a_teacher_from_another_engine_is_refused() {
     teacher.forward(&inputs, &targets, B, T).unwrap();
     student.forward(&inputs, &targets, B, T).unwrap();
     student.select(ScoreSource::Loss, Keep::AllValid).unwrap();
-    let kd = KdParams { kd_weight: 0.5, temperature: 1.0 };
+    let kd = KdParams {
+        kd_weight: 0.5,
+        temperature: 1.0,
+    };
     let err = student
-        .loss_grad(LossSpec::Distill { teacher: &teacher, params: kd }, 1.0)
+        .loss_grad(
+            LossSpec::Distill {
+                teacher: &teacher,
+                params: kd,
+            },
+            1.0,
+        )
         .unwrap_err();
     assert!(err.to_string().contains("same engine"), "{err}");
 }

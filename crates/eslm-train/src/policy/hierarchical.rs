@@ -105,7 +105,8 @@ impl SelectionPolicy for Hierarchical {
             scores: &scores,
             valid: Some(&valid),
         }];
-        let mut reduce = |h: &mut [u32]| collective.all_reduce_sum_u32(h).map_err(|e| e.to_string());
+        let mut reduce =
+            |h: &mut [u32]| collective.all_reduce_sum_u32(h).map_err(|e| e.to_string());
         let threshold = match global_threshold(&part, self.instance_alpha, &mut reduce) {
             Ok(g) => g.threshold,
             Err(KernelError::NoValidRows) => return Ok(Some(Vec::new())),

@@ -78,7 +78,9 @@ impl SelectionPolicy for EslmKd {
         Some(self.config.alpha)
     }
     fn prepare(&mut self, inputs: &[u32], targets: &[i32], b: usize, t: usize) -> Result<()> {
-        let stats = self.teacher.forward_inference(inputs, targets, b, t, None)?;
+        let stats = self
+            .teacher
+            .forward_inference(inputs, targets, b, t, None)?;
         self.teacher_stats.clone_from(stats);
         Ok(())
     }

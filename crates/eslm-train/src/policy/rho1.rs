@@ -59,7 +59,9 @@ impl SelectionPolicy for Rho1 {
         (self.keep < 1.0).then_some(1.0 - self.keep)
     }
     fn prepare(&mut self, inputs: &[u32], targets: &[i32], b: usize, t: usize) -> Result<()> {
-        let stats = self.reference.forward_inference(inputs, targets, b, t, None)?;
+        let stats = self
+            .reference
+            .forward_inference(inputs, targets, b, t, None)?;
         self.ref_stats.clone_from(stats);
         Ok(())
     }
