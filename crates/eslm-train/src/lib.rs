@@ -14,6 +14,7 @@
 
 pub mod bigram;
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod data;
 pub mod engine;

@@ -36,6 +36,7 @@ enum Command {
     Sample(eslm_train::sample::SampleArgs),
     /// Plot validation loss of several runs against tokens, FLOPs and wall-clock.
     Plot(eslm_train::plot::PlotArgs),
+    Compare(eslm_train::compare::CompareArgs),
 }
 
 fn print_summary(s: &TrainSummary) {
@@ -95,7 +96,8 @@ fn print_summary(s: &TrainSummary) {
     }
 }
 
-fn train(args: TrainArgs) -> Result<()> {
+/// The Ctrl-C flag: the first Ctrl-C asks for a clean stop (checkpoint), the second exits at once.
+fn install_stop() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
@@ -108,6 +110,11 @@ fn train(args: TrainArgs) -> Result<()> {
         );
     })
     .context("installing the Ctrl-C handler")?;
+    Ok(stop)
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let stop = install_stop()?;
     let summary = eslm_train::run::run_training(&args, stop)?;
     print_summary(&summary);
     Ok(())
@@ -125,5 +132,8 @@ fn main() -> Result<()> {
             .map(|_| ())
             .map_err(Into::into),
         Some(Command::Plot(args)) => eslm_train::plot::run_plot(&args).map_err(Into::into),
+        Some(Command::Compare(args)) => eslm_train::compare::run_compare(&args, install_stop()?)
+            .map(|_| ())
+            .map_err(Into::into),
     }
 }
