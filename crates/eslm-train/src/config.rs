@@ -164,6 +164,10 @@ pub struct RunConfig {
     pub ada_gain: f64,
     /// Ada-ESLM: EMA coefficient β.
     pub ada_ema: f64,
+    /// Selection schedule: train every token (CLM) for this many steps first (`policy::schedule`).
+    pub select_warmup: u64,
+    /// Selection schedule: after the warm-up, grow α linearly from 0 over this many steps.
+    pub alpha_ramp: u64,
     /// Skip a step whose loss or gradient is not finite instead of stopping the run.
     pub skip_nonfinite: bool,
     /// Show the progress bar.
@@ -220,6 +224,8 @@ impl Default for RunConfig {
             target_mass: 0.6,
             ada_gain: 0.05,
             ada_ema: 0.9,
+            select_warmup: 0,
+            alpha_ramp: 0,
             skip_nonfinite: false,
             progress: true,
         }
@@ -365,6 +371,14 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantile_scope: Option<QuantileScope>,
+    /// Train every token (CLM) for this many steps before the policy selects [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub select_warmup: Option<u64>,
+    /// After the warm-up, grow the policy's α linearly from 0 over this many steps [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpha_ramp: Option<u64>,
     /// Hierarchical: blocks of the shallow pass.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

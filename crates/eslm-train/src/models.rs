@@ -11,7 +11,7 @@ use eslm_gpt2::GptConfig;
 use crate::engine::Gpt2Model;
 use crate::model::LanguageModel;
 use crate::policy::{
-    AdaConfig, AdaEslm, Clm, Eslm, EslmKd, Hierarchical, KdConfig, RandomKeep, Rho1,
+    AdaConfig, AdaEslm, Clm, Eslm, EslmKd, Hierarchical, KdConfig, RandomKeep, Rho1, Scheduled,
     SelectionPolicy,
 };
 
@@ -100,8 +100,19 @@ pub fn open_model(dir: &Path, b_max: usize, t_max: usize) -> Result<Box<dyn Lang
     Ok(Box::new(Gpt2Model::open(dir, b_max, t_max)?))
 }
 
-/// Builds the selection policy of `cfg` (opening the reference / teacher model for rho1 / eslm-kd).
+/// Builds the selection policy of `cfg` (opening the reference / teacher model for rho1 / eslm-kd), wrapped in
+/// the selection schedule when `--select-warmup` or `--alpha-ramp` is set.
 pub fn build_policy(cfg: &RunConfig) -> Result<Box<dyn SelectionPolicy>> {
+    let policy = build_base_policy(cfg)?;
+    Ok(if cfg.select_warmup > 0 || cfg.alpha_ramp > 0 {
+        Box::new(Scheduled::new(policy, cfg.select_warmup, cfg.alpha_ramp))
+    } else {
+        policy
+    })
+}
+
+/// The policy named by `--select`, without a selection schedule.
+fn build_base_policy(cfg: &RunConfig) -> Result<Box<dyn SelectionPolicy>> {
     Ok(match cfg.select {
         PolicyKind::Clm => Box::new(Clm),
         PolicyKind::Eslm => Box::new(Eslm::new(cfg.score, cfg.alpha)?),

@@ -565,6 +565,7 @@ impl Trainer {
         let realized_before = self.model.realized_flops();
         let mut acc = StepAcc::default();
         self.model.zero_grad();
+        self.policy.start_step(self.step);
         let alpha = self.policy.alpha();
         match alpha {
             Some(a)

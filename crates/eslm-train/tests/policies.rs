@@ -327,3 +327,27 @@ fn lr_schedule_warms_up_and_decays_to_the_floor() {
         prev = cfg.lr_at(s);
     }
 }
+
+#[test]
+fn scheduled_selection_starts_with_clm_then_ramps_alpha() {
+    use eslm_train::policy::{Eslm, Scheduled};
+    let mut p = Scheduled::new(Box::new(Eslm::new(ScoreKind::Loss, 0.6).unwrap()), 3, 4);
+    let alphas: Vec<Option<f64>> = (0..9)
+        .map(|s| {
+            p.start_step(s);
+            p.alpha()
+        })
+        .collect();
+    assert_eq!(&alphas[..3], &[None, None, None], "CLM warm-up");
+    let ramp: Vec<f64> = alphas[3..].iter().map(|a| a.unwrap()).collect();
+    let want = [0.15, 0.3, 0.45, 0.6, 0.6, 0.6];
+    for (got, want) in ramp.iter().zip(want) {
+        assert!((got - want).abs() < 1e-12, "{ramp:?}");
+    }
+    // Without a ramp the policy's α applies at once after the warm-up.
+    let mut q = Scheduled::new(Box::new(Eslm::new(ScoreKind::Loss, 0.6).unwrap()), 2, 0);
+    q.start_step(1);
+    assert_eq!(q.alpha(), None);
+    q.start_step(2);
+    assert_eq!(q.alpha(), Some(0.6));
+}

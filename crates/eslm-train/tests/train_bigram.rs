@@ -241,3 +241,30 @@ fn vocabulary_mismatch_is_an_error() {
         "{err}"
     );
 }
+
+#[test]
+fn select_warmup_trains_every_token_first() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let args = eslm_train::config::TrainArgs {
+        model: Some("bigram".into()),
+        synthetic_documents: Some(64),
+        vocab_size: Some(512),
+        select: Some(eslm_train::PolicyKind::Eslm),
+        alpha: Some(0.7),
+        select_warmup: Some(3),
+        steps: Some(6),
+        batch_size: Some(4),
+        seq_len: Some(16),
+        eval_every: Some(0),
+        out: Some(dir.path().to_path_buf()),
+        no_progress: true,
+        ..Default::default()
+    };
+    eslm_train::run::run_training(&args, Arc::new(AtomicBool::new(false))).unwrap();
+    let (steps, _) = eslm_train::metrics::read_metrics(&dir.path().join("metrics.jsonl")).unwrap();
+    let kept: Vec<f64> = steps.iter().map(|s| s.kept_fraction).collect();
+    assert!(kept[..3].iter().all(|&k| k == 1.0), "{kept:?}");
+    assert!(kept[3..].iter().all(|&k| k < 0.5), "{kept:?}");
+}

@@ -21,6 +21,7 @@ pub mod hierarchical;
 pub mod kd;
 pub mod random;
 pub mod rho1;
+pub mod schedule;
 
 use eslm_collective::Collective;
 use eslm_kernels::token_stats::TokenStats;
@@ -35,6 +36,7 @@ pub use hierarchical::Hierarchical;
 pub use kd::{EslmKd, KdConfig};
 pub use random::RandomKeep;
 pub use rho1::{Rho1, Rho1Norm};
+pub use schedule::Scheduled;
 
 /// Which per-token statistic a policy ranks tokens by.
 #[derive(
@@ -96,6 +98,11 @@ pub struct StepContext<'a> {
 pub trait SelectionPolicy {
     /// Short name used in logs (`clm`, `eslm`, ...).
     fn name(&self) -> &'static str;
+
+    /// Called by the trainer before each optimizer step with its 0-based index (schedules).
+    fn start_step(&mut self, step: u64) {
+        let _ = step;
+    }
 
     /// Fraction of valid rows dropped this step (`None`: keep every valid row).
     fn alpha(&self) -> Option<f64>;
