@@ -190,6 +190,25 @@ impl Gpt2 {
         })
     }
 
+    /// Importance-weighted cross-entropy on the selected rows: row `r` gets weight `row_weights[r]` (one weight
+    /// per row of the last forward; only kept rows' weights are read), i.e. `dZ_r = w_r·(softmax(z_r) −
+    /// onehot(y_r))·scale`. Returns the *unweighted* mean loss over the kept rows (for logging).
+    pub fn ce_grad_weighted(&mut self, row_weights: &[f32], scale: f32) -> Result<f32> {
+        check_len("row_weights", row_weights.len(), self.head.stats.rows())?;
+        let loss = self.ce_grad(scale)?;
+        let vp = self.config().padded_vocab_size;
+        let head = &mut self.head;
+        for (row, &r) in head
+            .dlogits
+            .chunks_exact_mut(vp)
+            .zip(&head.selection.indices)
+        {
+            let w = row_weights[r as usize];
+            row.iter_mut().for_each(|g| *g *= w);
+        }
+        Ok(loss)
+    }
+
     /// Distillation gradient on the selected rows against `teacher`, whose last forward covered the same rows
     /// (same batch shape and vocabulary); see [`eslm_kernels::kd`] for the loss. Returns the mean KD loss over
     /// the kept rows.

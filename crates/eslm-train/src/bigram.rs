@@ -222,8 +222,20 @@ impl LanguageModel for BigramModel {
         Ok(&self.selection)
     }
     fn loss_grad(&mut self, loss: LossSpec<'_>, scale: f32) -> Result<f32> {
+        let mut row_weights = None;
         let teacher = match loss {
             LossSpec::CrossEntropy => None,
+            LossSpec::WeightedCrossEntropy { row_weights: w } => {
+                if w.len() != self.last_inputs.len() {
+                    return Err(TrainError::Model(format!(
+                        "{} row weights for {} rows",
+                        w.len(),
+                        self.last_inputs.len()
+                    )));
+                }
+                row_weights = Some(w);
+                None
+            }
             LossSpec::Distill { teacher, params } => {
                 let t = teacher
                     .as_any()
@@ -280,10 +292,11 @@ impl LanguageModel for BigramModel {
                     )
                 }
             };
+            let w = row_weights.map_or(1.0, |w| w[r]);
             let dst = &mut self.pending[x * self.stride..x * self.stride + self.vocab];
             dst.iter_mut()
                 .zip(&grad[..self.vocab])
-                .for_each(|(d, &g)| *d += g);
+                .for_each(|(d, &g)| *d += w * g);
         }
         self.grad_ready = true;
         let k = self.selection.indices.len();

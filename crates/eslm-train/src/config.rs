@@ -30,6 +30,9 @@ pub enum PolicyKind {
     Random,
     /// Teacher-score selection with distillation.
     EslmKd,
+    /// Importance-sampled tokens, keep probability rising with the score, inverse-probability weights
+    /// (an unbiased estimate of the CLM gradient).
+    Importance,
 }
 
 /// Where the ESLM quantile is taken when a step has several gradient-accumulation micro-batches.
@@ -164,6 +167,8 @@ pub struct RunConfig {
     pub ada_gain: f64,
     /// Ada-ESLM: EMA coefficient β.
     pub ada_ema: f64,
+    /// Importance: the uniform share λ of the sampling weights (1 = uniform random, 0 = proportional to score).
+    pub importance_floor: f64,
     /// Selection schedule: train every token (CLM) for this many steps first (`policy::schedule`).
     pub select_warmup: u64,
     /// Selection schedule: after the warm-up, grow α linearly from 0 over this many steps.
@@ -224,6 +229,7 @@ impl Default for RunConfig {
             target_mass: 0.6,
             ada_gain: 0.05,
             ada_ema: 0.9,
+            importance_floor: 0.2,
             select_warmup: 0,
             alpha_ramp: 0,
             skip_nonfinite: false,
@@ -371,6 +377,10 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantile_scope: Option<QuantileScope>,
+    /// Importance: uniform share λ of the sampling weights, in [0, 1] [default: 0.2].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub importance_floor: Option<f64>,
     /// Train every token (CLM) for this many steps before the policy selects [default: 0].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -119,6 +119,10 @@ impl LanguageModel for Gpt2Model {
     fn loss_grad(&mut self, loss: LossSpec<'_>, scale: f32) -> Result<f32> {
         match loss {
             LossSpec::CrossEntropy => self.model.ce_grad(scale).map_err(engine_err),
+            LossSpec::WeightedCrossEntropy { row_weights } => self
+                .model
+                .ce_grad_weighted(row_weights, scale)
+                .map_err(engine_err),
             LossSpec::Distill { teacher, params } => {
                 let teacher = teacher
                     .as_any()

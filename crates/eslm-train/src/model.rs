@@ -58,6 +58,12 @@ impl OptimStep {
 pub enum LossSpec<'a> {
     /// Cross-entropy `lse − z_y`.
     CrossEntropy,
+    /// Cross-entropy with a weight per row (importance sampling: the inverse of each row's keep probability);
+    /// `row_weights` has one entry per row of the last forward.
+    WeightedCrossEntropy {
+        /// Weight of each row.
+        row_weights: &'a [f32],
+    },
     /// Cross-entropy blended with distillation towards `teacher` (same engine, same vocabulary; its last forward
     /// covered the same rows), see `eslm_kernels::kd`.
     Distill {

@@ -11,8 +11,8 @@ use eslm_gpt2::GptConfig;
 use crate::engine::Gpt2Model;
 use crate::model::LanguageModel;
 use crate::policy::{
-    AdaConfig, AdaEslm, Clm, Eslm, EslmKd, Hierarchical, KdConfig, RandomKeep, Rho1, Scheduled,
-    SelectionPolicy,
+    AdaConfig, AdaEslm, Clm, Eslm, EslmKd, Hierarchical, Importance, KdConfig, RandomKeep, Rho1,
+    Scheduled, SelectionPolicy,
 };
 
 /// The GPT-2 shape `(L, H, C, maxT)` of a preset name (before `--n-layer/--n-head/--n-embd` overrides), or
@@ -145,6 +145,12 @@ fn build_base_policy(cfg: &RunConfig) -> Result<Box<dyn SelectionPolicy>> {
             )?)
         }
         PolicyKind::Random => Box::new(RandomKeep::new(cfg.keep, cfg.seed)?),
+        PolicyKind::Importance => Box::new(Importance::new(
+            cfg.score,
+            cfg.keep,
+            cfg.importance_floor,
+            cfg.seed,
+        )?),
         PolicyKind::EslmKd => {
             let path = cfg
                 .teacher

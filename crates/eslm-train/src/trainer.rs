@@ -451,11 +451,7 @@ impl Trainer {
         let (scores, keep, divisor) = match rule {
             KeepRule::Micro => {
                 let scores = self.scores_of_micro(micro)?.to_vec();
-                let keep = match self.policy.alpha() {
-                    None => Keep::AllValid,
-                    Some(alpha) => Keep::Rule(SelectRule::Var { alpha }),
-                };
-                (scores, keep, None)
+                (scores, self.policy.keep(), None)
             }
             KeepRule::Global {
                 scores,
@@ -567,11 +563,10 @@ impl Trainer {
         self.model.zero_grad();
         self.policy.start_step(self.step);
         let alpha = self.policy.alpha();
-        match alpha {
-            Some(a)
-                if self.cfg.quantile_scope == QuantileScope::Global && self.cfg.grad_accum > 1 =>
-            {
-                self.global_scope(a, &mut acc)?
+        let global = self.cfg.quantile_scope == QuantileScope::Global && self.cfg.grad_accum > 1;
+        match self.policy.keep() {
+            Keep::Rule(SelectRule::Var { alpha }) if global => {
+                self.global_scope(alpha, &mut acc)?
             }
             _ => self.micro_scope(&mut acc)?,
         }

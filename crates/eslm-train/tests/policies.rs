@@ -351,3 +351,71 @@ fn scheduled_selection_starts_with_clm_then_ramps_alpha() {
     q.start_step(2);
     assert_eq!(q.alpha(), Some(0.6));
 }
+
+#[test]
+fn importance_probabilities_hit_the_budget_and_the_estimate_is_unbiased() {
+    use eslm_train::policy::importance::keep_probabilities;
+    use eslm_train::policy::Importance;
+    // Water-filling: the largest weight is clipped at 1, the rest scale to the remaining budget.
+    let p = keep_probabilities(&[10.0, 1.0, 1.0, 2.0, -1.0], 2.0);
+    assert_eq!(p[0], 1.0);
+    assert_eq!(
+        p[4], 0.0,
+        "rows with a negative weight (invalid) are never kept"
+    );
+    assert!((p.iter().sum::<f64>() - 2.0).abs() < 1e-12);
+    assert!((p[3] - 0.5).abs() < 1e-12 && (p[1] - 0.25).abs() < 1e-12);
+    // The inverse-probability weighted kept loss, divided by M, averages to the mean loss over valid rows.
+    let n = 64;
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let loss: Vec<f32> = (0..n).map(|_| rng.gen_range(0.01..6.0)).collect();
+    let mut valid = vec![true; n];
+    valid[5] = false;
+    let stats = TokenStats {
+        lse: vec![0.0; n],
+        loss: loss.clone(),
+        entropy: vec![1.0; n],
+        valid: valid.clone(),
+    };
+    let targets = vec![0i32; n];
+    let ctx = StepContext {
+        targets: &targets,
+        stats: &stats,
+        b: 1,
+        t: n,
+        step: 0,
+    };
+    let m = valid.iter().filter(|&&v| v).count() as f64;
+    let want: f64 = (0..n)
+        .filter(|&i| valid[i])
+        .map(|i| loss[i] as f64)
+        .sum::<f64>()
+        / m;
+    let mut p = Importance::new(ScoreKind::Loss, 0.25, 0.2, 11).unwrap();
+    let (mut est, mut kept_total, draws) = (0.0f64, 0usize, 4000);
+    for _ in 0..draws {
+        let mut host = Vec::new();
+        assert_eq!(p.score(&ctx, &mut host).unwrap(), Score::Host);
+        assert_eq!(host[5], 0.0, "an invalid row is never sampled");
+        let eslm_train::model::LossSpec::WeightedCrossEntropy { row_weights } = p.loss() else {
+            panic!("importance uses weighted cross-entropy");
+        };
+        for i in 0..n {
+            if host[i] == 1.0 {
+                est += row_weights[i] as f64 * loss[i] as f64 / p.normaliser(0, m as usize);
+                kept_total += 1;
+            }
+        }
+    }
+    est /= draws as f64;
+    assert!(
+        (est - want).abs() < 0.02 * want,
+        "E[estimate] {est} vs mean loss {want}"
+    );
+    let mean_kept = kept_total as f64 / draws as f64;
+    assert!(
+        (mean_kept - 0.25 * m).abs() < 0.3,
+        "expected kept count {mean_kept}"
+    );
+    assert!(Importance::new(ScoreKind::Loss, 0.3, 1.5, 1).is_err());
+}

@@ -268,3 +268,39 @@ fn select_warmup_trains_every_token_first() {
     assert!(kept[..3].iter().all(|&k| k == 1.0), "{kept:?}");
     assert!(kept[3..].iter().all(|&k| k < 0.5), "{kept:?}");
 }
+
+#[test]
+fn importance_policy_trains_and_resumes_its_rng() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let args = |steps: u64, resume: bool| eslm_train::config::TrainArgs {
+        model: Some("bigram".into()),
+        synthetic_documents: Some(64),
+        vocab_size: Some(512),
+        select: Some(eslm_train::PolicyKind::Importance),
+        keep: Some(0.3),
+        steps: Some(steps),
+        batch_size: Some(4),
+        seq_len: Some(16),
+        lr: Some(0.05),
+        eval_every: Some(0),
+        out: Some(dir.path().to_path_buf()),
+        resume,
+        no_progress: true,
+        ..Default::default()
+    };
+    let stop = || Arc::new(AtomicBool::new(false));
+    let full = eslm_train::run::run_training(&args(8, false), stop()).unwrap();
+    assert!(
+        full.kept_fraction > 0.1 && full.kept_fraction < 0.5,
+        "{}",
+        full.kept_fraction
+    );
+    assert!(full.losses.iter().all(|l| l.is_finite()));
+    assert!(
+        full.losses.last().unwrap() < full.losses.first().unwrap(),
+        "{:?}",
+        full.losses
+    );
+}

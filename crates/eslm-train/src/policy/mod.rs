@@ -18,6 +18,7 @@ pub mod ada;
 pub mod clm;
 pub mod eslm;
 pub mod hierarchical;
+pub mod importance;
 pub mod kd;
 pub mod random;
 pub mod rho1;
@@ -27,12 +28,15 @@ use eslm_collective::Collective;
 use eslm_kernels::token_stats::TokenStats;
 
 use crate::error::{Result, TrainError};
-use crate::model::{LanguageModel, LossSpec};
+use eslm_kernels::select::SelectRule;
+
+use crate::model::{Keep, LanguageModel, LossSpec};
 
 pub use ada::{AdaConfig, AdaEslm};
 pub use clm::Clm;
 pub use eslm::Eslm;
 pub use hierarchical::Hierarchical;
+pub use importance::Importance;
 pub use kd::{EslmKd, KdConfig};
 pub use random::RandomKeep;
 pub use rho1::{Rho1, Rho1Norm};
@@ -106,6 +110,15 @@ pub trait SelectionPolicy {
 
     /// Fraction of valid rows dropped this step (`None`: keep every valid row).
     fn alpha(&self) -> Option<f64>;
+
+    /// Which valid rows the engine keeps: by default the VaR rule at [`SelectionPolicy::alpha`] over the scores
+    /// (every valid row when α is `None`). A policy that samples its rows returns `Keep::AtLeast` over 0/1 host
+    /// scores.
+    fn keep(&self) -> Keep {
+        self.alpha().map_or(Keep::AllValid, |alpha| {
+            Keep::Rule(SelectRule::Var { alpha })
+        })
+    }
 
     /// Optionally drops whole sequences before the training forward; returns the kept sequence indices
     /// (ascending) or `None` for all. `model` is the model being trained (for a no-grad shallow pass); a

@@ -17,7 +17,9 @@ use eslm_collective::Collective;
 
 use super::{Score, SelectionPolicy, StepContext};
 use crate::error::Result;
-use crate::model::{LanguageModel, LossSpec};
+use eslm_kernels::select::SelectRule;
+
+use crate::model::{Keep, LanguageModel, LossSpec};
 
 /// A policy whose selection starts after a CLM warm-up and ramps its α up.
 pub struct Scheduled {
@@ -64,6 +66,15 @@ impl SelectionPolicy for Scheduled {
         let scaled = a * f;
         // An α of 0 keeps every row: say so rather than asking VaR for α = 0 (outside its domain).
         (scaled > 0.0).then_some(scaled)
+    }
+    fn keep(&self) -> Keep {
+        match (self.alpha_factor(self.step), self.alpha()) {
+            (None, _) | (_, None) => Keep::AllValid,
+            (Some(_), Some(alpha)) => match self.inner.keep() {
+                Keep::Rule(SelectRule::Var { .. }) => Keep::Rule(SelectRule::Var { alpha }),
+                other => other,
+            },
+        }
     }
     fn filter_sequences(
         &mut self,
