@@ -36,6 +36,11 @@ pub use select::{DeviceSelection, SelectionSummary};
 pub use sparse_ce::{DeviceSparseCe, GradScale, SparseCeArgs};
 pub use token_stats::DeviceTokenStats;
 
+// The shapes the kernels assume of the header's block sizes (the .cu files static_assert the same).
+const _: () = assert!(params::ESLM_SELECT_BINS == 2 * params::ESLM_SEL_PICK_THREADS);
+const _: () = assert!(params::ESLM_TS_THREADS % 32 == 0 && params::ESLM_TS_THREADS / 32 <= 32);
+const _: () = assert!(params::ESLM_CE_REDUCE_THREADS.is_power_of_two());
+
 /// What [`DeviceSelection::indices`] holds past the kept count (`ESLM_NO_ROW`: never a row index).
 pub const NO_ROW: u32 = params::ESLM_NO_ROW;
 
@@ -366,10 +371,6 @@ mod tests {
         assert_eq!(token_stats::THREADS, ESLM_TS_THREADS);
         assert_eq!(sparse_ce::THREADS, ESLM_CE_THREADS);
         assert_eq!(select::THREADS, ESLM_SEL_THREADS);
-        assert_eq!(ESLM_SELECT_BINS, 2 * ESLM_SEL_PICK_THREADS);
-        assert_eq!(ESLM_TS_THREADS % 32, 0);
-        assert!(ESLM_TS_THREADS / 32 <= 32);
-        assert!(ESLM_CE_REDUCE_THREADS.is_power_of_two());
         assert_eq!(NO_ROW, u32::MAX);
     }
 

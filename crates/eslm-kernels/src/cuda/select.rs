@@ -30,7 +30,6 @@ const TILE: usize = (ESLM_SEL_THREADS * ESLM_SEL_ITEMS) as usize;
 const PICK_THREADS: u32 = ESLM_SEL_PICK_THREADS;
 /// Threads of the tile scan (`ESLM_SEL_SCAN_THREADS`).
 const SCAN_THREADS: u32 = ESLM_SEL_SCAN_THREADS;
-const _: () = assert!(ESLM_SELECT_BINS == 2 * ESLM_SEL_PICK_THREADS);
 /// Rows per thread the histogram grid aims for (the grid is capped at 1024 blocks).
 const HIST_ROWS_PER_THREAD: usize = 16;
 /// The state struct as u32 words.
