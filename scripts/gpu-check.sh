@@ -87,6 +87,9 @@ run_test() {
 
 echo "=== GPU"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$OUT/gpu.txt"
+# Without a GPU the parity tests still run (and skip visibly); the sanitizer and the benchmarks are not run.
+have_gpu=1
+nvidia-smi -L >/dev/null 2>&1 || { have_gpu=0; echo "no GPU found (nvidia-smi -L failed): sanitizer and benchmarks are not run"; }
 
 # 2. Parity tests, launches synchronous.
 for t in "$BIN"/tests/*; do
@@ -112,6 +115,11 @@ fi
 for tool in memcheck racecheck synccheck; do
   for t in "$BIN"/tests/*; do
     [ -x "$t" ] || continue
+    if [ "$have_gpu" -eq 0 ]; then
+      row "compute-sanitizer $tool" "$(basename "$t")" "NOT RUN (no GPU)" - - - 0
+      fails=$((fails + 1))
+      continue
+    fi
     if [ -z "$sanitizer" ]; then
       row "compute-sanitizer $tool" "$(basename "$t")" "NOT RUN (no compute-sanitizer)" - - - 0
       fails=$((fails + 1))
@@ -127,6 +135,11 @@ for b in "$BIN"/benches/*; do
   [ -x "$b" ] || continue
   name=$(basename "$b")
   limit=$(limit_for "$BENCH_LIMIT_S")
+  if [ "$have_gpu" -eq 0 ]; then
+    row "bench" "$name" "NOT RUN (no GPU)" - - - 0
+    fails=$((fails + 1))
+    continue
+  fi
   if [ "$limit" -eq 0 ]; then
     row "bench" "$name" "SKIPPED (time budget spent)" - - - 0
     continue
