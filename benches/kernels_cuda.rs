@@ -170,9 +170,13 @@ fn run(gpu: &CudaKernels) -> Result<String> {
             gpu.select(&view, None, SelectRule::Var { alpha: 0.5 }, &mut sel)
         })?;
         let summary = sel.summary(gpu)?;
-        if summary.count != n.div_ceil(2) {
+        // k = ⌈n/2⌉ exactly; VaR keeps every tie at the threshold, so the count may exceed k (random f32 scores
+        // can repeat), never fall below it.
+        if summary.k != n.div_ceil(2) || summary.count < summary.k {
             return Err(KernelError::Cuda(format!(
-                "select kept {} of {n}",
+                "select: k {} (want {}), kept {} of {n} (want at least k)",
+                summary.k,
+                n.div_ceil(2),
                 summary.count
             )));
         }

@@ -15,6 +15,14 @@
 
 #include "eslm_kernels.h"
 
+/* Every kernel starts with this: the block size is defined once (eslm_kernels.h, ESLM_*_THREADS) and the loops,
+ * shared arrays and CUB templates assume it, so a launch with another block size traps (an error the host sees at
+ * the next synchronisation) instead of computing garbage. Uniform across the grid: no divergence. */
+#define ESLM_REQUIRE_BLOCK(THREADS)                                                   \
+    do {                                                                              \
+        if (blockDim.x != (THREADS) || blockDim.y != 1u || blockDim.z != 1u) __trap(); \
+    } while (0)
+
 /* Element traits: f32 and bf16 (raw bits). */
 template <typename T> struct Elem;
 

@@ -21,6 +21,30 @@
 #define ESLM_STATUS_INVALID_K 8u
 /* sparse_ce: a kept index >= rows, or a kept row whose target is outside [0, vocab) (its output row is zeroed). */
 #define ESLM_STATUS_BAD_KEPT_ROW 16u
+/* sparse_ce: the device kept count K exceeds the capacity (max_kept) of kept / dlogits / scratch (VaR ties can keep
+ * more than ceil((1 - alpha) M) rows). Nothing is computed: every output row is zeroed and the loss is NaN; the
+ * count the kernel read is stored next to the status word so the host can name it. */
+#define ESLM_STATUS_KEPT_OVER_CAPACITY 32u
+
+/* select: indices entries [count, capacity) hold this value after a selection (never a row: rows < 2^32 - 1). */
+#define ESLM_NO_ROW 0xFFFFFFFFu
+
+/* ---- block sizes: the ONE definition, used by the .cu launch bounds, loops and CUB templates and by the Rust
+ * launchers (through bindgen). Every kernel traps (__trap) if launched with another block size. ---- */
+/* token_stats_*: one block per row. */
+#define ESLM_TS_THREADS 512
+/* sparse_ce_*: one block per kept row. */
+#define ESLM_CE_THREADS 512
+/* sparse_ce_loss: one block. */
+#define ESLM_CE_REDUCE_THREADS 256
+/* select_init, select_histogram, select_tile_counts, select_write. */
+#define ESLM_SEL_THREADS 256
+/* select: rows per thread in a tile (tile = ESLM_SEL_THREADS * ESLM_SEL_ITEMS rows). */
+#define ESLM_SEL_ITEMS 8
+/* select_pick: two histogram bins per thread (ESLM_SELECT_BINS / 2). */
+#define ESLM_SEL_PICK_THREADS 1024
+/* select_tile_scan: one block. */
+#define ESLM_SEL_SCAN_THREADS 512
 
 /* ---- selection ---- */
 /* Radix digits of the 32-bit keys, most significant first: 11 + 11 + 10 bits. */
@@ -43,9 +67,11 @@ typedef struct EslmTokenStatsParams {
     int32_t _pad;
 } EslmTokenStatsParams;
 
-/* select: scores [rows], valid [rows] (u8, optional) -> state, keep [rows] (u8), indices [<= rows] (u32, ascending). */
+/* select: scores [rows], valid [rows] (u8, optional) -> state, keep [rows] (u8), indices [capacity] (u32: the kept
+ * rows ascending in [0, count), ESLM_NO_ROW in [count, capacity)). */
 typedef struct EslmSelectParams {
-    uint64_t rows;      /* N, < 2^32 */
+    uint64_t rows;      /* N, < 2^32 - 1 */
+    uint64_t capacity;  /* entries of indices, >= rows */
     double alpha;       /* VaR: fraction dropped, in (0, 1) (checked on the host) */
     uint64_t topk;      /* TopK: requested k (1 <= k <= M checked on the device) */
     int32_t rule;       /* ESLM_RULE_VAR or ESLM_RULE_TOPK */
@@ -72,13 +98,15 @@ typedef struct EslmSelectState {
     uint32_t _pad;
 } EslmSelectState;
 
-/* sparse_ce: logits [rows, stride], targets [rows], lse [rows], kept [count] -> dlogits [count, out_stride]. */
+/* sparse_ce: logits [rows, stride], targets [rows], lse [rows], kept [max_kept] (the first K used), K (device)
+ *   -> dlogits [max_kept, out_stride]: rows [0, K) the gradients, rows [K, max_kept) zeroed;
+ *      status [2]: ESLM_STATUS_* bits in status[0], the K the kernel read in status[1]. */
 typedef struct EslmSparseCeParams {
     uint64_t rows;        /* N */
     uint64_t vocab;       /* V */
     uint64_t stride;      /* logits row stride (elements) */
     uint64_t out_stride;  /* dlogits row stride (elements), >= V; columns V..out_stride are zeroed */
-    uint64_t max_kept;    /* capacity of kept / dlogits rows: the device count is clamped to it */
+    uint64_t max_kept;    /* capacity of kept / dlogits rows; K > max_kept is ESLM_STATUS_KEPT_OVER_CAPACITY */
     float scale;          /* g: gradient scale */
     int32_t divide_by_count; /* 1: use g / count (count read on the device), e.g. scale = 1 gives the mean */
 } EslmSparseCeParams;

@@ -26,8 +26,13 @@
  *   select_write                   per tile: a block scan gives, for row r, G(r) = #{key > T, row < r} and
  *                                  E(r) = #{key == T, row < r}. Row r is kept iff key > T, or key == T and
  *                                  E(r) < ties_allowed; a kept row goes to indices[G(r) + min(E(r), ties_allowed)],
- *                                  so the indices come out ascending. keep[r] is written for every row.
- * On an error (NaN score, no valid row, k > M) the count is 0, keep is all 0 and indices is not written.
+ *                                  so the indices come out ascending. keep[r] is written for every row, and
+ *                                  indices[j] = ESLM_NO_ROW for j in [count, capacity), so entries past the
+ *                                  count never hold a previous selection's rows.
+ * On an error (NaN score, no valid row, k > M) the count is 0, keep is all 0 and indices is all ESLM_NO_ROW.
+ *
+ * Block sizes: ESLM_SEL_THREADS, ESLM_SEL_PICK_THREADS and ESLM_SEL_SCAN_THREADS (eslm_kernels.h), checked at
+ * every kernel's entry (ESLM_REQUIRE_BLOCK).
  */
 #include <math.h>
 
@@ -36,11 +41,13 @@
 
 #include "common.cuh"
 
-#define SEL_THREADS 256        /* histogram, tile count and write kernels */
-#define SEL_ITEMS 8            /* rows per thread in a tile (blocked: thread t owns rows t*ITEMS ..) */
+#define SEL_THREADS ESLM_SEL_THREADS           /* histogram, tile count and write kernels */
+#define SEL_ITEMS ESLM_SEL_ITEMS               /* rows per thread in a tile (blocked: thread t owns rows t*ITEMS ..) */
 #define SEL_TILE (SEL_THREADS * SEL_ITEMS)
-#define SEL_PICK_THREADS 1024  /* ESLM_SELECT_BINS / 2: two bins per thread */
-#define SEL_SCAN_THREADS 512   /* tile scan: 64-bit scan state, fewer threads keep it in registers */
+#define SEL_PICK_THREADS ESLM_SEL_PICK_THREADS /* ESLM_SELECT_BINS / 2: two bins per thread */
+#define SEL_SCAN_THREADS ESLM_SEL_SCAN_THREADS /* tile scan: 64-bit scan state, fewer threads keep it in registers */
+static_assert(ESLM_SELECT_BINS == 2 * SEL_PICK_THREADS, "select_pick: two bins per thread");
+static_assert(ESLM_SELECT_BINS == (1 << ESLM_SELECT_DIGIT_BITS), "11-bit digits");
 
 /* Order-preserving map from a non-NaN float to u32 (-0.0 and +0.0 share a key). */
 __device__ __forceinline__ uint32_t to_key(float x) {
@@ -67,6 +74,7 @@ __device__ __forceinline__ uint32_t prefix_mask(uint32_t pass) {
 
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
 select_init(EslmSelectState* __restrict__ state, uint32_t* __restrict__ hist) {
+    ESLM_REQUIRE_BLOCK(SEL_THREADS);
     for (uint32_t b = threadIdx.x; b < ESLM_SELECT_BINS; b += blockDim.x) hist[b] = 0u;
     if (threadIdx.x == 0) {
         EslmSelectState s = {};
@@ -79,6 +87,7 @@ select_init(EslmSelectState* __restrict__ state, uint32_t* __restrict__ hist) {
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
 select_histogram(const EslmSelectParams p, const float* __restrict__ scores, const uint8_t* __restrict__ valid,
                  EslmSelectState* __restrict__ state, uint32_t* __restrict__ hist, const uint32_t pass) {
+    ESLM_REQUIRE_BLOCK(SEL_THREADS);
     __shared__ uint32_t bins[ESLM_SELECT_BINS];
     __shared__ uint32_t block_valid;
     /* Passes 1 and 2 read a status that only the pick kernels wrote (previous launches): uniform exit. */
@@ -133,6 +142,7 @@ select_pick(const EslmSelectParams p, EslmSelectState* __restrict__ state, uint3
     typedef cub::BlockScan<uint32_t, SEL_PICK_THREADS> Scan;
     __shared__ typename Scan::TempStorage scan_tmp;
     __shared__ uint32_t s_status, s_rank;
+    ESLM_REQUIRE_BLOCK(SEL_PICK_THREADS);
     if (threadIdx.x == 0) {
         uint32_t status = state->status;
         if (pass == 0 && status == 0u) {
@@ -211,6 +221,7 @@ select_tile_counts(const EslmSelectParams p, const float* __restrict__ scores, c
                    const EslmSelectState* __restrict__ state, unsigned long long* __restrict__ tile_counts) {
     typedef cub::BlockReduce<unsigned long long, SEL_THREADS> Reduce;
     __shared__ typename Reduce::TempStorage tmp;
+    ESLM_REQUIRE_BLOCK(SEL_THREADS);
     if (state->status != 0u) return;
     const uint32_t thr = state->prefix;
     const uint64_t base = (uint64_t)blockIdx.x * SEL_TILE + (uint64_t)threadIdx.x * SEL_ITEMS;
@@ -226,6 +237,7 @@ select_tile_scan(const EslmSelectState* __restrict__ state, unsigned long long* 
                  const uint32_t num_tiles) {
     typedef cub::BlockScan<unsigned long long, SEL_SCAN_THREADS> Scan;
     __shared__ typename Scan::TempStorage tmp;
+    ESLM_REQUIRE_BLOCK(SEL_SCAN_THREADS);
     if (state->status != 0u) return;
     unsigned long long carry = 0ull;
     for (uint32_t base = 0; base < num_tiles; base += SEL_SCAN_THREADS) {
@@ -245,14 +257,23 @@ select_write(const EslmSelectParams p, const float* __restrict__ scores, const u
              uint8_t* __restrict__ keep, uint32_t* __restrict__ indices) {
     typedef cub::BlockScan<unsigned long long, SEL_THREADS> Scan;
     __shared__ typename Scan::TempStorage tmp;
+    ESLM_REQUIRE_BLOCK(SEL_THREADS);
     const uint64_t base = (uint64_t)blockIdx.x * SEL_TILE + (uint64_t)threadIdx.x * SEL_ITEMS;
+    /* indices [rows, capacity): never a row of this selection (stale entries of an earlier, larger one). */
+    for (uint64_t j = p.rows + (uint64_t)blockIdx.x * SEL_THREADS + threadIdx.x; j < p.capacity;
+         j += (uint64_t)gridDim.x * SEL_THREADS)
+        indices[j] = ESLM_NO_ROW;
     if (state->status != 0u) {
         for (int j = 0; j < SEL_ITEMS; j++)
-            if (base + j < p.rows) keep[base + j] = 0;
+            if (base + j < p.rows) {
+                keep[base + j] = 0;
+                indices[base + j] = ESLM_NO_ROW;
+            }
         return;
     }
     const uint32_t thr = state->prefix;
     const uint32_t ties = state->ties_allowed;
+    const uint32_t count = state->count;
     uint32_t cls[SEL_ITEMS];
     unsigned long long mine = 0ull;
 #pragma unroll
@@ -270,6 +291,8 @@ select_write(const EslmSelectParams p, const float* __restrict__ scores, const u
         if (r >= p.rows) break;
         const bool kept = cls[j] == 2u || (cls[j] == 1u && e < ties);
         if (kept) indices[g + (e < ties ? e : ties)] = (uint32_t)r;
+        /* Slot r >= count is never a kept row's slot (those are < count): no two threads write one slot. */
+        if (r >= count) indices[r] = ESLM_NO_ROW;
         keep[r] = kept ? 1 : 0;
         g += cls[j] == 2u;
         e += cls[j] == 1u;

@@ -8,7 +8,7 @@
  *
  * One pass, one exp per logit: each thread keeps a running (m, s, t). It loads a chunk of logits (UNROLL 16-byte
  * vectors = 16 values), takes the chunk maximum FIRST, and only if that exceeds m rescales its accumulators once
- * (m -> m', d = m - m', s' = s e^d, t' = e^d (t + d s)); then it adds e^{z-m} and e^{z-m}(z-m) for each value of
+ * (m -> m', d = max(m - m', -128), s' = s e^d, t' = e^d (t + d s)); then it adds e^{z-m} and e^{z-m}(z-m) for each value of
  * the chunk with a single exp each (ex2.approx, see fast_exp_nonpos). (The common online update that rescales
  * per element costs two exps per logit and is exp-unit bound on Hopper.) Per-thread states are merged with the same rule, by warp shuffles and
  * then across warps through shared memory. Accumulation is in f32 (bf16 logits are widened exactly).
@@ -24,14 +24,24 @@
  * not the ignore value is treated the same way and sets ESLM_STATUS_TARGET_OUT_OF_RANGE in *status (the host
  * wrapper checks targets first, as the CPU backend does, and returns an error instead).
  *
- * Launch: grid = min(N, 2^31 - 1) blocks (a grid-stride loop covers the rest), TS_THREADS threads per block.
+ * The rescale clamps d at -128 before the product: e^-128 is exactly 0 in f32 either way, but an unclamped d can be
+ * -inf or so large that d * s overflows (m = -FLT_MAX for a row masked with -FLT_MAX, then a 3e38 logit), and
+ * 0 * (-inf) would make t NaN. The CPU reference (src/token_stats.rs) rescales in f64, where m - m' and (m - m') s
+ * stay finite for any f32 m, m' and gives the same 0 (crates/eslm-kernels/tests/kernel_emulation.rs emulates this
+ * rescale and merge in f32 and checks them on such rows).
+ *
+ * Launch: grid = min(N, 2^31 - 1) blocks (a grid-stride loop covers the rest), ESLM_TS_THREADS threads per block.
  */
 #include <math.h>
 
 #include "common.cuh"
 
-#define TS_THREADS 512
+#define TS_THREADS ESLM_TS_THREADS
 #define TS_WARPS (TS_THREADS / 32)
+static_assert(TS_THREADS % 32 == 0 && TS_WARPS <= 32, "block_merge: one warp merges the warp results");
+
+/* The smallest rescale exponent: e^-128 is 0 in f32 (below the smallest subnormal, 2^-149 = e^-103.3). */
+#define ACC_D_MIN (-128.0f)
 
 /* e^d for d in [-128, 0]: one MUFU.EX2 (ex2.approx.ftz, relative error ~2^-22) after one multiply by log2 e.
  * The multiply's rounding adds a relative error of about |d| * 6e-8 to the result; terms with large |d| are
@@ -62,7 +72,7 @@ __device__ __forceinline__ void acc_chunk(Acc& a, const float* z, bool& nan) {
     nan |= cnan;
     if (cmax > a.m) { /* false for a NaN-only chunk */
         if (a.m > -INFINITY) {
-            const float d = a.m - cmax;
+            const float d = fmaxf(a.m - cmax, ACC_D_MIN); /* finite, and d * s cannot overflow */
             const float f = expf(d);
             a.t = f * (a.t + d * a.s);
             a.s *= f;
@@ -73,7 +83,7 @@ __device__ __forceinline__ void acc_chunk(Acc& a, const float* z, bool& nan) {
 #pragma unroll
     for (int i = 0; i < N; i++) {
         /* -inf (and NaN, tracked by the flag) clamp to -128: e^-128 flushes to exactly 0, and 0 * -128 = 0. */
-        const float d = fmaxf(z[i] - a.m, -128.0f);
+        const float d = fmaxf(z[i] - a.m, ACC_D_MIN);
         const float p = fast_exp_nonpos(d); /* the one exp per logit */
         a.s += p;
         a.t = fmaf(p, d, a.t);
@@ -86,13 +96,13 @@ __device__ __forceinline__ Acc acc_merge(const Acc& a, const Acc& b) {
     if (m == -INFINITY) return a; /* both empty */
     Acc r = {m, 0.0f, 0.0f};
     if (a.m > -INFINITY) {
-        const float d = a.m - m;
+        const float d = fmaxf(a.m - m, ACC_D_MIN); /* see acc_chunk */
         const float f = expf(d);
         r.s += f * a.s;
         r.t += f * (a.t + d * a.s);
     }
     if (b.m > -INFINITY) {
-        const float d = b.m - m;
+        const float d = fmaxf(b.m - m, ACC_D_MIN);
         const float f = expf(d);
         r.s += f * b.s;
         r.t += f * (b.t + d * b.s);
@@ -184,6 +194,7 @@ __device__ __forceinline__ void token_stats_impl(const EslmTokenStatsParams p, c
                                                  const int32_t* __restrict__ targets, float* __restrict__ lse,
                                                  float* __restrict__ loss, float* __restrict__ entropy,
                                                  uint8_t* __restrict__ valid, uint32_t* __restrict__ status) {
+    ESLM_REQUIRE_BLOCK(TS_THREADS);
     for (uint64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
         const int32_t y = targets[r]; /* the same value in every thread: the branches below are uniform */
         const bool ignored = y == p.ignore_index;

@@ -73,6 +73,20 @@ pub enum KernelError {
         /// Vocabulary size.
         vocab: usize,
     },
+    /// The kept count K (read on the device, e.g. a VaR selection whose ties kept more than ⌈(1 − α)·M⌉ rows) is
+    /// larger than the capacity of the sparse cross-entropy's buffers; nothing was computed (the gradient rows
+    /// were zeroed, the loss is NaN).
+    #[error(
+        "sparse CE: the kept count {count} exceeds the capacity of {capacity} rows (kept indices, dlogits or \
+         scratch); nothing was computed. HINT: size the buffers for the selection's count (VaR keeps every tie), \
+         e.g. for all valid rows"
+    )]
+    KeptOverCapacity {
+        /// K as the kernel read it.
+        count: usize,
+        /// The rows the buffers hold.
+        capacity: usize,
+    },
     /// No CUDA driver (libcuda) could be loaded on this machine.
     #[error("no CUDA driver found; use --device cpu (or the CPU backend of eslm-kernels)")]
     NoCudaDriver,

@@ -215,6 +215,53 @@ fn huge_finite_logits() {
 }
 
 #[test]
+fn rows_masked_with_f32_min_and_a_3e38_logit() {
+    // Masking with -FLT_MAX instead of -inf, then a larger logit in a LATER chunk: the running max jumps from
+    // -3.4e38 to a normal value (or to 3e38), so the rescale's m − m' is ±6.8e38 and (m − m')·s overflows f32.
+    // The GPU kernel rescales in f32 (tests/kernel_emulation.rs); the CPU must agree with the f64 reference too.
+    let v = 3 * CHUNK + 5;
+    let mut data = vec![f32::MIN; 5 * v];
+    let mut rng = rng(7);
+    // Row 0: the first two chunks masked, then ordinary logits.
+    for z in &mut data[2 * CHUNK..v] {
+        *z = rng.gen_range(-4.0f32..4.0);
+    }
+    // Row 1: ordinary logits, then one 3e38 logit in the last chunk.
+    for z in &mut data[v..2 * v] {
+        *z = rng.gen_range(-4.0f32..4.0);
+    }
+    data[2 * v - 3] = 3e38;
+    // Row 2: masked with -FLT_MAX everywhere except a 3e38 logit at the end and an ordinary one at the start.
+    data[2 * v] = 1.0;
+    data[3 * v - 1] = 3e38;
+    // Row 3: every logit -FLT_MAX (a fully masked row: uniform, entropy ln V). Row 4: -FLT_MAX interleaved.
+    for (j, z) in data[4 * v..].iter_mut().enumerate() {
+        if j % 3 != 0 {
+            *z = rng.gen_range(-4.0f32..4.0);
+        }
+    }
+    let targets = [2 * CHUNK as i32 + 1, 0, (v - 1) as i32, 4, 1];
+    let view = LogitsView::new(&data, 5, v, v).unwrap();
+    let mut out = TokenStats::new();
+    token_stats(&view, &targets, DEFAULT_IGNORE_INDEX, &mut out).unwrap();
+    for i in 0..5 {
+        assert!(
+            out.lse[i].is_finite() && out.entropy[i].is_finite(),
+            "row {i}: lse {} entropy {}",
+            out.lse[i],
+            out.entropy[i]
+        );
+    }
+    assert_eq!(out.lse[3], f32::MIN); // -FLT_MAX + ln V rounds back to -FLT_MAX
+    assert_close(out.entropy[3], (v as f64).ln(), 1e-5, 1e-6, "entropy row 3");
+    // (Its loss, lse − z_y, is (−FLT_MAX + ln V) − (−FLT_MAX): ln V is below the ulp of FLT_MAX even in f64, so the
+    // loss comes out 0, like the f64 reference's; only the entropy keeps ln V.)
+    assert_eq!(out.entropy[1], 0.0); // one logit holds all the mass
+    assert_eq!(out.entropy[2], 0.0);
+    check_against_reference(&view, &targets, DEFAULT_IGNORE_INDEX, &out);
+}
+
+#[test]
 fn infinities_and_nan_follow_the_documented_policy() {
     let ninf = f32::NEG_INFINITY;
     let rows: [[f32; 4]; 7] = [

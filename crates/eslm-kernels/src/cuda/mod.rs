@@ -36,6 +36,14 @@ pub use select::{DeviceSelection, SelectionSummary};
 pub use sparse_ce::{DeviceSparseCe, GradScale, SparseCeArgs};
 pub use token_stats::DeviceTokenStats;
 
+// The shapes the kernels assume of the header's block sizes (the .cu files static_assert the same).
+const _: () = assert!(params::ESLM_SELECT_BINS == 2 * params::ESLM_SEL_PICK_THREADS);
+const _: () = assert!(params::ESLM_TS_THREADS % 32 == 0 && params::ESLM_TS_THREADS / 32 <= 32);
+const _: () = assert!(params::ESLM_CE_REDUCE_THREADS.is_power_of_two());
+
+/// What [`DeviceSelection::indices`] holds past the kept count (`ESLM_NO_ROW`: never a row index).
+pub const NO_ROW: u32 = params::ESLM_NO_ROW;
+
 impl From<DriverError> for KernelError {
     fn from(e: DriverError) -> Self {
         KernelError::Cuda(e.to_string())
@@ -225,9 +233,18 @@ impl CudaKernels {
     /// # Errors
     /// [`KernelError::NoCudaDriver`] without a driver; [`KernelError::Cuda`] if there is no such GPU or loading
     /// fails (e.g. a GPU older than sm_80 with a driver too old for the embedded PTX).
+    ///
+    /// Everything runs on that one stream, so cudarc's multi-stream event tracking (a read and a write event recorded
+    /// per buffer per launch, tens of extra driver calls) is turned off on the context before the stream is created
+    /// (see [`CudaContext::disable_event_tracking`]); buffers allocated in this context afterwards are not tracked.
+    /// A caller that shares the context with other streams should use [`CudaKernels::with_stream`] instead and
+    /// manage the event tracking itself.
     pub fn new(ordinal: usize) -> Result<Self> {
         cuda_probe()?;
         let ctx = CudaContext::new(ordinal)?;
+        // SAFETY: from here on every buffer of this backend is allocated, used and freed on the one stream created
+        // below, so no cross-stream synchronisation is needed (the conditions cudarc lists are met trivially).
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
         Self::with_stream(stream)
     }
@@ -292,13 +309,14 @@ impl CudaKernels {
         Ok(self.stream.synchronize()?)
     }
 
-    /// Copies a host slice into a new device buffer (a zero-length buffer for an empty slice).
+    /// Copies a host slice into a new device buffer. An empty slice gives a zeroed one-element buffer (never a
+    /// zero-byte allocation: see [`alloc_len`]); take `slice(0..0)` of it for an empty view.
     ///
     /// # Errors
     /// [`KernelError::Cuda`] on allocation or copy failure.
-    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+    pub fn upload<T: DeviceRepr + ValidAsZeroBits>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         if host.is_empty() {
-            return Ok(self.stream.null()?);
+            return self.zeros(0);
         }
         Ok(self.stream.clone_htod(host)?)
     }
@@ -314,16 +332,67 @@ impl CudaKernels {
         Ok(self.stream.clone_dtoh(device)?)
     }
 
-    /// A zeroed device buffer of `len` elements (at least one, so views of it are never null).
+    /// A zeroed device buffer of [`alloc_len`]`(len)` elements (at least one, so views of it are never null).
     ///
     /// # Errors
     /// [`KernelError::Cuda`] on allocation failure.
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
-        Ok(self.stream.alloc_zeros(len.max(1))?)
+        Ok(self.stream.alloc_zeros(alloc_len(len))?)
     }
+}
+
+/// Elements allocated for a buffer of `len`: at least one. `cuMemAllocAsync(…, 0)` is an error on some drivers
+/// and a null pointer on others; a one-element buffer is always a valid kernel argument.
+pub fn alloc_len(len: usize) -> usize {
+    len.max(1)
 }
 
 /// Grid size for one-block-per-row kernels with a grid-stride loop.
 pub(crate) fn grid_for(rows: usize) -> u32 {
     rows.clamp(1, i32::MAX as usize) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use params::*;
+
+    #[test]
+    fn empty_buffers_allocate_one_element() {
+        assert_eq!(alloc_len(0), 1);
+        assert_eq!(alloc_len(1), 1);
+        assert_eq!(alloc_len(50257), 50257);
+    }
+
+    #[test]
+    fn block_sizes_come_from_the_header() {
+        // The values the kernels' shared arrays and CUB templates were written for; a change here must be a
+        // deliberate change of the header (the kernels trap on a launch with any other block size).
+        assert_eq!(token_stats::THREADS, ESLM_TS_THREADS);
+        assert_eq!(sparse_ce::THREADS, ESLM_CE_THREADS);
+        assert_eq!(select::THREADS, ESLM_SEL_THREADS);
+        assert_eq!(NO_ROW, u32::MAX);
+    }
+
+    #[test]
+    fn kernel_sources_use_only_the_header_block_sizes() {
+        // No block size typed as a literal in a kernel: every `#define *_THREADS` in kernels/*.cu is an alias of an
+        // ESLM_* constant from eslm_kernels.h.
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../kernels");
+        for name in ["token_stats.cu", "select.cu", "sparse_ce.cu"] {
+            let src = std::fs::read_to_string(format!("{dir}/{name}")).unwrap();
+            for line in src.lines().filter(|l| l.starts_with("#define")) {
+                let mut words = line.split_whitespace().skip(1);
+                let (Some(macro_name), Some(value)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                if macro_name.ends_with("_THREADS") || macro_name.ends_with("_ITEMS") {
+                    assert!(
+                        value.starts_with("ESLM_") || value.starts_with('('),
+                        "{name}: `{line}` types a block size; define it in eslm_kernels.h"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -14,20 +14,22 @@ use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
 use super::params::{
     EslmSelectParams, EslmSelectState, ESLM_RULE_TOPK, ESLM_RULE_VAR, ESLM_SELECT_BINS,
-    ESLM_SELECT_PASSES, ESLM_STATUS_INVALID_K, ESLM_STATUS_NAN_SCORE, ESLM_STATUS_NO_VALID_ROWS,
+    ESLM_SELECT_PASSES, ESLM_SEL_ITEMS, ESLM_SEL_PICK_THREADS, ESLM_SEL_SCAN_THREADS,
+    ESLM_SEL_THREADS, ESLM_STATUS_INVALID_K, ESLM_STATUS_NAN_SCORE, ESLM_STATUS_NO_VALID_ROWS,
 };
 use super::CudaKernels;
 use crate::error::{KernelError, Result};
 use crate::select::{SelectRule, Selection};
 
-/// Threads of the histogram, tile-count and write kernels (`SEL_THREADS`).
-const THREADS: u32 = 256;
-/// Rows per tile (`SEL_TILE = SEL_THREADS · SEL_ITEMS`).
-const TILE: usize = 256 * 8;
-/// Threads of the pick kernel (`SEL_PICK_THREADS`: two bins each).
-const PICK_THREADS: u32 = 1024;
-/// Threads of the tile scan (`SEL_SCAN_THREADS`).
-const SCAN_THREADS: u32 = 512;
+// Block sizes: kernels/eslm_kernels.h is the one definition (each kernel traps on any other block size).
+/// Threads of the init, histogram, tile-count and write kernels (`ESLM_SEL_THREADS`).
+pub(super) const THREADS: u32 = ESLM_SEL_THREADS;
+/// Rows per tile (`ESLM_SEL_THREADS · ESLM_SEL_ITEMS`).
+const TILE: usize = (ESLM_SEL_THREADS * ESLM_SEL_ITEMS) as usize;
+/// Threads of the pick kernel (`ESLM_SEL_PICK_THREADS`: two bins each).
+const PICK_THREADS: u32 = ESLM_SEL_PICK_THREADS;
+/// Threads of the tile scan (`ESLM_SEL_SCAN_THREADS`).
+const SCAN_THREADS: u32 = ESLM_SEL_SCAN_THREADS;
 /// Rows per thread the histogram grid aims for (the grid is capped at 1024 blocks).
 const HIST_ROWS_PER_THREAD: usize = 16;
 /// The state struct as u32 words.
@@ -57,7 +59,8 @@ pub struct SelectionSummary {
 pub struct DeviceSelection {
     /// `[capacity]` 1 if the row is kept (u8).
     pub keep: CudaSlice<u8>,
-    /// `[capacity]` the kept row indices, ascending; the first `count` entries are written.
+    /// `[capacity]` the kept row indices, ascending, in the first `count` entries; every later entry is
+    /// [`NO_ROW`](super::NO_ROW) (rewritten on every call, so nothing stale from an earlier selection remains).
     pub indices: CudaSlice<u32>,
     /// The `EslmSelectState` (kernels/eslm_kernels.h) as u32 words.
     state: CudaSlice<u32>,
@@ -224,6 +227,7 @@ impl CudaKernels {
         };
         let params = EslmSelectParams {
             rows: n as u64,
+            capacity: out.indices.len() as u64,
             alpha,
             topk,
             rule: rule_id,

@@ -1,20 +1,32 @@
 //! Sparse-gradient cross-entropy on the GPU (`kernels/sparse_ce.cu`): for kept row `r = kept[i]`,
 //! `dlogits[i, j] = (e^{z_j − lse_r} − [j = y_r])·g` into a compact `[K, out_stride]` buffer (padding zeroed), and
 //! the mean loss `(1/K) Σ (lse_r − z_{y_r})`. K is read on the device (e.g. [`DeviceSelection::count`]), so the
-//! call needs no host round trip; rows not kept are never touched. Same math as [`crate::sparse_ce()`].
+//! call needs no host round trip; rows not kept are never read. Same math as [`crate::sparse_ce()`].
+//!
+//! **Rows past K.** The output has room for `capacity` rows and only the device knows K, so rows `[K, capacity)`
+//! are written with zeros on every call: a consumer that works on all `capacity` rows (a GEMM whose shape is fixed
+//! on the host) gets exact zeros there, never the previous call's gradients.
+//!
+//! **K over capacity.** VaR keeps every tie, so K can exceed ⌈(1 − α)·M⌉. If K is larger than the capacity, the
+//! kernel computes nothing (every output row zeroed, loss NaN) and flags it; [`DeviceSparseCe::read_loss`] and
+//! [`DeviceSparseCe::check_status`] return [`KernelError::KeptOverCapacity`] naming K and the capacity.
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-use super::params::{EslmSparseCeParams, ESLM_STATUS_BAD_KEPT_ROW};
+use super::params::{
+    EslmSparseCeParams, ESLM_CE_REDUCE_THREADS, ESLM_CE_THREADS, ESLM_STATUS_BAD_KEPT_ROW,
+    ESLM_STATUS_KEPT_OVER_CAPACITY,
+};
 use super::{grid_for, CudaKernels, DeviceElem, DeviceLogits, DeviceSelection};
 use crate::error::{check_len, KernelError, Result};
 use crate::layout::{LogitElem, LogitsView};
 use crate::sparse_ce::check_sparse_ce_args;
 
-/// Threads per block of the gradient kernel (`CE_THREADS`).
-const THREADS: u32 = 512;
-/// Threads of the loss reduction (`CE_REDUCE_THREADS`).
-const REDUCE_THREADS: u32 = 256;
+/// Threads per block of the gradient kernel (`ESLM_CE_THREADS`, kernels/eslm_kernels.h; the kernel traps on any
+/// other block size).
+pub(super) const THREADS: u32 = ESLM_CE_THREADS;
+/// Threads of the loss reduction (`ESLM_CE_REDUCE_THREADS`).
+const REDUCE_THREADS: u32 = ESLM_CE_REDUCE_THREADS;
 
 /// The gradient scale `g`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -33,8 +45,34 @@ pub struct DeviceSparseCe {
     row_loss: CudaSlice<f32>,
     /// The mean loss over kept rows (one f32; 0 when K = 0).
     pub loss: CudaSlice<f32>,
-    /// `ESLM_STATUS_BAD_KEPT_ROW` if a kept entry was not a row or had an out-of-range target.
+    /// `[2]`: the `ESLM_STATUS_*` bits of the last call (`BAD_KEPT_ROW`, `KEPT_OVER_CAPACITY`), then the K the
+    /// kernel read.
     pub status: CudaSlice<u32>,
+    /// The capacity (rows) of the last call.
+    last_capacity: usize,
+}
+
+/// Turns the status words of a call (`[bits, K read]`) with its capacity into the host error, if any.
+///
+/// # Errors
+/// [`KernelError::KeptOverCapacity`] (checked first: then nothing was computed) or [`KernelError::Cuda`] for a bad
+/// kept entry.
+pub fn sparse_ce_status(status: [u32; 2], capacity: usize) -> Result<()> {
+    let [bits, count] = status;
+    if bits & ESLM_STATUS_KEPT_OVER_CAPACITY != 0 {
+        return Err(KernelError::KeptOverCapacity {
+            count: count as usize,
+            capacity,
+        });
+    }
+    if bits & ESLM_STATUS_BAD_KEPT_ROW != 0 {
+        return Err(KernelError::Cuda(
+            "sparse_ce: a kept index is not a row, or a kept row's target is outside [0, vocab) (its gradient row \
+             was zeroed)"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 impl DeviceSparseCe {
@@ -46,7 +84,8 @@ impl DeviceSparseCe {
         Ok(Self {
             row_loss: gpu.zeros(capacity)?,
             loss: gpu.zeros(1)?,
-            status: gpu.zeros(1)?,
+            status: gpu.zeros(2)?,
+            last_capacity: 0,
         })
     }
 
@@ -55,17 +94,21 @@ impl DeviceSparseCe {
         self.row_loss.len()
     }
 
-    /// Reads the mean loss and the status (synchronises the stream).
+    /// Reads the status of the last call (synchronises the stream).
     ///
     /// # Errors
-    /// [`KernelError::Cuda`] if a kept entry was bad (its output row was zeroed) or a copy fails.
+    /// As [`sparse_ce_status`], or [`KernelError::Cuda`] if a copy fails.
+    pub fn check_status(&self, gpu: &CudaKernels) -> Result<()> {
+        let s = gpu.download(&self.status.slice(0..2))?;
+        sparse_ce_status([s[0], s[1]], self.last_capacity)
+    }
+
+    /// Reads the status and the mean loss (synchronises the stream).
+    ///
+    /// # Errors
+    /// As [`DeviceSparseCe::check_status`].
     pub fn read_loss(&self, gpu: &CudaKernels) -> Result<f32> {
-        let status = gpu.download(&self.status.slice(0..1))?[0];
-        if status & ESLM_STATUS_BAD_KEPT_ROW != 0 {
-            return Err(KernelError::Cuda(
-                "sparse_ce: a kept index is not a row, or a kept row's target is outside [0, vocab)".into(),
-            ));
-        }
+        self.check_status(gpu)?;
         Ok(gpu.download(&self.loss.slice(0..1))?[0])
     }
 }
@@ -81,9 +124,10 @@ pub struct SparseCeArgs<'a, 'b, 'c, T, O> {
     pub lse: &'b CudaView<'a, f32>,
     /// `[capacity]` kept row indices; the first K are used.
     pub kept: &'b CudaView<'a, u32>,
-    /// K, one u32 in device memory (clamped to the capacity of `kept`, `dlogits` and the scratch).
+    /// K, one u32 in device memory; K larger than the capacity (the rows `kept`, `dlogits` and the scratch all
+    /// hold) is reported as [`KernelError::KeptOverCapacity`] by [`DeviceSparseCe::check_status`].
     pub count: &'b CudaView<'a, u32>,
-    /// `[capacity, out_stride]` output, f32 or bf16.
+    /// `[capacity, out_stride]` output, f32 or bf16: rows `[0, K)` the gradients, rows `[K, capacity)` zeros.
     pub dlogits: &'b mut CudaViewMut<'c, O>,
     /// Output row stride (elements), `≥ V`.
     pub out_stride: usize,
@@ -134,6 +178,7 @@ impl CudaKernels {
             scale,
             divide_by_count: divide,
         };
+        work.last_capacity = capacity;
         self.stream.memset_zeros(&mut work.status)?;
         let func =
             &self.functions.sparse_ce[(T::NAME == "bf16") as usize][(O::NAME == "bf16") as usize];
@@ -154,7 +199,8 @@ impl CudaKernels {
             .arg(&mut work.row_loss)
             .arg(&mut work.status);
         // SAFETY: matches `sparse_ce_<in>_<out>` in kernels/sparse_ce.cu; the kernel touches at most `capacity`
-        // kept entries, output rows and scratch entries, all within the buffers (checked above).
+        // kept entries, output rows and scratch entries, all within the buffers (checked above), and two status
+        // words.
         unsafe { launch.launch(cfg) }?;
         let max_kept = capacity as u64;
         let mut reduce = self.stream.launch_builder(&self.functions.sparse_ce_loss);
@@ -168,7 +214,7 @@ impl CudaKernels {
             block_dim: (REDUCE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: matches `sparse_ce_loss`; it reads min(K, capacity) row losses.
+        // SAFETY: matches `sparse_ce_loss`; it reads K ≤ capacity row losses (none when K > capacity).
         unsafe { reduce.launch(one) }?;
         Ok(())
     }
@@ -206,7 +252,8 @@ impl CudaKernels {
         )
     }
 
-    /// [`crate::sparse_ce()`] on the GPU: same signature, checks and errors, with f32 or bf16 gradients.
+    /// [`crate::sparse_ce()`] on the GPU: same signature, checks and errors, with f32 or bf16 gradients. `dlogits`
+    /// is uploaded as given and downloaded after the call (K = 0 returns 0 without a launch, like the CPU).
     ///
     /// # Errors
     /// As [`crate::sparse_ce()`], plus [`KernelError::Cuda`] on device failures.
@@ -235,7 +282,8 @@ impl CudaKernels {
         let d_lse = self.upload(lse)?;
         let d_kept = self.upload(kept)?;
         let d_count = self.upload(&[k as u32])?;
-        let mut d_out = self.zeros::<O>(needed)?;
+        // The caller's buffer goes up as it is, so every element the kernel should write is seen to be written.
+        let mut d_out = self.upload(&dlogits[..needed])?;
         let mut work = DeviceSparseCe::new(self, k)?;
         {
             let mut out_view = d_out.slice_mut(0..needed);
@@ -257,5 +305,47 @@ impl CudaKernels {
         let host = self.download(&d_out.slice(0..needed))?;
         dlogits[..needed].copy_from_slice(&host);
         Ok(loss)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn over_capacity_is_a_typed_error_naming_both_counts() {
+        assert_eq!(
+            sparse_ce_status([ESLM_STATUS_KEPT_OVER_CAPACITY, 4100], 4096),
+            Err(KernelError::KeptOverCapacity {
+                count: 4100,
+                capacity: 4096
+            })
+        );
+        // Over capacity wins over a bad row (nothing was computed, so no row was looked at).
+        assert!(matches!(
+            sparse_ce_status(
+                [ESLM_STATUS_KEPT_OVER_CAPACITY | ESLM_STATUS_BAD_KEPT_ROW, 9],
+                8
+            ),
+            Err(KernelError::KeptOverCapacity {
+                count: 9,
+                capacity: 8
+            })
+        ));
+        assert!(matches!(
+            sparse_ce_status([ESLM_STATUS_BAD_KEPT_ROW, 3], 8),
+            Err(KernelError::Cuda(_))
+        ));
+        assert_eq!(sparse_ce_status([0, 8], 8), Ok(()));
+        assert_eq!(sparse_ce_status([0, 0], 0), Ok(()));
+        let message = KernelError::KeptOverCapacity {
+            count: 4100,
+            capacity: 4096,
+        }
+        .to_string();
+        assert!(
+            message.contains("4100") && message.contains("4096"),
+            "{message}"
+        );
     }
 }

@@ -5,14 +5,15 @@
 
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
-use super::params::{EslmTokenStatsParams, ESLM_STATUS_TARGET_OUT_OF_RANGE};
+use super::params::{EslmTokenStatsParams, ESLM_STATUS_TARGET_OUT_OF_RANGE, ESLM_TS_THREADS};
 use super::{grid_for, CudaKernels, DeviceElem, DeviceLogits};
 use crate::error::{check_len, KernelError, Result};
 use crate::layout::{LogitElem, LogitsView};
 use crate::token_stats::TokenStats;
 
-/// Threads per block of the statistics kernel (`TS_THREADS` in the `.cu`).
-const THREADS: u32 = 512;
+/// Threads per block of the statistics kernel (`ESLM_TS_THREADS`, kernels/eslm_kernels.h; the kernel traps on any
+/// other block size).
+pub(super) const THREADS: u32 = ESLM_TS_THREADS;
 
 /// Device outputs of [`CudaKernels::token_stats`]: `[capacity]` buffers, the first `rows()` entries written.
 #[derive(Debug)]
