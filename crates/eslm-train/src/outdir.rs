@@ -42,12 +42,14 @@ impl RunDirLock {
             .map_err(|e| TrainError::io(&path, e))?;
         match FileExt::try_lock(&file) {
             Ok(()) => {}
-            Err(TryLockError::WouldBlock) => return Err(TrainError::Config(format!(
+            Err(TryLockError::WouldBlock) => {
+                return Err(TrainError::Config(format!(
                 "--out {}: another eslm-train process is using this run directory (it holds {}); \
                      HINT: wait for it to finish, or choose another --out",
                 dir.display(),
                 path.display()
-            ))),
+            )))
+            }
             Err(TryLockError::Error(e)) => return Err(TrainError::io(&path, e)),
         }
         Ok(RunDirLock { file, path })
