@@ -287,7 +287,7 @@ pub fn parse_duration(text: &str) -> std::result::Result<f64, String> {
         total += v * unit;
         num.clear();
     }
-    if !num.is_empty() || !(total.is_finite() && total > 0.0) {
+    if !(num.is_empty() && total.is_finite() && total > 0.0) {
         return Err(err());
     }
     Ok(total)
@@ -649,7 +649,7 @@ impl RunConfig {
                 self.grad_spike_factor
             ));
         }
-        if !(self.temperature > 0.0) {
+        if self.temperature <= 0.0 {
             return bad(format!(
                 "--temperature must be > 0, got {}",
                 self.temperature

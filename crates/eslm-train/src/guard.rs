@@ -241,7 +241,7 @@ impl RunGuard {
             return None;
         }
         let mean = (wall_s - w0) / done as f64;
-        if !(mean > 0.0) {
+        if mean.is_nan() || mean <= 0.0 {
             return None;
         }
         let est = step + ((budget - wall_s).max(0.0) / mean).floor() as u64;

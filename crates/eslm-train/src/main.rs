@@ -42,8 +42,13 @@ enum Command {
 
 fn print_summary(s: &TrainSummary) {
     println!("── eslm-train summary ({}) ──", s.policy);
+    if let Some(dir) = &s.resumed_from {
+        println!("resumed from: {}", dir.display());
+    }
     if s.interrupted {
         println!("interrupted at step {} (checkpoint saved)", s.steps);
+    } else if s.time_budget_reached {
+        println!("steps: {} (stopped by --time-budget)", s.steps);
     } else {
         println!("steps: {}", s.steps);
     }

@@ -265,7 +265,7 @@ fn plot_tolerates_nulls_and_a_partial_last_line() {
     text.push_str("{\"kind\":\"eval\",\"step\":15,\"tok");
     std::fs::write(&metrics, &text).unwrap();
     let svg = dir.path().join("p.svg");
-    let notes = plot_runs(&[a.clone()], &svg).unwrap();
+    let notes = plot_runs(std::slice::from_ref(&a), &svg).unwrap();
     assert!(std::fs::read_to_string(&svg).unwrap().contains("good-run"));
     let all = notes.join("\n");
     let last = text.lines().count();
