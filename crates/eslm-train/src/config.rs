@@ -332,7 +332,7 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub synthetic_documents: Option<usize>,
-    /// Model preset: synth-tiny, tiny, t, 124m, 350m, 774m, 1558m, bigram.
+    /// Model preset: synth-tiny, tiny (context = --seq-len), t, 124m, 350m, 774m, 1558m (context 1024), bigram.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,

@@ -129,15 +129,17 @@ impl MetricsWriter {
                 .collect(),
             _ => Vec::new(),
         };
-        let mut file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
+        // Rewrite atomically (a crash here must not lose the history), then append.
+        let mut text = String::new();
+        for line in kept {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        crate::checkpoint::write_atomic(&path, text.as_bytes())?;
+        let file = OpenOptions::new()
+            .append(true)
             .open(&path)
             .map_err(|e| TrainError::io(&path, e))?;
-        for line in kept {
-            writeln!(file, "{line}").map_err(|e| TrainError::io(&path, e))?;
-        }
         Ok(MetricsWriter { path, file })
     }
 
