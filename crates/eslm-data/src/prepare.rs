@@ -109,6 +109,8 @@ pub struct PrepareSummary {
     pub total_seconds: f64,
     /// Vocabulary size of the tokenizer.
     pub vocab_size: usize,
+    /// Things the user should know (e.g. a one-document input split by size for validation).
+    pub warnings: Vec<String>,
 }
 
 impl PrepareSummary {
@@ -127,6 +129,9 @@ impl std::fmt::Display for PrepareSummary {
         }
         if self.skipped.len() > 20 {
             writeln!(f, "  ... and {} more", self.skipped.len() - 20)?;
+        }
+        for w in &self.warnings {
+            writeln!(f, "warning: {w}")?;
         }
         writeln!(f, "empty documents:   {}", self.empty_documents)?;
         writeln!(
@@ -363,11 +368,41 @@ pub fn prepare(cfg: &PrepareConfig, tokenizer: &Tokenizer) -> Result<PrepareSumm
         }
     }
     if documents.is_empty() {
+        let why: Vec<String> = skipped
+            .iter()
+            .take(5)
+            .map(|s| format!("{}: {}", s.path, s.reason))
+            .collect();
         return Err(DataError::NoInput(format!(
-            "no non-empty document in {} input file(s) ({} skipped)",
+            "no non-empty document in {} input file(s) ({} skipped{}{})",
             files.len(),
-            skipped.len()
+            skipped.len(),
+            if why.is_empty() { "" } else { ": " },
+            why.join("; ")
         )));
+    }
+    // One document (text without `<|endoftext|>`) and a validation fraction: split it by size, at a line break
+    // (else whitespace) near the cut, so a validation split exists.
+    let mut warnings = Vec::new();
+    let mut split_by_bytes = false;
+    if cfg.val_fraction > 0.0 && documents.len() == 1 {
+        if let Some((a, b)) = split_by_size(&documents[0], cfg.val_fraction) {
+            warnings.push(format!(
+                "the input is one document (no {EOT_TEXT}); --val-fraction {} split it by size: the last {} of \
+                 {} bytes are the validation split",
+                cfg.val_fraction,
+                b.len(),
+                documents[0].len()
+            ));
+            documents = vec![a, b];
+            split_by_bytes = true;
+        } else {
+            warnings.push(format!(
+                "the input is one document too short to split; no validation split was written despite \
+                 --val-fraction {}",
+                cfg.val_fraction
+            ));
+        }
     }
 
     // 3. Train/val split by document.
@@ -378,7 +413,11 @@ pub fn prepare(cfg: &PrepareConfig, tokenizer: &Tokenizer) -> Result<PrepareSumm
         0
     };
     let mut order: Vec<usize> = (0..n).collect();
-    SplitMix64::with_stream(cfg.seed, 0x5EED_5B17).shuffle(&mut order);
+    if split_by_bytes {
+        order.reverse(); // the tail of the text is the validation document
+    } else {
+        SplitMix64::with_stream(cfg.seed, 0x5EED_5B17).shuffle(&mut order);
+    }
     let mut is_val = vec![false; n];
     for &i in &order[..n_val] {
         is_val[i] = true;
@@ -447,35 +486,69 @@ pub fn prepare(cfg: &PrepareConfig, tokenizer: &Tokenizer) -> Result<PrepareSumm
         encode_seconds,
         total_seconds: t0.elapsed().as_secs_f64(),
         vocab_size,
+        warnings,
     })
+}
+
+/// Splits `text` into a head and a tail of about `fraction` of its bytes, at a line break (else whitespace, else
+/// any character boundary) at or after the cut; `None` when either part would be empty.
+fn split_by_size(text: &str, fraction: f64) -> Option<(String, String)> {
+    let target = ((1.0 - fraction) * text.len() as f64).round() as usize;
+    let target = target.clamp(1, text.len().saturating_sub(1));
+    let rest = text
+        .get(target..)
+        .map(|_| target)
+        .or_else(|| (target..text.len()).find(|&i| text.is_char_boundary(i)))?;
+    let cut = text[rest..]
+        .find('\n')
+        .or_else(|| text[rest..].find(char::is_whitespace))
+        .map(|i| rest + i)
+        .filter(|&c| c < text.len() && c > 0)
+        .unwrap_or(rest);
+    let (a, b) = text.split_at(cut);
+    (!a.is_empty() && !b.trim().is_empty()).then(|| (a.to_string(), b.to_string()))
 }
 
 /// Creates the output directory; refuses (or with `overwrite`, deletes) existing shards in it.
 fn prepare_out_dir(dir: &Path, overwrite: bool) -> Result<()> {
+    claim_out_dir(dir, overwrite).map(|_| ())
+}
+
+/// Whether `path` is a file a data command writes: `train_*.bin` / `val_*.bin` shards, their `.kinds` side
+/// files, or `prepare.json`.
+fn is_data_file(path: &Path) -> bool {
+    let n = file_name_lower(path);
+    n == "prepare.json"
+        || ((n.starts_with("train_") || n.starts_with("val_"))
+            && (n.ends_with(".bin") || n.ends_with(".kinds")))
+}
+
+/// Creates the output directory of `prepare` or `synthetic`. When it already holds shards, `.kinds` side files
+/// or `prepare.json`, refuses (naming one) unless `overwrite`, which deletes them first so that two datasets are
+/// never mixed. Returns the files deleted.
+pub fn claim_out_dir(dir: &Path, overwrite: bool) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
-    let existing: Vec<PathBuf> = std::fs::read_dir(dir)
+    let mut existing: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| DataError::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let n = file_name_lower(p);
-            (n.starts_with("train_") || n.starts_with("val_")) && n.ends_with(".bin")
-        })
+        .filter(|p| is_data_file(p))
         .collect();
+    existing.sort();
     if existing.is_empty() {
-        return Ok(());
+        return Ok(existing);
     }
     if !overwrite {
         return Err(DataError::Config(format!(
-            "{} already holds {} shard(s) (e.g. {}). HINT: choose another --out or pass --overwrite",
+            "{} already holds {} data file(s) (e.g. {}). HINT: choose another --out or pass --overwrite",
             dir.display(),
             existing.len(),
             existing[0].display()
         )));
     }
-    for p in existing {
-        std::fs::remove_file(&p).map_err(|e| DataError::io(&p, e))?;
+    for p in &existing {
+        std::fs::remove_file(p).map_err(|e| DataError::io(p, e))?;
     }
-    Ok(())
+    Ok(existing)
 }
 
 /// Writes one split's token stream into shards of at most `shard_tokens`.

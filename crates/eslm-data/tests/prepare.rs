@@ -260,3 +260,28 @@ fn binary_prepares_tinyshakespeare_to_338025_tokens() {
     assert_eq!(total, 338_025);
     assert!(!out.join("val_000000.bin").exists());
 }
+
+/// Issue 12: a one-document input (no `<|endoftext|>`) with `--val-fraction` gets a validation split by size,
+/// with a warning; an input that does not exist is named in the error.
+#[test]
+fn one_document_input_is_split_by_size_and_missing_inputs_are_named() {
+    let Some(tok) = tokenizer() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("book.txt");
+    let body: String = (0..200).map(|i| format!("Line {i} of a book.\n")).collect();
+    std::fs::write(&text, &body).unwrap();
+    let c = PrepareConfig {
+        val_fraction: 0.1,
+        ..cfg(&[&text], &dir.path().join("out"))
+    };
+    let s = prepare(&c, &tok).unwrap();
+    assert_eq!(s.val_shards.len(), 1, "{s}");
+    assert!(s.val_tokens > 0 && s.train_tokens > 5 * s.val_tokens, "{s}");
+    assert!(s.warnings.iter().any(|w| w.contains("one document")), "{s}");
+
+    let missing = dir.path().join("no-such-file.txt");
+    let err = prepare(&cfg(&[&missing], &dir.path().join("out2")), &tok)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no-such-file.txt"), "{err}");
+}

@@ -264,3 +264,53 @@ fn in_memory_loader_with_kind_table() {
     let start = batch.rows[0].start as usize + 1;
     assert_eq!(&labels[..64], &corpus.train_kinds[start..start + 64]);
 }
+
+fn eslm_data(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_eslm-data"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap()
+}
+
+/// Issue 12: `eslm-data synthetic --out DIR` must not mix its shards into a prepared dataset (the same
+/// `--overwrite` rule as `prepare`), and `info` on a directory names it.
+#[test]
+fn synthetic_refuses_a_used_out_without_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("data");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("prepare.json"), "{}").unwrap();
+    let small = |extra: &[&str]| {
+        let mut a: Vec<std::ffi::OsString> =
+            vec!["synthetic".into(), "--out".into(), out.clone().into()];
+        a.extend(["--train-documents", "8", "--val-documents", "2"].map(Into::into));
+        a.extend(extra.iter().map(Into::into));
+        let refs: Vec<&std::ffi::OsStr> = a.iter().map(|s| s.as_os_str()).collect();
+        eslm_data(&refs)
+    };
+    let o = small(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("--overwrite") && err.contains("prepare.json"),
+        "{err}"
+    );
+    assert!(!err.contains("stack backtrace"), "{err}");
+    assert_eq!(err.matches("--overwrite").count(), 1, "printed once: {err}");
+    let o = small(&["--overwrite"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !out.join("prepare.json").exists(),
+        "the stale prepare.json is gone"
+    );
+    assert!(!small(&[]).status.success(), "its own shards count too");
+
+    let o = eslm_data(&["info".as_ref(), out.as_os_str()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("is a directory") && err.contains(&*out.to_string_lossy()),
+        "{err}"
+    );
+}

@@ -1,11 +1,19 @@
 //! Checkpoints of a run: `OUT/checkpoints/step_NNNNNNNN/` holding the model (the engine's format; for GPT-2,
-//! HF-named safetensors + config.json), the optimizer state, and `trainer.json` ([`TrainerState`]: step, data
-//! loader position, policy state (RNG, adapted α), counters, the run config).
+//! HF-named safetensors + config.json), the optimizer state, `trainer.json` ([`TrainerState`]: step, data
+//! loader position, policy state (RNG, adapted α), counters, the run config) and `COMPLETE` ([`Manifest`]).
 //!
 //! Atomicity: a checkpoint is written into a hidden temporary directory `.step_NNNNNNNN.tmp`, every file is
-//! fsynced, the directory is renamed to its final name and the parent directory is fsynced. A crash leaves either
-//! the previous complete checkpoints or an ignored temporary directory, never a half-written checkpoint with a
-//! final name. Only the newest `keep_last` checkpoints are kept.
+//! fsynced, then `COMPLETE` is written last: it lists every file with its size and FNV-1a checksum (the weights
+//! included). The directory is then renamed to its final name and the parent directory is fsynced. Only a
+//! directory holding `COMPLETE` counts as a checkpoint, and its files are verified against the manifest before a
+//! resume (or any other load through [`verify_checkpoint`]).
+//!
+//! Re-saving an existing step never deletes the complete copy first: the old directory is renamed aside to
+//! `.step_NNNNNNNN.old`, the new one renamed into place, and only then the old one is deleted.
+//! [`recover_checkpoints`] (run when a trainer takes the run directory) finishes any of these moves that a crash
+//! interrupted: it puts a complete `.old` copy back when the final name is missing, promotes a complete `.tmp`
+//! copy, and deletes incomplete temporaries. A failed write (e.g. a full disk) deletes its temporary directory.
+//! Only the newest `keep_last` checkpoints are kept; [`save_checkpoint_protecting`] never prunes a protected one.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -80,7 +88,92 @@ pub fn checkpoint_name(step: u64) -> String {
     format!("step_{step:08}")
 }
 
-/// Complete checkpoints under `out/checkpoints`, oldest first, as `(step, dir)`.
+/// The name of the marker written last into a checkpoint directory.
+pub const COMPLETE: &str = "COMPLETE";
+
+/// One file of a checkpoint as recorded in its [`Manifest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    /// File size in bytes.
+    pub bytes: u64,
+    /// FNV-1a 64-bit checksum of the file's bytes, as 16 hex digits.
+    pub fnv1a: String,
+}
+
+/// The content of `COMPLETE`: the step and every file of the checkpoint with its size and checksum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Optimizer steps completed at this checkpoint.
+    pub step: u64,
+    /// File name → size and checksum.
+    pub files: std::collections::BTreeMap<String, ManifestEntry>,
+}
+
+fn file_entry(path: &Path) -> Result<ManifestEntry> {
+    let bytes = fs::read(path).map_err(|e| TrainError::io(path, e))?;
+    Ok(ManifestEntry {
+        bytes: bytes.len() as u64,
+        fnv1a: format!("{:016x}", crate::tensor_file::fnv1a(&bytes)),
+    })
+}
+
+/// Whether `dir` holds a `COMPLETE` marker (the last file a checkpoint write creates).
+pub fn is_complete(dir: &Path) -> bool {
+    dir.join(COMPLETE).is_file()
+}
+
+/// Reads the manifest of a checkpoint directory.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(COMPLETE);
+    let text = fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| {
+        TrainError::Checkpoint(format!(
+            "{}: corrupt checkpoint manifest ({e}); HINT: resume from an older checkpoint",
+            path.display()
+        ))
+    })
+}
+
+/// Verifies every file of checkpoint `dir` against its `COMPLETE` manifest (size and FNV-1a checksum). An
+/// error names the file that differs. Directories without a manifest (HF model directories, checkpoints of
+/// older eslm versions) pass unchecked.
+pub fn verify_checkpoint(dir: &Path) -> Result<()> {
+    if !is_complete(dir) {
+        return Ok(());
+    }
+    let manifest = read_manifest(dir)?;
+    for (name, want) in &manifest.files {
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Err(TrainError::Checkpoint(format!(
+                "{}: missing (listed in {}); the checkpoint is damaged. HINT: resume from an older checkpoint",
+                path.display(),
+                COMPLETE
+            )));
+        }
+        let got = file_entry(&path)?;
+        if &got != want {
+            return Err(TrainError::Checkpoint(format!(
+                "{}: checksum mismatch ({} bytes, fnv1a {} but the manifest says {} bytes, fnv1a {}); the file was \
+                 altered or damaged after it was written. HINT: restore it, or resume from an older checkpoint",
+                path.display(),
+                got.bytes,
+                got.fnv1a,
+                want.bytes,
+                want.fnv1a
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn parse_step(name: &str) -> Option<u64> {
+    name.strip_prefix("step_")
+        .and_then(|s| s.parse::<u64>().ok())
+}
+
+/// Complete checkpoints (directories `step_N` holding `COMPLETE`) under `out/checkpoints`, oldest first, as
+/// `(step, dir)`.
 pub fn list_checkpoints(out: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let dir = checkpoints_dir(out);
     if !dir.exists() {
@@ -90,11 +183,8 @@ pub fn list_checkpoints(out: &Path) -> Result<Vec<(u64, PathBuf)>> {
     for entry in fs::read_dir(&dir).map_err(|e| TrainError::io(&dir, e))? {
         let entry = entry.map_err(|e| TrainError::io(&dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(step) = name
-            .strip_prefix("step_")
-            .and_then(|s| s.parse::<u64>().ok())
-        {
-            if entry.path().join("trainer.json").is_file() {
+        if let Some(step) = parse_step(&name) {
+            if is_complete(&entry.path()) {
                 found.push((step, entry.path()));
             }
         }
@@ -108,6 +198,93 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
     Ok(list_checkpoints(out)?.pop().map(|(_, p)| p))
 }
 
+/// Finishes checkpoint moves a crash interrupted under `out/checkpoints` (call with the run directory locked):
+/// a complete `.step_N.old` is put back when `step_N` is missing or incomplete (else deleted); a complete
+/// `.step_N.tmp` is promoted when `step_N` is missing or incomplete (else deleted); incomplete temporaries are
+/// deleted. Returns one line per action taken.
+pub fn recover_checkpoints(out: &Path) -> Result<Vec<String>> {
+    let root = checkpoints_dir(out);
+    let mut actions = Vec::new();
+    if !root.is_dir() {
+        return Ok(actions);
+    }
+    let mut hidden: Vec<(String, PathBuf)> = fs::read_dir(&root)
+        .map_err(|e| TrainError::io(&root, e))?
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .filter(|(n, _)| n.starts_with(".step_"))
+        .collect();
+    // `.old` first: a complete previous copy is preferred to a temporary one.
+    hidden.sort_by_key(|(n, _)| !n.ends_with(".old"));
+    for (name, path) in hidden {
+        let Some(base) = name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(".old").or_else(|| n.strip_suffix(".tmp")))
+        else {
+            continue;
+        };
+        if parse_step(base).is_none() {
+            continue;
+        }
+        let final_dir = root.join(base);
+        if is_complete(&path) && !is_complete(&final_dir) {
+            if final_dir.exists() {
+                fs::remove_dir_all(&final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+            }
+            fs::rename(&path, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+            actions.push(format!(
+                "recovered {} from {} (a checkpoint write was interrupted)",
+                final_dir.display(),
+                name
+            ));
+        } else {
+            fs::remove_dir_all(&path).map_err(|e| TrainError::io(&path, e))?;
+            actions.push(format!("removed leftover {}", path.display()));
+        }
+    }
+    sync_dir(&root);
+    Ok(actions)
+}
+
+/// Writes the files of a checkpoint into `tmp` and `COMPLETE` last.
+fn write_checkpoint_files(
+    tmp: &Path,
+    model: &dyn LanguageModel,
+    state: &TrainerState,
+) -> Result<()> {
+    fs::create_dir_all(tmp).map_err(|e| TrainError::io(tmp, e))?;
+    model.save_model(tmp)?;
+    model.save_optimizer(tmp)?;
+    write_atomic(
+        &tmp.join("trainer.json"),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
+    // fsync every file the engine wrote and record its checksum, then write the manifest last.
+    let mut files = std::collections::BTreeMap::new();
+    for entry in fs::read_dir(tmp)
+        .map_err(|e| TrainError::io(tmp, e))?
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name.starts_with('.') || name == COMPLETE || !path.is_file() {
+            continue;
+        }
+        let f = File::open(&path).map_err(|e| TrainError::io(&path, e))?;
+        f.sync_all().map_err(|e| TrainError::io(&path, e))?;
+        files.insert(name, file_entry(&path)?);
+    }
+    sync_dir(tmp);
+    let manifest = Manifest {
+        step: state.step,
+        files,
+    };
+    write_atomic(
+        &tmp.join(COMPLETE),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )
+}
+
 /// Writes a checkpoint of `model` and `state` under `out/checkpoints/` atomically and deletes all but the newest
 /// `keep_last`. Returns the checkpoint directory.
 pub fn save_checkpoint(
@@ -116,6 +293,19 @@ pub fn save_checkpoint(
     state: &TrainerState,
     keep_last: usize,
 ) -> Result<PathBuf> {
+    save_checkpoint_protecting(out, model, state, keep_last, None)
+}
+
+/// [`save_checkpoint`] that never prunes the checkpoint at step `protect` (the last one before a suspected
+/// divergence). On failure (e.g. a full disk) the temporary directory is deleted and every complete checkpoint
+/// is left as it was.
+pub fn save_checkpoint_protecting(
+    out: &Path,
+    model: &dyn LanguageModel,
+    state: &TrainerState,
+    keep_last: usize,
+    protect: Option<u64>,
+) -> Result<PathBuf> {
     let root = checkpoints_dir(out);
     fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
     let name = checkpoint_name(state.step);
@@ -123,32 +313,31 @@ pub fn save_checkpoint(
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     }
-    fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    model.save_model(&tmp)?;
-    model.save_optimizer(&tmp)?;
-    write_atomic(
-        &tmp.join("trainer.json"),
-        serde_json::to_string_pretty(state)?.as_bytes(),
-    )?;
-    // fsync every file the engine wrote, then the directory.
-    for entry in fs::read_dir(&tmp)
-        .map_err(|e| TrainError::io(&tmp, e))?
-        .flatten()
-    {
-        if let Ok(f) = File::open(entry.path()) {
-            f.sync_all().map_err(|e| TrainError::io(entry.path(), e))?;
-        }
+    if let Err(e) = write_checkpoint_files(&tmp, model, state) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
     }
-    sync_dir(&tmp);
     let final_dir = root.join(&name);
     if final_dir.exists() {
-        fs::remove_dir_all(&final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+        // Never delete the complete copy before its replacement is in place.
+        let old = root.join(format!(".{name}.old"));
+        if old.exists() {
+            fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
+        }
+        fs::rename(&final_dir, &old).map_err(|e| TrainError::io(&final_dir, e))?;
+        fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+        sync_dir(&root);
+        fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
+    } else {
+        fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
     }
-    fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
     sync_dir(&root);
     let all = list_checkpoints(out)?;
     if all.len() > keep_last {
-        for (_, old) in &all[..all.len() - keep_last] {
+        for (step, old) in &all[..all.len() - keep_last] {
+            if Some(*step) == protect {
+                continue;
+            }
             fs::remove_dir_all(old).map_err(|e| TrainError::io(old, e))?;
         }
     }

@@ -222,9 +222,11 @@ fn evaluate_checkpoint(e: &EvalSpec, checkpoint: &Path) -> Result<serde_json::Va
         seq_len: None,
         batch_size: 4,
         tokenizer: e.tokenizer.clone(),
-        hellaswag: e.hellaswag.clone(),
-        lambada: e.lambada.clone(),
-        arc: e.arc.clone(),
+        hellaswag: e.hellaswag.iter().cloned().collect(),
+        lambada: e.lambada.iter().cloned().collect(),
+        arc: e.arc.iter().cloned().collect(),
+        winogrande: Vec::new(),
+        per_item: None,
         limit: e.limit,
         json: true,
     })
@@ -336,9 +338,16 @@ fn curve(evals: &[EvalRecord]) -> Vec<(f64, f64)> {
     evals.iter().map(|e| (e.wall_s, e.val_loss)).collect()
 }
 
-/// A number at a JSON path of an eval result.
+/// A number of an eval result: `key` of the entry named `task` (`val`) or whose `task` field is `task` (the
+/// text tasks are reported under their file names).
 fn eval_number(eval: &serde_json::Value, task: &str, key: &str) -> Option<f64> {
-    eval.get(task)?.get(key)?.as_f64()
+    let entries = eval.as_object()?;
+    let entry = entries.get(task).or_else(|| {
+        entries
+            .values()
+            .find(|v| v.get("task").and_then(|t| t.as_str()) == Some(task))
+    })?;
+    entry.get(key)?.as_f64()
 }
 
 /// Writes `report.md` and `compare.svg` from the finished runs.

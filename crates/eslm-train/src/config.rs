@@ -175,8 +175,17 @@ pub struct RunConfig {
     pub alpha_ramp: u64,
     /// Skip a step whose loss or gradient is not finite instead of stopping the run.
     pub skip_nonfinite: bool,
+    /// Divergence rule F: stop when the loss exceeds F·ln V or F × its running median (0: off; see `guard`).
+    pub divergence_factor: f64,
+    /// Divergence rule G: stop when the gradient norm exceeds G × its running median (0: off).
+    pub grad_spike_factor: f64,
+    /// Wall-clock limit of the training loop, e.g. `90s`, `30m`, `2h`, `1h30m` (see [`parse_duration`]).
+    pub time_budget: Option<String>,
     /// Show the progress bar.
     pub progress: bool,
+    /// The step at which the LR schedule ends, when a `--time-budget` binds: set by the trainer from the measured
+    /// step time (see docs/trainer.md), saved with checkpoints; `None`: the run's total steps.
+    pub lr_horizon: Option<u64>,
 }
 
 impl Default for RunConfig {
@@ -233,13 +242,79 @@ impl Default for RunConfig {
             select_warmup: 0,
             alpha_ramp: 0,
             skip_nonfinite: false,
+            divergence_factor: 3.0,
+            grad_spike_factor: 100.0,
+            time_budget: None,
             progress: true,
+            lr_horizon: None,
         }
     }
 }
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+/// clap value parser of every float flag: a finite number (NaN and ±inf are refused, naming the value).
+pub fn finite_f64(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number"))?;
+    if !v.is_finite() {
+        return Err(format!("`{s}` is not a finite number"));
+    }
+    Ok(v)
+}
+
+/// Parses a wall-clock duration: a sequence of `<number><unit>` with units `s`, `m`, `h`, `d` (`90s`, `30m`,
+/// `2h`, `1h30m`, `1.5h`); a bare number is seconds. Returns seconds (> 0).
+pub fn parse_duration(text: &str) -> std::result::Result<f64, String> {
+    let t = text.trim();
+    let err = || format!("`{text}` is not a duration (expected e.g. 90s, 30m, 2h, 1h30m)");
+    if t.is_empty() {
+        return Err(err());
+    }
+    if let Ok(v) = t.parse::<f64>() {
+        return if v.is_finite() && v > 0.0 {
+            Ok(v)
+        } else {
+            Err(err())
+        };
+    }
+    let (mut total, mut num) = (0.0f64, String::new());
+    for c in t.chars() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1.0,
+            'm' => 60.0,
+            'h' => 3600.0,
+            'd' => 86400.0,
+            _ => return Err(err()),
+        };
+        let v: f64 = num.parse().map_err(|_| err())?;
+        total += v * unit;
+        num.clear();
+    }
+    if !(num.is_empty() && total.is_finite() && total > 0.0) {
+        return Err(err());
+    }
+    Ok(total)
+}
+
+/// Refuses NaN / ±inf anywhere in a parsed TOML config, naming the key and the value.
+fn check_toml_floats(value: &toml::Value, key: &str) -> Result<()> {
+    match value {
+        toml::Value::Float(f) if !f.is_finite() => Err(TrainError::Config(format!(
+            "key `{key}` = {f} is not a finite number"
+        ))),
+        toml::Value::Table(t) => t.iter().try_for_each(|(k, v)| check_toml_floats(v, k)),
+        toml::Value::Array(a) => a.iter().try_for_each(|v| check_toml_floats(v, key)),
+        _ => Ok(()),
+    }
 }
 
 /// Training flags. Every flag is optional and overrides the same key of `--config FILE` (see the module docs).
@@ -253,6 +328,10 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub resume: bool,
+    /// Replace the run already in --out (its metrics.jsonl, config.toml and checkpoints/) by a fresh run.
+    #[arg(long, conflicts_with = "resume")]
+    #[serde(skip)]
+    pub overwrite: bool,
     /// Training shards: file, directory or glob (default: the built-in synthetic corpus).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -265,7 +344,7 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub synthetic_documents: Option<usize>,
-    /// Model preset: synth-tiny, tiny, t, 124m, 350m, 774m, 1558m, bigram.
+    /// Model preset: synth-tiny, tiny (context = --seq-len), t, 124m, 350m, 774m, 1558m (context 1024), bigram.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
@@ -310,11 +389,11 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_budget: Option<u64>,
     /// Peak learning rate.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
     /// Final LR as a fraction of --lr.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_lr_ratio: Option<f64>,
     /// Linear warm-up steps.
@@ -326,11 +405,11 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
     /// AdamW weight decay.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weight_decay: Option<f64>,
     /// Global gradient-norm clip (0: off).
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_clip: Option<f64>,
     /// Seed (init, data order, random policy).
@@ -370,7 +449,7 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub score: Option<ScoreKind>,
     /// Fraction of tokens dropped (ada-eslm: initial α).
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f64>,
     /// Quantile scope under gradient accumulation: micro or global.
@@ -394,11 +473,11 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_layer: Option<usize>,
     /// Hierarchical: fraction of sequences dropped.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance_alpha: Option<f64>,
     /// Rho-1 / random: fraction of tokens kept.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep: Option<f64>,
     /// Rho-1: reference checkpoint directory.
@@ -414,37 +493,49 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub teacher: Option<PathBuf>,
     /// ESLM-KD: distillation weight W.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kd_weight: Option<f64>,
     /// ESLM-KD: temperature τ.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f64>,
     /// Ada-ESLM: lower bound on α.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alpha_min: Option<f64>,
     /// Ada-ESLM: upper bound on α.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alpha_max: Option<f64>,
     /// Ada-ESLM: target kept share of the score mass.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_mass: Option<f64>,
     /// Ada-ESLM: controller gain.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ada_gain: Option<f64>,
     /// Ada-ESLM: EMA coefficient of the statistic.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ada_ema: Option<f64>,
     /// Skip steps with a non-finite loss or gradient instead of stopping.
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     pub skip_nonfinite: bool,
+    /// Stop when the loss exceeds F·ln(vocab) or F × its running median (0: off).
+    #[arg(long, value_parser = finite_f64)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub divergence_factor: Option<f64>,
+    /// Stop when the gradient norm exceeds G × its running median (0: off).
+    #[arg(long, value_parser = finite_f64)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_spike_factor: Option<f64>,
+    /// Wall-clock limit of training: 90s, 30m, 2h, 1h30m; stops with a checkpoint (see docs/trainer.md).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_budget: Option<String>,
     /// Hide the progress bar.
     #[arg(long)]
     #[serde(skip)]
@@ -468,7 +559,12 @@ impl TrainArgs {
 impl RunConfig {
     /// Parses a TOML config (missing keys take their defaults; unknown keys are an error).
     pub fn from_toml_str(text: &str) -> Result<RunConfig> {
-        toml::from_str(text).map_err(|e| TrainError::Config(format!("config file: {e}")))
+        let value: toml::Value =
+            toml::from_str(text).map_err(|e| TrainError::Config(format!("config file: {e}")))?;
+        check_toml_floats(&value, "")?;
+        value
+            .try_into()
+            .map_err(|e| TrainError::Config(format!("config file: {e}")))
     }
 
     /// Reads a TOML config file.
@@ -524,6 +620,68 @@ impl RunConfig {
         if self.keep_last == 0 {
             return bad("--keep-last must be at least 1".into());
         }
+        if self.token_budget == Some(0) {
+            return bad(
+                "--token-budget must be at least 1 token (omit it to train for --steps)".into(),
+            );
+        }
+        let floats = [
+            ("--lr", self.lr),
+            ("--min-lr-ratio", self.min_lr_ratio),
+            ("--weight-decay", self.weight_decay),
+            ("--grad-clip", self.grad_clip),
+            ("config key `beta1`", self.beta1),
+            ("config key `beta2`", self.beta2),
+            ("config key `eps`", self.eps),
+            ("--alpha", self.alpha),
+            ("--instance-alpha", self.instance_alpha),
+            ("--keep", self.keep),
+            ("--kd-weight", self.kd_weight),
+            ("--temperature", self.temperature),
+            ("--alpha-min", self.alpha_min),
+            ("--alpha-max", self.alpha_max),
+            ("--target-mass", self.target_mass),
+            ("--ada-gain", self.ada_gain),
+            ("--ada-ema", self.ada_ema),
+            ("--divergence-factor", self.divergence_factor),
+            ("--grad-spike-factor", self.grad_spike_factor),
+        ];
+        for (flag, v) in floats {
+            if !v.is_finite() {
+                return bad(format!("{flag} must be a finite number, got {v}"));
+            }
+        }
+        for (flag, v) in [
+            ("--weight-decay", self.weight_decay),
+            ("--grad-clip", self.grad_clip),
+            ("--divergence-factor", self.divergence_factor),
+            ("--grad-spike-factor", self.grad_spike_factor),
+        ] {
+            if v < 0.0 {
+                return bad(format!("{flag} must be ≥ 0 (0 turns it off), got {v}"));
+            }
+        }
+        if self.divergence_factor > 0.0 && self.divergence_factor <= 1.0 {
+            return bad(format!(
+                "--divergence-factor must be > 1 (or 0 to turn the rule off), got {}",
+                self.divergence_factor
+            ));
+        }
+        if self.grad_spike_factor > 0.0 && self.grad_spike_factor <= 1.0 {
+            return bad(format!(
+                "--grad-spike-factor must be > 1 (or 0 to turn the rule off), got {}",
+                self.grad_spike_factor
+            ));
+        }
+        if self.temperature <= 0.0 {
+            return bad(format!(
+                "--temperature must be > 0, got {}",
+                self.temperature
+            ));
+        }
+        if let Some(t) = &self.time_budget {
+            parse_duration(t).map_err(|e| TrainError::Config(format!("--time-budget: {e}")))?;
+        }
         if self.select == PolicyKind::Rho1 && self.reference.is_none() {
             return bad("--select rho1 needs --reference CKPT (a checkpoint directory of the reference model)".into());
         }
@@ -536,6 +694,13 @@ impl RunConfig {
     /// Tokens per optimizer step (B·T·grad_accum).
     pub fn tokens_per_step(&self) -> u64 {
         (self.batch_size * self.seq_len * self.grad_accum) as u64
+    }
+
+    /// The `--time-budget` in seconds, if set (validated by [`RunConfig::validate`]).
+    pub fn time_budget_s(&self) -> Option<f64> {
+        self.time_budget
+            .as_deref()
+            .and_then(|t| parse_duration(t).ok())
     }
 
     /// The number of optimizer steps of the run (from `token_budget` when set).
@@ -559,7 +724,11 @@ impl RunConfig {
             max_lr: self.lr,
             min_lr: self.lr * self.min_lr_ratio,
             warmup_steps: self.warmup_steps,
-            total_steps: self.total_steps().max(self.warmup_steps),
+            total_steps: self
+                .lr_horizon
+                .unwrap_or(self.total_steps())
+                .min(self.total_steps())
+                .max(self.warmup_steps),
             decay: match self.schedule {
                 Schedule::Cosine => eslm_gpt2::Decay::Cosine,
                 Schedule::Linear => eslm_gpt2::Decay::Linear,

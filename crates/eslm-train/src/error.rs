@@ -38,15 +38,29 @@ pub enum TrainError {
         /// The model's vocabulary size.
         vocab: usize,
     },
-    /// The loss became NaN or infinite.
-    #[error("non-finite loss {loss} at step {step}; the last good checkpoint is in {}. HINT: lower --lr, raise --grad-clip, or pass --skip-nonfinite", checkpoint.display())]
+    /// The loss or gradient norm became NaN or infinite.
+    #[error("non-finite loss or gradient norm ({loss}) at step {step}; {hint}")]
     NonFinite {
         /// The step at which it happened.
         step: u64,
-        /// The loss value.
+        /// The non-finite value.
         loss: f32,
-        /// Directory of the last good checkpoint written.
-        checkpoint: PathBuf,
+        /// The last good checkpoint (from before the update that broke the model), if any.
+        checkpoint: Option<PathBuf>,
+        /// What to resume from and what to change.
+        hint: String,
+    },
+    /// The divergence guard fired (see `guard`).
+    #[error("training diverged: {reason}; {hint}")]
+    Diverged {
+        /// The step at which it was detected.
+        step: u64,
+        /// The rule that fired, with the values.
+        reason: String,
+        /// The last good checkpoint (from before the update that broke the model), if any.
+        checkpoint: Option<PathBuf>,
+        /// What to resume from and what to change.
+        hint: String,
     },
     /// The CUDA backend was requested but is not available.
     #[error("CUDA backend not available in this build/device; use --device cpu")]

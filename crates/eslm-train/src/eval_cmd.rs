@@ -1,5 +1,8 @@
-//! `eslm-train eval CKPT`: perplexity on token shards and downstream tasks (HellaSwag, LAMBADA, ARC-style JSONL),
-//! printed as a table and written as one JSON object to stdout with `--json`.
+//! `eslm-train eval CKPT`: perplexity on token shards and downstream tasks (HellaSwag, LAMBADA, ARC-style and
+//! Winogrande-style JSONL), printed as a table and written as one JSON object to stdout with `--json`. Each task
+//! flag may repeat; every file is reported under its file name (its path when two names collide), with its
+//! task. `--per-item FILE` writes one JSON line per scored item (file, task, line, per-option log-likelihoods,
+//! prediction, gold).
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +12,7 @@ use crate::data::ValData;
 use crate::error::{Result, TrainError};
 use crate::eval_tasks::{
     eval_choices, eval_lambada, parse_choice_jsonl, parse_hellaswag, parse_lambada,
+    parse_winogrande, ChoiceItem,
 };
 use crate::models::open_model;
 use crate::trainer::evaluate;
@@ -30,15 +34,21 @@ pub struct EvalArgs {
     /// Tokenizer (tokenizer.json, or a directory with vocab.json + merges.txt) for the text tasks.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// HellaSwag file in the six-line format.
+    /// HellaSwag file in the six-line format (repeatable).
     #[arg(long)]
-    pub hellaswag: Option<PathBuf>,
-    /// LAMBADA JSONL file.
+    pub hellaswag: Vec<PathBuf>,
+    /// LAMBADA JSONL file (repeatable).
     #[arg(long)]
-    pub lambada: Option<PathBuf>,
-    /// ARC-style JSONL file (query, choices, gold).
+    pub lambada: Vec<PathBuf>,
+    /// ARC-style JSONL file: query, choices, gold as an index or a letter (repeatable).
     #[arg(long)]
-    pub arc: Option<PathBuf>,
+    pub arc: Vec<PathBuf>,
+    /// Winogrande-style JSONL file: context_options, continuation, gold (partial scoring; repeatable).
+    #[arg(long)]
+    pub winogrande: Vec<PathBuf>,
+    /// Write one JSON line per scored item to this file (JSONL).
+    #[arg(long)]
+    pub per_item: Option<PathBuf>,
     /// Evaluate at most N items per task (0: all) and N batches of perplexity.
     #[arg(long, default_value_t = 0)]
     pub limit: usize,
@@ -63,10 +73,19 @@ pub fn run_eval(args: &EvalArgs) -> Result<serde_json::Value> {
     let mut model = open_model(&args.checkpoint, args.batch_size.max(1), usize::MAX)?;
     let mut out = serde_json::Map::new();
     if let Some(pattern) = &args.val {
-        let t = args
-            .seq_len
-            .unwrap_or(model.max_seq_len())
-            .min(model.max_seq_len());
+        let max_t = model.max_seq_len();
+        let t = match args.seq_len {
+            Some(t) if t > max_t => {
+                return Err(TrainError::Config(format!(
+                    "--seq-len {t} exceeds the model's context of {max_t} positions ({}); HINT: pass --seq-len \
+                     {max_t} or less (or omit it)",
+                    args.checkpoint.display()
+                )))
+            }
+            Some(0) => return Err(TrainError::Config("--seq-len must be at least 1".into())),
+            Some(t) => t,
+            None => max_t,
+        };
         let loader = ValLoader::open(
             pattern,
             LoaderConfig::new(args.batch_size.max(1), t).with_shuffle(false),
@@ -87,8 +106,16 @@ pub fn run_eval(args: &EvalArgs) -> Result<serde_json::Value> {
             serde_json::json!({"loss": r.loss, "ppl": r.loss.exp(), "tokens": r.tokens}),
         );
     }
-    let tasks = [&args.hellaswag, &args.lambada, &args.arc];
-    if tasks.iter().any(|t| t.is_some()) {
+    let files: Vec<(&str, &PathBuf)> = [
+        ("hellaswag", &args.hellaswag),
+        ("lambada", &args.lambada),
+        ("arc", &args.arc),
+        ("winogrande", &args.winogrande),
+    ]
+    .into_iter()
+    .flat_map(|(task, paths)| paths.iter().map(move |p| (task, p)))
+    .collect();
+    if !files.is_empty() {
         let tok_path = args.tokenizer.as_ref().ok_or_else(|| {
             TrainError::Config(
                 "the text tasks need --tokenizer PATH (tokenizer.json or a directory with vocab.json + merges.txt)".into(),
@@ -103,31 +130,77 @@ pub fn run_eval(args: &EvalArgs) -> Result<serde_json::Value> {
             )));
         }
         let encode = |s: &str| tok.encode(s).map_err(TrainError::from);
-        if let Some(p) = &args.hellaswag {
-            let items = limited(parse_hellaswag(&read(p)?, p)?, args.limit);
-            out.insert(
-                "hellaswag".into(),
-                serde_json::to_value(eval_choices(model.as_mut(), &items, &encode)?)?,
-            );
+        let mut per_item = match &args.per_item {
+            Some(p) => Some((
+                std::io::BufWriter::new(
+                    std::fs::File::create(p).map_err(|e| TrainError::io(p, e))?,
+                ),
+                p,
+            )),
+            None => None,
+        };
+        let names: Vec<String> = files
+            .iter()
+            .map(|(_, p)| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| p.display().to_string())
+            })
+            .collect();
+        for (i, (task, p)) in files.iter().enumerate() {
+            let name = if names.iter().filter(|n| **n == names[i]).count() > 1 {
+                p.display().to_string()
+            } else {
+                names[i].clone()
+            };
+            let text = read(p)?;
+            let (mut result, lines) = if *task == "lambada" {
+                let items = limited(parse_lambada(&text, p)?, args.limit);
+                let r = eval_lambada(model.as_mut(), &items, &encode, p)?;
+                let lines: Vec<serde_json::Value> = r
+                    .per_item
+                    .iter()
+                    .map(serde_json::to_value)
+                    .collect::<std::result::Result<_, _>>()?;
+                (serde_json::to_value(&r)?, lines)
+            } else {
+                let items: Vec<ChoiceItem> = match *task {
+                    "hellaswag" => parse_hellaswag(&text, p)?,
+                    "arc" => parse_choice_jsonl(&text, p)?,
+                    _ => parse_winogrande(&text, p)?,
+                };
+                let items = limited(items, args.limit);
+                let r = eval_choices(model.as_mut(), &items, &encode, p)?;
+                let lines: Vec<serde_json::Value> = r
+                    .per_item
+                    .iter()
+                    .map(serde_json::to_value)
+                    .collect::<std::result::Result<_, _>>()?;
+                (serde_json::to_value(&r)?, lines)
+            };
+            if let Some((w, path)) = per_item.as_mut() {
+                use std::io::Write;
+                for mut line in lines {
+                    if let serde_json::Value::Object(m) = &mut line {
+                        m.insert("task".into(), (*task).into());
+                        m.insert("file".into(), p.display().to_string().into());
+                    }
+                    writeln!(w, "{line}").map_err(|e| TrainError::io(path.as_path(), e))?;
+                }
+            }
+            if let serde_json::Value::Object(m) = &mut result {
+                m.insert("task".into(), (*task).into());
+            }
+            out.insert(name, result);
         }
-        if let Some(p) = &args.lambada {
-            let items = limited(parse_lambada(&read(p)?, p)?, args.limit);
-            out.insert(
-                "lambada".into(),
-                serde_json::to_value(eval_lambada(model.as_mut(), &items, &encode)?)?,
-            );
-        }
-        if let Some(p) = &args.arc {
-            let items = limited(parse_choice_jsonl(&read(p)?, p)?, args.limit);
-            out.insert(
-                "arc".into(),
-                serde_json::to_value(eval_choices(model.as_mut(), &items, &encode)?)?,
-            );
+        if let Some((mut w, path)) = per_item {
+            use std::io::Write;
+            w.flush().map_err(|e| TrainError::io(path.as_path(), e))?;
         }
     }
     if out.is_empty() {
         return Err(TrainError::Config(
-            "nothing to evaluate: pass --val SHARDS and/or --hellaswag/--lambada/--arc FILE (with --tokenizer)".into(),
+            "nothing to evaluate: pass --val SHARDS and/or --hellaswag/--lambada/--arc/--winogrande FILE (with --tokenizer)".into(),
         ));
     }
     let value = serde_json::Value::Object(out);

@@ -8,7 +8,7 @@
 //! [`model`] (the engine seam) with [`engine`] (eslm-gpt2) and [`bigram`] (a test double), [`policy`] (one module
 //! per selection policy), [`trainer`] (the loop), [`metrics`] (metrics.jsonl), [`checkpoint`] (atomic
 //! checkpoints, exact resume), [`eval_tasks`] (HellaSwag / LAMBADA / ARC scoring), [`sample`] (generation),
-//! [`plot`] (run comparison charts). `docs/trainer.md` documents every command.
+//! [`plot`] (run comparison charts), [`guard`] (divergence detection), [`outdir`] (the run-directory lock). `docs/trainer.md` documents every command.
 
 #![warn(missing_docs)]
 
@@ -21,9 +21,11 @@ pub mod engine;
 pub mod error;
 pub mod eval_cmd;
 pub mod eval_tasks;
+pub mod guard;
 pub mod metrics;
 pub mod model;
 pub mod models;
+pub mod outdir;
 pub mod plot;
 pub mod policy;
 pub mod run;

@@ -4,8 +4,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use std::process::ExitCode;
+
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use eslm_train::config::TrainArgs;
 use eslm_train::trainer::TrainSummary;
 
@@ -41,8 +43,13 @@ enum Command {
 
 fn print_summary(s: &TrainSummary) {
     println!("── eslm-train summary ({}) ──", s.policy);
+    if let Some(dir) = &s.resumed_from {
+        println!("resumed from: {}", dir.display());
+    }
     if s.interrupted {
         println!("interrupted at step {} (checkpoint saved)", s.steps);
+    } else if s.time_budget_reached {
+        println!("steps: {} (stopped by --time-budget)", s.steps);
     } else {
         println!("steps: {}", s.steps);
     }
@@ -96,44 +103,109 @@ fn print_summary(s: &TrainSummary) {
     }
 }
 
-/// The Ctrl-C flag: the first Ctrl-C asks for a clean stop (checkpoint), the second exits at once.
+/// The interrupt flag: the first Ctrl-C / SIGTERM asks for a clean stop (checkpoint), the second exits at once.
 fn install_stop() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
+    // The `termination` feature makes this handler catch SIGINT, SIGTERM (Slurm, Kubernetes) and SIGHUP.
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("second Ctrl-C: exiting without a checkpoint");
+            eprintln!("second interrupt: exiting without a checkpoint");
             std::process::exit(130);
         }
         eprintln!(
-            "Ctrl-C: finishing the current step, then saving a checkpoint (Ctrl-C again to abort)"
+            "interrupt (Ctrl-C / SIGTERM): finishing the current step, then saving a checkpoint (again to abort)"
         );
     })
-    .context("installing the Ctrl-C handler")?;
+    .context("installing the Ctrl-C / SIGTERM handler")?;
     Ok(stop)
 }
 
-fn train(args: TrainArgs) -> Result<()> {
+/// What a successful command asks the process to exit with: 0, or 130 after an interrupted (but checkpointed)
+/// training run, so `train && eval` does not evaluate a half-trained model.
+fn train(args: TrainArgs) -> Result<ExitCode> {
     let stop = install_stop()?;
     let summary = eslm_train::run::run_training(&args, stop)?;
     print_summary(&summary);
-    Ok(())
+    if summary.interrupted {
+        eprintln!("interrupted: exit code 130 (resume with --resume)");
+        return Ok(ExitCode::from(130));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+/// Appends ` [default: X]` to the help of every training flag whose [`eslm_train::RunConfig`] field has a
+/// default (the flags themselves are optional so that they can override a `--config` file).
+fn with_defaults(cmd: clap::Command) -> clap::Command {
+    let defaults = serde_json::to_value(eslm_train::RunConfig::default()).unwrap_or_default();
+    let ids: Vec<String> = cmd
+        .get_arguments()
+        .map(|a| a.get_id().as_str().to_string())
+        .collect();
+    let mut cmd = cmd;
+    for id in ids {
+        let Some(v) = defaults.get(&id).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let shown = match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        cmd = cmd.mut_arg(id.as_str(), |a| {
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            a.help(format!("{help} [default: {shown}]"))
+        });
+    }
+    cmd
+}
+
+/// Prints an error chain once: the message, then each cause that adds something (a cause whose text is already
+/// part of the message before it is skipped). Never a backtrace, whatever RUST_BACKTRACE says.
+fn print_error(e: &anyhow::Error) {
+    let mut shown: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if shown.iter().any(|s| s.contains(&text)) {
+            continue;
+        }
+        shown.push(text);
+    }
+    eprintln!("error: {}", shown.first().map(String::as_str).unwrap_or(""));
+    for c in shown.iter().skip(1) {
+        eprintln!("  caused by: {c}");
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         None => train(cli.train),
         Some(Command::Train(args)) => train(args),
         Some(Command::Eval(args)) => eslm_train::eval_cmd::run_eval(&args)
-            .map(|_| ())
+            .map(|_| ExitCode::SUCCESS)
             .map_err(Into::into),
         Some(Command::Sample(args)) => eslm_train::sample::run_sample(&args)
-            .map(|_| ())
+            .map(|_| ExitCode::SUCCESS)
             .map_err(Into::into),
-        Some(Command::Plot(args)) => eslm_train::plot::run_plot(&args).map_err(Into::into),
+        Some(Command::Plot(args)) => eslm_train::plot::run_plot(&args)
+            .map(|_| ExitCode::SUCCESS)
+            .map_err(Into::into),
         Some(Command::Compare(args)) => eslm_train::compare::run_compare(&args, install_stop()?)
-            .map(|_| ())
+            .map(|_| ExitCode::SUCCESS)
             .map_err(Into::into),
+    }
+}
+
+fn main() -> ExitCode {
+    let cmd = with_defaults(Cli::command()).mut_subcommand("train", with_defaults);
+    let cli = match Cli::from_arg_matches(&cmd.get_matches()) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            print_error(&e);
+            ExitCode::from(1)
+        }
     }
 }

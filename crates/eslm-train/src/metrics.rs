@@ -1,6 +1,10 @@
 //! `metrics.jsonl`: one JSON object per line. Training steps write a [`StepRecord`] (`"kind": "step"`),
 //! evaluations an [`EvalRecord`] (`"kind": "eval"`). Lines are flushed as written. On resume, lines after the
 //! checkpoint's step are dropped so the file describes exactly one history.
+//!
+//! Non-finite numbers (a diverged run's `val_ppl`, a skipped step's `loss`) are written by serde_json as `null`
+//! and read back as NaN. [`read_metrics`] is strict (the first bad line is an error naming the file and line);
+//! [`read_metrics_lenient`] skips bad lines (e.g. a partial last line left by a crash) and reports them.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -9,6 +13,14 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
+
+fn nan_if_null_f32<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f32, D::Error> {
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
+}
+
+fn nan_if_null_f64<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
 
 /// One optimizer step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -20,8 +32,10 @@ pub struct StepRecord {
     /// Learning rate used.
     pub lr: f64,
     /// Mean cross-entropy over every valid token the full forward saw (hierarchical: the kept sequences).
+    #[serde(deserialize_with = "nan_if_null_f32")]
     pub loss: f32,
     /// Mean training loss over the kept tokens (KD: the mixed CE + KL loss).
+    #[serde(deserialize_with = "nan_if_null_f32")]
     pub loss_kept: f32,
     /// Kept tokens / valid tokens of the whole step (dropped sequences count as not kept).
     pub kept_fraction: f64,
@@ -34,6 +48,7 @@ pub struct StepRecord {
     /// Sequences kept by the instance filter / sequences seen (hierarchical; 1 otherwise).
     pub sequence_fraction: f64,
     /// Global gradient norm before clipping.
+    #[serde(deserialize_with = "nan_if_null_f32")]
     pub grad_norm: f32,
     /// Wall-clock seconds of the step.
     pub step_time_s: f64,
@@ -78,8 +93,10 @@ pub struct EvalRecord {
     /// Cumulative training wall-clock seconds.
     pub wall_s: f64,
     /// Mean cross-entropy over every validation token evaluated.
+    #[serde(deserialize_with = "nan_if_null_f64")]
     pub val_loss: f64,
     /// `exp(val_loss)`.
+    #[serde(deserialize_with = "nan_if_null_f64")]
     pub val_ppl: f64,
     /// Validation tokens evaluated.
     pub val_tokens: u64,
@@ -112,15 +129,17 @@ impl MetricsWriter {
                 .collect(),
             _ => Vec::new(),
         };
-        let mut file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
+        // Rewrite atomically (a crash here must not lose the history), then append.
+        let mut text = String::new();
+        for line in kept {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        crate::checkpoint::write_atomic(&path, text.as_bytes())?;
+        let file = OpenOptions::new()
+            .append(true)
             .open(&path)
             .map_err(|e| TrainError::io(&path, e))?;
-        for line in kept {
-            writeln!(file, "{line}").map_err(|e| TrainError::io(&path, e))?;
-        }
         Ok(MetricsWriter { path, file })
     }
 
@@ -146,16 +165,64 @@ fn read_lines(path: &Path) -> Result<Vec<String>> {
         .collect()
 }
 
-/// Reads the step and eval records of a `metrics.jsonl` (unknown lines are skipped).
-pub fn read_metrics(path: &Path) -> Result<(Vec<StepRecord>, Vec<EvalRecord>)> {
-    let (mut steps, mut evals) = (Vec::new(), Vec::new());
-    for line in read_lines(path)? {
-        let v: serde_json::Value = serde_json::from_str(&line)?;
-        match v.get("kind").and_then(|k| k.as_str()) {
-            Some("step") => steps.push(serde_json::from_value(v)?),
-            Some("eval") => evals.push(serde_json::from_value(v)?),
-            _ => {}
+/// The records of a `metrics.jsonl` and the lines that could not be read.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsRead {
+    /// Step records.
+    pub steps: Vec<StepRecord>,
+    /// Evaluation records.
+    pub evals: Vec<EvalRecord>,
+    /// `(1-based line, reason)` of every line skipped.
+    pub skipped: Vec<(usize, String)>,
+}
+
+fn parse_line(line: &str) -> std::result::Result<Option<Record>, String> {
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    match v.get("kind").and_then(|k| k.as_str()) {
+        Some("step") => serde_json::from_value(v)
+            .map(|r| Some(Record::Step(Box::new(r))))
+            .map_err(|e| format!("step record: {e}")),
+        Some("eval") => serde_json::from_value(v)
+            .map(|r| Some(Record::Eval(Box::new(r))))
+            .map_err(|e| format!("eval record: {e}")),
+        _ => Ok(None),
+    }
+}
+
+enum Record {
+    Step(Box<StepRecord>),
+    Eval(Box<EvalRecord>),
+}
+
+/// Reads a `metrics.jsonl`, skipping (and reporting) lines that do not parse; lines of unknown kinds are
+/// ignored silently.
+pub fn read_metrics_lenient(path: &Path) -> Result<MetricsRead> {
+    let text = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+    let text = String::from_utf8_lossy(&text);
+    let mut out = MetricsRead::default();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match parse_line(line) {
+            Ok(Some(Record::Step(r))) => out.steps.push(*r),
+            Ok(Some(Record::Eval(r))) => out.evals.push(*r),
+            Ok(None) => {}
+            Err(e) => out.skipped.push((i + 1, e)),
         }
     }
-    Ok((steps, evals))
+    Ok(out)
+}
+
+/// Reads the step and eval records of a `metrics.jsonl` (lines of unknown kinds are skipped); a line that does
+/// not parse is an error naming the file and line.
+pub fn read_metrics(path: &Path) -> Result<(Vec<StepRecord>, Vec<EvalRecord>)> {
+    let r = read_metrics_lenient(path)?;
+    if let Some((line, e)) = r.skipped.first() {
+        return Err(TrainError::Config(format!(
+            "{}: line {line}: {e}",
+            path.display()
+        )));
+    }
+    Ok((r.steps, r.evals))
 }

@@ -16,7 +16,8 @@ use crate::policy::{
 };
 
 /// The GPT-2 shape `(L, H, C, maxT)` of a preset name (before `--n-layer/--n-head/--n-embd` overrides), or
-/// `None` for `bigram`.
+/// `None` for `bigram`. The context `maxT` of `synth-tiny` and `tiny` is `seq_len` (the run's `--seq-len`); the
+/// GPT-2 sizes have 1024 positions, and a longer `--seq-len` is refused.
 pub fn preset_shape(name: &str, seq_len: usize) -> Result<Option<(usize, usize, usize, usize)>> {
     Ok(Some(match name {
         "synth-tiny" => (2, 4, 128, seq_len),
@@ -45,7 +46,13 @@ pub fn gpt_config(cfg: &RunConfig, vocab: usize) -> Result<Option<GptConfig>> {
         cfg.n_head.unwrap_or(h),
         cfg.n_embd.unwrap_or(c),
     );
-    let max_t = max_t.max(cfg.seq_len);
+    if cfg.seq_len > max_t {
+        return Err(TrainError::Config(format!(
+            "--seq-len {} exceeds the context of the `{}` preset ({max_t} positions); HINT: lower --seq-len \
+             (synth-tiny and tiny take their context from --seq-len)",
+            cfg.seq_len, cfg.model
+        )));
+    }
     GptConfig::new(l, h, c, vocab, max_t)
         .map(Some)
         .map_err(|e| TrainError::Config(e.to_string()))
@@ -79,6 +86,7 @@ pub fn build_model(cfg: &RunConfig, vocab: usize) -> Result<Box<dyn LanguageMode
 /// Opens the model stored in checkpoint directory `dir` (a trainer checkpoint or an HF GPT-2 directory) with
 /// buffers for batches up to `b_max × t_max`.
 pub fn open_model(dir: &Path, b_max: usize, t_max: usize) -> Result<Box<dyn LanguageModel>> {
+    crate::checkpoint::verify_checkpoint(dir)?;
     let bigram = dir.join("bigram.bin");
     if bigram.is_file() {
         let w = crate::tensor_file::read_f32(&bigram)?;
@@ -100,10 +108,43 @@ pub fn open_model(dir: &Path, b_max: usize, t_max: usize) -> Result<Box<dyn Lang
     Ok(Box::new(Gpt2Model::open(dir, b_max, t_max)?))
 }
 
-/// Builds the selection policy of `cfg` (opening the reference / teacher model for rho1 / eslm-kd), wrapped in
-/// the selection schedule when `--select-warmup` or `--alpha-ramp` is set.
-pub fn build_policy(cfg: &RunConfig) -> Result<Box<dyn SelectionPolicy>> {
-    let policy = build_base_policy(cfg)?;
+/// Opens the reference (rho1) or teacher (eslm-kd) model at `path` and checks that it can score the run's
+/// batches: the same vocabulary as the trained model (`vocab`) and a context of at least `--seq-len`.
+fn open_scorer(
+    cfg: &RunConfig,
+    path: &Path,
+    flag: &str,
+    vocab: usize,
+) -> Result<Box<dyn LanguageModel>> {
+    let m = open_model(path, cfg.batch_size, cfg.seq_len)?;
+    if m.vocab_size() != vocab {
+        return Err(TrainError::Config(format!(
+            "{flag} {}: its vocabulary has {} ids but the trained model's has {vocab}; its token scores would \
+             be meaningless. HINT: use a {} trained on the same tokenizer",
+            path.display(),
+            m.vocab_size(),
+            &flag[2..]
+        )));
+    }
+    if m.max_seq_len() < cfg.seq_len {
+        return Err(TrainError::Config(format!(
+            "{flag} {}: its context is {} positions but --seq-len is {}. HINT: pass --seq-len {} or less, or \
+             a {} with a longer context",
+            path.display(),
+            m.max_seq_len(),
+            cfg.seq_len,
+            m.max_seq_len(),
+            &flag[2..]
+        )));
+    }
+    Ok(m)
+}
+
+/// Builds the selection policy of `cfg` for a trained model with `vocab` ids (opening and checking the
+/// reference / teacher model for rho1 / eslm-kd), wrapped in the selection schedule when `--select-warmup` or
+/// `--alpha-ramp` is set.
+pub fn build_policy(cfg: &RunConfig, vocab: usize) -> Result<Box<dyn SelectionPolicy>> {
+    let policy = build_base_policy(cfg, vocab)?;
     Ok(if cfg.select_warmup > 0 || cfg.alpha_ramp > 0 {
         Box::new(Scheduled::new(policy, cfg.select_warmup, cfg.alpha_ramp))
     } else {
@@ -112,7 +153,7 @@ pub fn build_policy(cfg: &RunConfig) -> Result<Box<dyn SelectionPolicy>> {
 }
 
 /// The policy named by `--select`, without a selection schedule.
-fn build_base_policy(cfg: &RunConfig) -> Result<Box<dyn SelectionPolicy>> {
+fn build_base_policy(cfg: &RunConfig, vocab: usize) -> Result<Box<dyn SelectionPolicy>> {
     Ok(match cfg.select {
         PolicyKind::Clm => Box::new(Clm),
         PolicyKind::Eslm => Box::new(Eslm::new(cfg.score, cfg.alpha)?),
@@ -139,7 +180,7 @@ fn build_base_policy(cfg: &RunConfig) -> Result<Box<dyn SelectionPolicy>> {
                 .as_ref()
                 .ok_or_else(|| TrainError::Config("rho1 needs --reference".into()))?;
             Box::new(Rho1::new(
-                open_model(path, cfg.batch_size, cfg.seq_len)?,
+                open_scorer(cfg, path, "--reference", vocab)?,
                 cfg.keep,
                 cfg.rho1_norm,
             )?)
@@ -157,7 +198,7 @@ fn build_base_policy(cfg: &RunConfig) -> Result<Box<dyn SelectionPolicy>> {
                 .as_ref()
                 .ok_or_else(|| TrainError::Config("eslm-kd needs --teacher".into()))?;
             Box::new(EslmKd::new(
-                open_model(path, cfg.batch_size, cfg.seq_len)?,
+                open_scorer(cfg, path, "--teacher", vocab)?,
                 KdConfig {
                     score: cfg.score,
                     alpha: cfg.alpha,

@@ -1,13 +1,15 @@
 //! `eslm-train plot RUN_DIR... --out FILE.svg`: validation loss of several runs against training tokens,
 //! paper-convention FLOPs, realized FLOPs and training wall-clock, one line per run, in one SVG (plotters' SVG
-//! backend: no system fonts or libraries needed).
+//! backend: no system fonts or libraries needed). Lines that do not parse (a partial last line left by a crash)
+//! and evaluations with a non-finite loss (a diverged run) are skipped with a note on stderr; everything valid is
+//! plotted.
 
 use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
 use crate::error::{Result, TrainError};
-use crate::metrics::{read_metrics, EvalRecord};
+use crate::metrics::{read_metrics_lenient, EvalRecord};
 
 /// Flags of `eslm-train plot`.
 #[derive(Debug, Clone, clap::Args)]
@@ -24,20 +26,45 @@ fn perr(e: impl std::fmt::Display) -> TrainError {
     TrainError::Plot(e.to_string())
 }
 
-/// A run's name (its directory's last component) and evaluation records.
-fn load_run(dir: &Path) -> Result<(String, Vec<EvalRecord>)> {
-    let (_, evals) = read_metrics(&dir.join("metrics.jsonl"))?;
+/// A run's name (its directory's last component), its finite evaluation records, and notes on what was
+/// skipped.
+fn load_run(dir: &Path) -> Result<(String, Vec<EvalRecord>, Vec<String>)> {
+    let path = dir.join("metrics.jsonl");
+    let r = read_metrics_lenient(&path)?;
+    let mut notes: Vec<String> = r
+        .skipped
+        .iter()
+        .map(|(line, e)| format!("{}: skipped line {line}: {e}", path.display()))
+        .collect();
+    let total = r.evals.len();
+    let evals: Vec<EvalRecord> = r
+        .evals
+        .into_iter()
+        .filter(|e| e.val_loss.is_finite())
+        .collect();
+    if evals.len() < total {
+        notes.push(format!(
+            "{}: skipped {} evaluation(s) with a non-finite val loss (a diverged run?)",
+            path.display(),
+            total - evals.len()
+        ));
+    }
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| dir.display().to_string());
-    Ok((name, evals))
+    Ok((name, evals, notes))
 }
 
-/// Draws the comparison chart of `runs` into `out` (SVG).
-pub fn plot_runs(runs: &[PathBuf], out: &Path) -> Result<()> {
-    let data: Vec<(String, Vec<EvalRecord>)> =
-        runs.iter().map(|d| load_run(d)).collect::<Result<_>>()?;
+/// Draws the comparison chart of `runs` into `out` (SVG). Returns notes on what was skipped.
+pub fn plot_runs(runs: &[PathBuf], out: &Path) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    let mut data: Vec<(String, Vec<EvalRecord>)> = Vec::new();
+    for d in runs {
+        let (name, evals, n) = load_run(d)?;
+        notes.extend(n);
+        data.push((name, evals));
+    }
     if data.iter().all(|(_, e)| e.is_empty()) {
         return Err(TrainError::Plot(
             "no eval records in any metrics.jsonl (train with evaluation on)".into(),
@@ -97,12 +124,14 @@ pub fn plot_runs(runs: &[PathBuf], out: &Path) -> Result<()> {
             .map_err(perr)?;
     }
     root.present().map_err(perr)?;
-    Ok(())
+    Ok(notes)
 }
 
 /// Runs `eslm-train plot`.
 pub fn run_plot(args: &PlotArgs) -> Result<()> {
-    plot_runs(&args.runs, &args.out)?;
+    for n in plot_runs(&args.runs, &args.out)? {
+        eprintln!("note: {n}");
+    }
     println!("wrote {}", args.out.display());
     Ok(())
 }

@@ -1,71 +1,184 @@
 //! One `eslm-train train` invocation: resolve the config (defaults ← TOML ← flags; on `--resume`, the
-//! checkpoint's config ← flags), check the device, open the data, build the model and policy, restore a
-//! checkpoint if asked, train, and return the summary.
+//! checkpoint's config ← flags), lock the run directory and check that it holds no other run, check the device,
+//! open the data, build the model and policy, restore a checkpoint if asked, train, and return the summary.
 
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use crate::checkpoint::{latest_checkpoint, load_trainer_state};
-use crate::config::{Device, RunConfig, TrainArgs};
+use crate::checkpoint::{latest_checkpoint, load_trainer_state, recover_checkpoints};
+use crate::config::{Device, PolicyKind, RunConfig, TrainArgs};
 use crate::data::open_run_data;
 use crate::error::{Result, TrainError};
 use crate::metrics::MetricsWriter;
 use crate::models::{build_model, build_policy};
+use crate::outdir::{claim_fresh, RunDirLock};
 use crate::trainer::{TrainSummary, Trainer};
 
 /// The fields a resumed run must share with its checkpoint (anything else, e.g. `steps`, may change).
-fn resume_fingerprint(c: &RunConfig) -> serde_json::Value {
-    serde_json::json!({
-        "train": c.train, "val": c.val, "synthetic_documents": c.synthetic_documents, "model": c.model,
-        "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "vocab_size": c.vocab_size,
-        "batch_size": c.batch_size, "seq_len": c.seq_len, "grad_accum": c.grad_accum, "seed": c.seed,
-        "select": c.select, "quantile_scope": c.quantile_scope,
-    })
+pub const RESUME_FIXED: [&str; 14] = [
+    "train",
+    "val",
+    "synthetic_documents",
+    "model",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "vocab_size",
+    "batch_size",
+    "seq_len",
+    "grad_accum",
+    "seed",
+    "select",
+    "quantile_scope",
+];
+
+/// The fixed fields (see [`RESUME_FIXED`]) that differ between a checkpoint's config and the resumed one, as
+/// `--flag: checkpoint X, now Y` lines.
+pub fn resume_changes(saved: &RunConfig, resumed: &RunConfig) -> Result<Vec<String>> {
+    let (a, b) = (serde_json::to_value(saved)?, serde_json::to_value(resumed)?);
+    Ok(RESUME_FIXED
+        .iter()
+        .filter(|k| a.get(**k) != b.get(**k))
+        .map(|k| {
+            format!(
+                "--{}: the checkpoint has {}, the flags ask for {}",
+                k.replace('_', "-"),
+                a.get(*k).cloned().unwrap_or_default(),
+                b.get(*k).cloned().unwrap_or_default()
+            )
+        })
+        .collect())
 }
 
-/// Resolves the run config of `args`, taking a resumed run's config from its latest checkpoint.
-pub fn resolve_config(args: &TrainArgs) -> Result<RunConfig> {
+/// Resolves the run config of `args`, taking a resumed run's config from its latest checkpoint. Returns the
+/// config and, on `--resume`, the checkpoint it comes from.
+pub fn resolve_config_from(args: &TrainArgs) -> Result<(RunConfig, Option<PathBuf>)> {
     let cfg = RunConfig::resolve(args)?;
     if !args.resume {
-        return Ok(cfg);
+        return Ok((cfg, None));
     }
     let dir = latest_checkpoint(&cfg.out)?.ok_or_else(|| {
         TrainError::Checkpoint(format!(
-            "--resume: no checkpoint under {}; HINT: check --out, or start without --resume",
+            "--resume: no complete checkpoint under {}; HINT: check --out, or start without --resume",
             cfg.out.join("checkpoints").display()
         ))
     })?;
     let saved = load_trainer_state(&dir)?.config;
     let mut resumed = saved.with_overrides(&args.overrides()?)?;
     resumed.out = cfg.out.clone();
-    if resume_fingerprint(&resumed) != resume_fingerprint(&saved) {
+    let changes = resume_changes(&saved, &resumed)?;
+    if !changes.is_empty() {
         return Err(TrainError::Config(format!(
-            "--resume: the flags change the run's model, data or batch shape; the checkpoint has {}",
-            resume_fingerprint(&saved)
+            "--resume from {}: a resumed run must keep its model, data, batch shape, seed and policy, but {}. \
+             HINT: drop those flags, or start a new run in another --out",
+            dir.display(),
+            changes.join("; ")
         )));
     }
     resumed.validate()?;
-    Ok(resumed)
+    Ok((resumed, Some(dir)))
 }
 
-/// Runs a training invocation. `stop` is the Ctrl-C flag (checked after every step).
+/// Resolves the run config of `args`, taking a resumed run's config from its latest checkpoint.
+pub fn resolve_config(args: &TrainArgs) -> Result<RunConfig> {
+    resolve_config_from(args).map(|(c, _)| c)
+}
+
+/// The policies each policy-specific key applies to.
+const POLICY_KEYS: [(&str, &[PolicyKind]); 16] = {
+    use PolicyKind::*;
+    [
+        ("score", &[Eslm, AdaEslm, Hierarchical, EslmKd]),
+        ("alpha", &[Eslm, AdaEslm, Hierarchical, EslmKd]),
+        ("exit_layer", &[Hierarchical]),
+        ("instance_alpha", &[Hierarchical]),
+        ("keep", &[Rho1, Random]),
+        ("reference", &[Rho1]),
+        ("rho1_norm", &[Rho1]),
+        ("teacher", &[EslmKd]),
+        ("kd_weight", &[EslmKd]),
+        ("temperature", &[EslmKd]),
+        ("alpha_min", &[AdaEslm]),
+        ("alpha_max", &[AdaEslm]),
+        ("target_mass", &[AdaEslm]),
+        ("ada_gain", &[AdaEslm]),
+        ("ada_ema", &[AdaEslm]),
+        (
+            "quantile_scope",
+            &[Eslm, AdaEslm, Hierarchical, EslmKd, Rho1, Random],
+        ),
+    ]
+};
+
+fn policy_name(p: PolicyKind) -> String {
+    serde_json::to_value(p)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Warnings for flags the user passed that the chosen `--select` policy ignores.
+pub fn inapplicable_flags(cfg: &RunConfig, args: &TrainArgs) -> Result<Vec<String>> {
+    let given = args.overrides()?;
+    Ok(POLICY_KEYS
+        .iter()
+        .filter(|(k, ps)| given.contains_key(*k) && !ps.contains(&cfg.select))
+        .map(|(k, ps)| {
+            let users: Vec<String> = ps.iter().map(|p| policy_name(*p)).collect();
+            format!(
+                "warning: --{} does not apply to --select {} (it is used by {}); it is ignored",
+                k.replace('_', "-"),
+                policy_name(cfg.select),
+                users.join(", ")
+            )
+        })
+        .collect())
+}
+
+/// Runs a training invocation. `stop` is the Ctrl-C / SIGTERM flag (checked after every step).
 pub fn run_training(args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
-    let cfg = resolve_config(args)?;
-    if cfg.device == Device::Cuda {
+    let pre = RunConfig::resolve(args)?;
+    if pre.device == Device::Cuda {
         return Err(TrainError::CudaUnavailable);
     }
-    std::fs::create_dir_all(&cfg.out).map_err(|e| TrainError::io(&cfg.out, e))?;
+    if args.overwrite && args.resume {
+        return Err(TrainError::Config(
+            "--overwrite and --resume contradict each other (replace the run, or continue it?)"
+                .into(),
+        ));
+    }
+    // One trainer per run directory; held until this function returns (or the process dies).
+    let _lock = RunDirLock::acquire(&pre.out)?;
+    for action in recover_checkpoints(&pre.out)? {
+        eprintln!("{action}");
+    }
+    if !args.resume {
+        for p in claim_fresh(&pre.out, args.overwrite)? {
+            eprintln!("--overwrite: removed {}", p.display());
+        }
+    }
+    let (cfg, resumed_from) = resolve_config_from(args)?;
+    for w in inapplicable_flags(&cfg, args)? {
+        eprintln!("{w}");
+    }
     let data = open_run_data(&cfg)?;
     let model = build_model(&cfg, data.vocab_size)?;
-    let policy = build_policy(&cfg)?;
+    let policy = build_policy(&cfg, model.vocab_size())?;
     let mut trainer = Trainer::new(cfg.clone(), model, policy, data, stop)?;
     let resumed_at = if args.resume {
-        Some(trainer.resume()?)
+        let step = trainer.resume()?;
+        if let Some(dir) = &resumed_from {
+            eprintln!("resuming from {} (step {step})", dir.display());
+        }
+        Some(step)
     } else {
         None
     };
     let text = toml::to_string(&cfg).map_err(|e| TrainError::Config(e.to_string()))?;
     crate::checkpoint::write_atomic(&cfg.out.join("config.toml"), text.as_bytes())?;
     let mut metrics = MetricsWriter::open(&cfg.out, resumed_at)?;
-    trainer.run(&mut metrics)
+    let mut summary = trainer.run(&mut metrics)?;
+    summary.resumed_from = resumed_from;
+    Ok(summary)
 }

@@ -1,7 +1,9 @@
 //! `eslm-train sample CKPT`: autoregressive generation. Each new token is drawn from
 //! `softmax(z / temperature)` restricted to the `top_k` largest logits (temperature 0: greedy argmax), with a
-//! seeded ChaCha8 RNG. The context is re-run in full every token (no KV cache; fine for the small models this
-//! trainer produces) and left-truncated to the model's maximum sequence length.
+//! seeded ChaCha8 RNG. Tokens are printed (and flushed) as they are generated, so an interrupted generation
+//! keeps what it printed. The context is re-run in full every token (no KV cache yet: that needs an incremental
+//! forward in the engine; fine for the small models this trainer produces) and left-truncated to the model's
+//! maximum sequence length. A negative or non-finite temperature and non-finite logits are errors.
 
 use std::path::PathBuf;
 
@@ -31,8 +33,8 @@ pub struct SampleArgs {
     /// Tokens to generate.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// Softmax temperature (0: greedy).
-    #[arg(long, default_value_t = 0.8)]
+    /// Softmax temperature (0: greedy; must be finite and ≥ 0).
+    #[arg(long, default_value_t = 0.8, value_parser = non_negative_f32)]
     pub temperature: f32,
     /// Sample among the k most likely tokens (0: all).
     #[arg(long, default_value_t = 40)]
@@ -40,6 +42,18 @@ pub struct SampleArgs {
     /// RNG seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// clap value parser of `--temperature`: a finite number ≥ 0.
+pub fn non_negative_f32(s: &str) -> std::result::Result<f32, String> {
+    let v: f32 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("`{s}` must be a finite number ≥ 0 (0 = greedy)"));
+    }
+    Ok(v)
 }
 
 /// Picks the next token from one row of `vocab` logits.
@@ -80,10 +94,28 @@ pub fn generate(
     top_k: usize,
     seed: u64,
 ) -> Result<Vec<u32>> {
+    generate_with(model, prompt, n, temperature, top_k, seed, &mut |_| Ok(()))
+}
+
+/// [`generate`] calling `on_token` with each token as soon as it is drawn (for streaming output).
+pub fn generate_with(
+    model: &mut dyn LanguageModel,
+    prompt: &[u32],
+    n: usize,
+    temperature: f32,
+    top_k: usize,
+    seed: u64,
+    on_token: &mut dyn FnMut(u32) -> Result<()>,
+) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(TrainError::Config(
             "the prompt is empty; pass --prompt or --prompt-ids".into(),
         ));
+    }
+    if !temperature.is_finite() || temperature < 0.0 {
+        return Err(TrainError::Config(format!(
+            "--temperature must be a finite number ≥ 0 (0 = greedy), got {temperature}"
+        )));
     }
     let vocab = model.vocab_size();
     if let Some(&id) = prompt.iter().find(|&&x| x as usize >= vocab) {
@@ -92,15 +124,23 @@ pub fn generate(
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut ids = prompt.to_vec();
     let max_t = model.max_seq_len().min(1 << 16);
-    for _ in 0..n {
+    for i in 0..n {
         let start = ids.len().saturating_sub(max_t);
         let ctx = &ids[start..];
         let t = ctx.len();
         let no_targets = vec![DEFAULT_IGNORE_INDEX; t];
         model.forward_inference(ctx, &no_targets, 1, t, None)?;
         let row = model.row_logits(t - 1)?;
+        if let Some(bad) = row.iter().find(|z| !z.is_finite()) {
+            return Err(TrainError::Model(format!(
+                "the model's logits are not finite ({bad}) at generated token {}; its weights are broken \
+                 (a diverged checkpoint?)",
+                i + 1
+            )));
+        }
         let next = sample_token(&row, temperature, top_k, &mut rng);
         ids.push(next);
+        on_token(next)?;
     }
     Ok(ids[prompt.len()..].to_vec())
 }
@@ -122,26 +162,71 @@ pub fn run_sample(args: &SampleArgs) -> Result<String> {
         }
         (None, _) => args.prompt_ids.clone(),
     };
-    let out = generate(
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    let io_err = |e| TrainError::io("<stdout>", e);
+    let prefix = match &tok {
+        Some(t) => t.decode(&prompt)?,
+        None => format!(
+            "{} |",
+            prompt
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    };
+    {
+        let mut lock = stdout.lock();
+        write!(lock, "{prefix}").map_err(io_err)?;
+        lock.flush().map_err(io_err)?;
+    }
+    // With a tokenizer, decode everything generated so far and print the new suffix (a token may complete a
+    // multi-byte character only together with the next one).
+    let mut so_far: Vec<u32> = Vec::new();
+    let mut printed = String::new();
+    let out = generate_with(
         model.as_mut(),
         &prompt,
         args.max_new_tokens,
         args.temperature,
         args.top_k,
         args.seed,
+        &mut |id| {
+            so_far.push(id);
+            let piece = match &tok {
+                Some(t) => {
+                    let text = t.decode(&so_far)?;
+                    let new = text
+                        .strip_prefix(printed.as_str())
+                        .map(str::to_string)
+                        .unwrap_or_default();
+                    if !new.is_empty() && !new.ends_with('\u{FFFD}') {
+                        printed = text;
+                        new
+                    } else {
+                        String::new()
+                    }
+                }
+                None => format!(" {id}"),
+            };
+            let mut lock = stdout.lock();
+            write!(lock, "{piece}").map_err(io_err)?;
+            lock.flush().map_err(io_err)
+        },
     )?;
     let text = match &tok {
-        Some(t) => format!("{}{}", t.decode(&prompt)?, t.decode(&out)?),
+        Some(t) => {
+            let all = t.decode(&out)?;
+            let rest = all.strip_prefix(printed.as_str()).unwrap_or("");
+            print!("{rest}");
+            format!("{prefix}{all}")
+        }
         None => format!(
-            "{} | {}",
-            prompt
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(" "),
+            "{prefix} {}",
             out.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
         ),
     };
-    println!("{text}");
+    println!();
     Ok(text)
 }

@@ -28,7 +28,7 @@ use eslm_kernels::token_stats::TokenStats;
 use eslm_kernels::KernelError;
 
 use crate::checkpoint::{
-    latest_checkpoint, load_trainer_state, save_checkpoint, TrainerState, TRAINER_STATE_VERSION,
+    latest_checkpoint, load_trainer_state, TrainerState, TRAINER_STATE_VERSION,
 };
 use crate::config::{QuantileScope, RunConfig};
 use crate::data::{batch_kinds, RunData, ValData};
@@ -77,6 +77,10 @@ pub struct TrainSummary {
     pub interrupted: bool,
     /// Steps skipped because of a non-finite loss (with --skip-nonfinite).
     pub skipped_steps: u64,
+    /// True when `--time-budget` ended the run before its last step.
+    pub time_budget_reached: bool,
+    /// The checkpoint a `--resume` continued from (set by `run::run_training`).
+    pub resumed_from: Option<PathBuf>,
 }
 
 /// Per-step accumulators (this rank's; summed over ranks by [`StepAcc::reduce`] before they are logged).
@@ -173,6 +177,7 @@ pub struct Trainer {
     /// Scores a policy computed itself ([`Score::Host`]).
     host_scores: Vec<f32>,
     last_checkpoint: Option<PathBuf>,
+    guard: crate::guard::RunGuard,
 }
 
 fn to_i32(targets: &[u32]) -> Vec<i32> {
@@ -205,6 +210,7 @@ impl Trainer {
             )));
         }
         crate::data::check_vocab(&data, model.vocab_size())?;
+        let guard = crate::guard::RunGuard::new(&cfg, model.vocab_size());
         Ok(Trainer {
             cfg,
             model,
@@ -220,6 +226,7 @@ impl Trainer {
             stats: TokenStats::default(),
             host_scores: Vec::new(),
             last_checkpoint: None,
+            guard,
         })
     }
 
@@ -249,6 +256,7 @@ impl Trainer {
                 self.cfg.out.join("checkpoints").display()
             ))
         })?;
+        crate::checkpoint::verify_checkpoint(&dir)?;
         let state = load_trainer_state(&dir)?;
         if state.vocab_size != self.model.vocab_size() {
             return Err(TrainError::Checkpoint(format!(
@@ -266,6 +274,7 @@ impl Trainer {
         self.flops_paper = state.flops_paper;
         self.flops_realized = state.flops_realized;
         self.wall_s = state.wall_s;
+        self.guard.saved(state.step);
         self.last_checkpoint = Some(dir);
         Ok(state.step)
     }
@@ -289,17 +298,54 @@ impl Trainer {
         }
     }
 
-    /// Writes a checkpoint of the current state.
+    /// Writes a checkpoint of the current state (nothing when the last checkpoint already holds this step).
     pub fn checkpoint(&mut self) -> Result<PathBuf> {
+        if let Some(dir) = self.last_checkpoint.as_ref().filter(|d| {
+            d.ends_with(crate::checkpoint::checkpoint_name(self.step))
+                && crate::checkpoint::is_complete(d)
+        }) {
+            return Ok(dir.clone());
+        }
         let state = self.trainer_state(self.data.train.loader.state(), self.policy.state());
-        let dir = save_checkpoint(
+        let dir = crate::checkpoint::save_checkpoint_protecting(
             &self.cfg.out,
             self.model.as_ref(),
             &state,
             self.cfg.keep_last,
+            self.guard.protected(),
         )?;
+        self.guard.saved(self.step);
         self.last_checkpoint = Some(dir.clone());
         Ok(dir)
+    }
+
+    /// Turns a divergence or non-finite failure at step `step` into its final error: quarantines the checkpoints
+    /// that may hold broken weights and names the last good one (see [`crate::guard`]).
+    fn fail_diverged(&mut self, err: TrainError) -> TrainError {
+        let step = match &err {
+            TrainError::NonFinite { step, .. } | TrainError::Diverged { step, .. } => *step,
+            _ => return err,
+        };
+        let good = match crate::guard::quarantine_after(&self.cfg.out, step) {
+            Ok(g) => g,
+            Err(e) => return e,
+        };
+        let text = crate::guard::divergence_hint(&self.cfg.out, good.as_deref());
+        match err {
+            TrainError::NonFinite { step, loss, .. } => TrainError::NonFinite {
+                step,
+                loss,
+                checkpoint: good,
+                hint: text,
+            },
+            TrainError::Diverged { step, reason, .. } => TrainError::Diverged {
+                step,
+                reason,
+                checkpoint: good,
+                hint: text,
+            },
+            other => other,
+        }
     }
 
     /// Mean CE of the model on the validation set (up to `cfg.eval_batches` batches).
@@ -556,8 +602,6 @@ impl Trainer {
     /// loss without --skip-nonfinite, after checkpointing the last good state).
     fn train_step(&mut self) -> Result<StepRecord> {
         let t0 = Instant::now();
-        let loader_before = self.data.train.loader.state();
-        let policy_before = self.policy.state();
         let realized_before = self.model.realized_flops();
         let mut acc = StepAcc::default();
         self.model.zero_grad();
@@ -584,19 +628,13 @@ impl Trainer {
         if let Some(bad) = acc.nonfinite {
             self.model.zero_grad();
             if !self.cfg.skip_nonfinite {
-                // The weights are those after the previous step (the engine does not update on a non-finite
-                // gradient): checkpoint them with the data position and policy state from before this step.
-                let state = self.trainer_state(loader_before, policy_before);
-                let dir = save_checkpoint(
-                    &self.cfg.out,
-                    self.model.as_ref(),
-                    &state,
-                    self.cfg.keep_last,
-                )?;
+                // No checkpoint: the weights after the previous update produced this, so the last good state is
+                // an earlier checkpoint (`Trainer::run` names it; see crate::guard).
                 return Err(TrainError::NonFinite {
                     step: self.step + 1,
                     loss: bad,
-                    checkpoint: dir,
+                    checkpoint: None,
+                    hint: String::new(),
                 });
             }
         } else {
@@ -727,11 +765,37 @@ impl Trainer {
             checkpoint: None,
             interrupted: false,
             skipped_steps: 0,
+            time_budget_reached: false,
+            resumed_from: None,
         };
         let (mut kept_sum, mut time_sum, mut tokens_sum) = (0.0f64, 0.0f64, 0u64);
+        self.guard.start(self.step, self.wall_s);
         while self.step < total {
-            let rec = self.train_step()?;
+            let rec = match self.train_step() {
+                Ok(rec) => rec,
+                Err(e) => return Err(self.fail_diverged(e)),
+            };
             metrics.write(&rec)?;
+            if !rec.skipped {
+                let verdict = self
+                    .guard
+                    .observe(rec.step, rec.loss as f64, rec.grad_norm as f64);
+                if let crate::guard::Verdict::Diverged(reason) = verdict {
+                    bar.finish_and_clear();
+                    return Err(self.fail_diverged(TrainError::Diverged {
+                        step: rec.step,
+                        reason,
+                        checkpoint: None,
+                        hint: String::new(),
+                    }));
+                }
+            }
+            if let Some(h) = self.guard.estimate_horizon(self.step, self.wall_s, total) {
+                self.cfg.lr_horizon = Some(h);
+                bar.println(format!(
+                    "--time-budget: about {h} steps fit; the LR schedule now ends at step {h}"
+                ));
+            }
             if rec.skipped {
                 summary.skipped_steps += 1;
                 bar.println(format!(
@@ -773,6 +837,10 @@ impl Trainer {
             }
             if !done && self.stop.load(Ordering::SeqCst) {
                 summary.interrupted = true;
+                break;
+            }
+            if !done && self.guard.time_up(self.wall_s) {
+                summary.time_budget_reached = true;
                 break;
             }
         }

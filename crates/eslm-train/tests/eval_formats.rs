@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use eslm_train::bigram::BigramModel;
 use eslm_train::eval_tasks::{
     eval_choices, eval_lambada, parse_choice_jsonl, parse_hellaswag, parse_lambada,
-    score_completion, ChoiceItem, LambadaItem,
+    parse_winogrande, score_completion, ChoiceItem, LambadaItem,
 };
 use eslm_train::Result;
 
@@ -29,12 +29,15 @@ fn hellaswag_six_line_format() {
     let items = parse_hellaswag(HS, Path::new("inline")).unwrap();
     assert_eq!(items.len(), 2);
     assert_eq!(
-        items[0].context,
+        items[0].options[0].0,
         "Roof shingle removal: A man is sitting on a roof. he"
     );
     assert_eq!(items[0].gold, 3);
-    assert_eq!(items[0].choices[3], " starts pulling up roofing on a roof.");
-    assert_eq!(items[1].choices.len(), 4);
+    assert_eq!(
+        items[0].options[3].1,
+        " starts pulling up roofing on a roof."
+    );
+    assert_eq!(items[1].options.len(), 4);
     // Truncated input and bad gold are errors with a line number.
     let cut: String = HS.lines().take(8).map(|l| format!("{l}\n")).collect();
     assert!(parse_hellaswag(&cut, Path::new("x")).is_err());
@@ -54,18 +57,21 @@ fn lambada_and_arc_jsonl() {
         vec![
             LambadaItem {
                 context: "the cat sat on the".into(),
-                continuation: " mat".into()
+                continuation: " mat".into(),
+                line: 1,
             },
             LambadaItem {
                 context: "a".into(),
-                continuation: " b".into()
+                continuation: " b".into(),
+                line: 3,
             },
         ]
     );
     assert!(parse_lambada("{\"context\": 1}\n", Path::new("x")).is_err());
     let a = "{\"choices\": [\"red\", \"blue\"], \"query\": \"Question: sky?\", \"gold\": 1}\n";
     let items = parse_choice_jsonl(a, Path::new("inline")).unwrap();
-    assert_eq!(items[0].choices, vec![" red", " blue"]);
+    let completions: Vec<&str> = items[0].options.iter().map(|(_, c)| c.as_str()).collect();
+    assert_eq!(completions, vec![" red", " blue"]);
     assert_eq!(items[0].gold, 1);
     assert!(parse_choice_jsonl(
         "{\"choices\": [\"a\"], \"query\": \"q\", \"gold\": 3}\n",
@@ -128,24 +134,111 @@ fn completion_scoring_prefers_the_likely_continuation() {
             .collect())
     };
     let items = vec![
-        ChoiceItem {
-            context: "abc".into(),
-            choices: vec![" h".into(), " d".into(), " a".into()],
-            gold: 1,
-        },
-        ChoiceItem {
-            context: "fg".into(),
-            choices: vec![" h".into(), " b".into()],
-            gold: 0,
-        },
+        ChoiceItem::shared_context("abc", &[" h".into(), " d".into(), " a".into()], 1, 1),
+        ChoiceItem::shared_context("fg", &[" h".into(), " b".into()], 0, 2),
     ];
-    let r = eval_choices(&mut m, &items, &encode).unwrap();
+    let r = eval_choices(&mut m, &items, &encode, Path::new("inline")).unwrap();
     assert_eq!((r.items, r.acc, r.acc_norm), (2, 1.0, 1.0));
     let l = vec![LambadaItem {
         context: "abc".into(),
         continuation: " de".into(),
+        line: 1,
     }];
-    let r = eval_lambada(&mut m, &l, &encode).unwrap();
+    let r = eval_lambada(&mut m, &l, &encode, Path::new("inline")).unwrap();
     assert_eq!(r.acc, 1.0);
     assert!((r.ppl - (-lp).exp()).abs() < 1e-4);
+}
+
+fn letters(s: &str) -> Result<Vec<u32>> {
+    Ok(s.trim()
+        .chars()
+        .map(|c| (c as u32 - 'a' as u32) % 10)
+        .collect())
+}
+
+/// Issue 12: empty files are errors (not `acc 0.0` / `ppl 1.0`), an empty context names its file and line, ARC's
+/// letter answers are accepted, and a non-letter string gold is named.
+#[test]
+fn empty_files_empty_contexts_and_letter_golds() {
+    let p = Path::new("tasks/empty.jsonl");
+    for (name, err) in [
+        ("hellaswag", parse_hellaswag("", p).unwrap_err()),
+        ("lambada", parse_lambada("\n", p).unwrap_err()),
+        ("arc", parse_choice_jsonl("", p).unwrap_err()),
+        ("winogrande", parse_winogrande("", p).unwrap_err()),
+    ] {
+        let text = err.to_string();
+        assert!(
+            text.contains("empty.jsonl") && text.contains("no items"),
+            "{name}: {text}"
+        );
+    }
+    let a = "{\"choices\": [\"red\", \"blue\", \"green\"], \"query\": \"Q\", \"gold\": \"C\"}\n";
+    assert_eq!(parse_choice_jsonl(a, p).unwrap()[0].gold, 2);
+    let bad = a.replace("\"C\"", "\"maybe\"");
+    let text = parse_choice_jsonl(&bad, p).unwrap_err().to_string();
+    assert!(text.contains("line 1") && text.contains("maybe"), "{text}");
+    let out_of_range = a.replace("\"C\"", "\"D\"");
+    assert!(parse_choice_jsonl(&out_of_range, p).is_err());
+
+    let mut m = successor_model(10);
+    let items = parse_choice_jsonl(
+        "{\"choices\": [\"b\"], \"query\": \"a\", \"gold\": 0}\n{\"choices\": [\"b\"], \"query\": \"\", \"gold\": 0}\n",
+        Path::new("arc_small.jsonl"),
+    )
+    .unwrap();
+    let text = eval_choices(&mut m, &items, &letters, Path::new("arc_small.jsonl"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("arc_small.jsonl")
+            && text.contains("line 2")
+            && text.contains("empty context"),
+        "{text}"
+    );
+    let l = parse_lambada(
+        "{\"context\": \"\", \"continuation\": \"b\"}\n",
+        Path::new("lam.jsonl"),
+    )
+    .unwrap();
+    let text = eval_lambada(&mut m, &l, &letters, Path::new("lam.jsonl"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("lam.jsonl") && text.contains("line 1"),
+        "{text}"
+    );
+}
+
+/// Winogrande-style partial scoring: one context per option, the shared continuation is scored; ties go to the
+/// first option (documented).
+#[test]
+fn winogrande_partial_scoring_and_the_tie_rule() {
+    let w = "{\"context_options\": [\"ab\", \"ac\"], \"continuation\": \"d\", \"gold\": 1}\n\
+             {\"context_options\": [\"ac\", \"ab\"], \"continuation\": \"d\", \"gold\": 0}\n";
+    let p = Path::new("wino.jsonl");
+    let items = parse_winogrande(w, p).unwrap();
+    assert_eq!(items[0].options[1], ("ac".to_string(), " d".to_string()));
+    let mut m = successor_model(10);
+    let r = eval_choices(&mut m, &items, &letters, p).unwrap();
+    assert_eq!((r.items, r.acc), (2, 1.0));
+    assert_eq!(r.per_item[0].pred, 1);
+    assert_eq!(r.per_item[0].tokens, vec![1, 1]);
+    // Only the continuation is scored: the context's own likelihood does not count.
+    let lp = 5.0 - (5f64.exp() + 9.0).ln();
+    assert!((r.per_item[0].logprobs[1] - lp).abs() < 1e-5);
+    // Identical options tie exactly and the first wins.
+    let tie = vec![ChoiceItem::shared_context(
+        "ab",
+        &[" e".into(), " e".into()],
+        1,
+        7,
+    )];
+    let r = eval_choices(&mut m, &tie, &letters, p).unwrap();
+    assert_eq!((r.per_item[0].pred, r.acc), (0, 0.0));
+    assert!(parse_winogrande(
+        "{\"context_options\": [\"a\"], \"continuation\": \"b\", \"gold\": 0}\n",
+        p
+    )
+    .is_err());
 }

@@ -72,6 +72,9 @@ enum Command {
         /// Validation documents.
         #[arg(long, default_value_t = SyntheticConfig::default().val_documents)]
         val_documents: usize,
+        /// Replace shards (and prepare.json) already in --out.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Print the header of shard files.
     Info {
@@ -81,8 +84,32 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+/// Prints an error chain once (a cause already contained in the text before it is skipped), never a backtrace.
+fn print_error(e: &anyhow::Error) {
+    let mut shown: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !shown.iter().any(|s| s.contains(&text)) {
+            shown.push(text);
+        }
+    }
+    eprintln!("error: {}", shown.first().map(String::as_str).unwrap_or(""));
+    for c in shown.iter().skip(1) {
+        eprintln!("  caused by: {c}");
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            print_error(&e);
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Prepare {
             inputs,
@@ -115,6 +142,9 @@ fn main() -> Result<()> {
             };
             let summary = prepare(&cfg, &tok)?;
             println!("{summary}");
+            for w in &summary.warnings {
+                eprintln!("warning: {w}");
+            }
             let meta = cfg.out_dir.join("prepare.json");
             std::fs::write(&meta, serde_json::to_string_pretty(&summary)?)
                 .with_context(|| format!("writing {}", meta.display()))?;
@@ -124,7 +154,9 @@ fn main() -> Result<()> {
             seed,
             train_documents,
             val_documents,
+            overwrite,
         } => {
+            eslm_data::prepare::claim_out_dir(&out, overwrite)?;
             let cfg = SyntheticConfig {
                 seed,
                 train_documents,
@@ -148,6 +180,15 @@ fn main() -> Result<()> {
         Command::Info { shards } => {
             let mut failed = 0;
             for p in shards {
+                if p.is_dir() {
+                    eprintln!(
+                        "{}: is a directory; HINT: pass shard files, e.g. {}/train_*.bin",
+                        p.display(),
+                        p.display()
+                    );
+                    failed += 1;
+                    continue;
+                }
                 match ShardReader::open(&p) {
                     Ok(s) => println!("{}: {:?}, {} tokens", p.display(), s.width(), s.len()),
                     Err(e) => {
