@@ -9,6 +9,7 @@
 
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -21,12 +22,13 @@ pub mod params;
 pub mod step;
 pub mod update;
 
+pub use backend::{Backend, Cpu};
 pub use config::GptConfig;
 pub use error::{Gpt2Error, Result};
+pub use loss_head::{Keep, ScoreSource};
 pub use model::Gpt2;
 pub use ops::{FlopCounter, RowSet};
-pub use loss_head::{Keep, ScoreSource};
 pub use optim::{clip_grad_norm, grad_norm, AdamW, AdamWConfig, Decay, LrSchedule};
-pub use update::OptimizerSnapshot;
-pub use params::{ParamKind, ParamLayout, ParamSet};
+pub use params::{LayerWeights, ModelWeights, ParamKind, ParamLayout, ParamSet};
 pub use step::{Selector, StepReport, StepWorkspace, TokenScore};
+pub use update::OptimizerSnapshot;
