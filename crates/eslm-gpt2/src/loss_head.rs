@@ -39,7 +39,7 @@ pub enum ScoreSource<'a> {
 pub enum Keep {
     /// Every valid row (CLM).
     AllValid,
-    /// The VaR or top-k rule over this batch's valid rows ([`eslm_kernels::select`]).
+    /// The VaR or top-k rule over this batch's valid rows ([`eslm_kernels::select::select`]).
     Rule(SelectRule),
     /// Valid rows whose score is ≥ a threshold computed elsewhere (the global VaR over several micro-batches or
     /// ranks, `eslm_kernels::global_select`).

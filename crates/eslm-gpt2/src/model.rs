@@ -1,7 +1,7 @@
 //! The GPT-2 graph as a fixed, llm.c-style sequence of backend ops ([`crate::backend::Backend`]): embeddings → L
 //! blocks (`x + attn(ln1(x))`, then `x + mlp(ln2(x))`) → final layer norm → tied LM head. Activations and gradient
 //! buffers are allocated once for a maximum batch `(B_max, T_max)` and reused; each block's activations are a
-//! [`LayerActs`] and its weights a [`LayerWeights`] view, named once (llm.c's `l_ln1w`, `dl_qkvw`).
+//! `LayerActs` and its weights a [`LayerWeights`] view, named once (llm.c's `l_ln1w`, `dl_qkvw`).
 //!
 //! The backward walks the same sequence in reverse, carrying the output gradient as a [`RowSet`] plus a compact
 //! buffer. It starts on the K kept rows of the loss; every op decides from the row set it receives how much

@@ -67,7 +67,7 @@ pub struct StepReport {
 impl<B: Backend> Gpt2<B> {
     /// Forward, statistics, selection, sparse CE and row-sparse backward for one batch; accumulates into the
     /// gradients (call [`Gpt2::zero_grad`] first for a fresh step). `targets` is `[B·T]` with
-    /// [`DEFAULT_IGNORE_INDEX`] (−100) for ignored positions.
+    /// [`DEFAULT_IGNORE_INDEX`](eslm_kernels::token_stats::DEFAULT_IGNORE_INDEX) (−100) for ignored positions.
     ///
     /// ```
     /// use eslm_gpt2::{Gpt2, GptConfig, Selector, StepWorkspace, TokenScore};

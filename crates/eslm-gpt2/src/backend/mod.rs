@@ -359,7 +359,7 @@ pub trait Backend: Sized + Send {
         targets: &Self::Targets,
         out: &mut TokenStats,
     ) -> Result<()>;
-    /// VaR / top-k selection over host per-row `scores` among the `valid` rows ([`eslm_kernels::select`]).
+    /// VaR / top-k selection over host per-row `scores` among the `valid` rows ([`eslm_kernels::select::select`]).
     fn select(
         &mut self,
         scores: &[f32],
