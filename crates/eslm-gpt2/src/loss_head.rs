@@ -14,13 +14,13 @@
 //!
 //! Ignored targets (`< 0`, e.g. −100) are never valid and never kept.
 
-use eslm_kernels::kd::{kd_grad, KdParams};
-use eslm_kernels::select::{select, SelectRule, Selection};
-use eslm_kernels::sparse_ce::sparse_ce;
-use eslm_kernels::token_stats::{token_stats, TokenStats, DEFAULT_IGNORE_INDEX};
+use eslm_kernels::kd::KdParams;
+use eslm_kernels::select::{SelectRule, Selection};
+use eslm_kernels::token_stats::TokenStats;
 
+use crate::backend::{Backend, KeptTargets};
 use crate::error::{check_len, Gpt2Error, Result};
-use crate::model::Gpt2;
+use crate::model::{logits_of, Gpt2};
 
 /// Which per-row score ranks the rows.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -39,28 +39,41 @@ pub enum ScoreSource<'a> {
 pub enum Keep {
     /// Every valid row (CLM).
     AllValid,
-    /// The VaR or top-k rule over this batch's valid rows ([`eslm_kernels::select`]).
+    /// The VaR or top-k rule over this batch's valid rows ([`eslm_kernels::select::select`]).
     Rule(SelectRule),
     /// Valid rows whose score is ≥ a threshold computed elsewhere (the global VaR over several micro-batches or
     /// ranks, `eslm_kernels::global_select`).
     AtLeast(f32),
 }
 
-/// Per-forward state of the loss head (host buffers on the CPU backend).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct LossHead {
+/// Per-forward state of the loss head: targets and the kept-row gradient in backend buffers, the per-row
+/// statistics and the selection on the host.
+#[derive(Debug, Clone)]
+pub(crate) struct LossHead<B: Backend> {
     /// Targets of the last forward `[N]`.
-    targets: Vec<i32>,
+    targets: B::Targets,
     /// Row statistics of the last forward.
     stats: TokenStats,
     /// The last selection (kept rows ascending).
     selection: Selection,
-    /// Compact `[K, Vp]` loss gradient of the kept rows, valid when `grad_ready`.
-    dlogits: Vec<f32>,
+    /// Compact `[K, Vp]` loss gradient of the kept rows (grown on demand), valid when `grad_ready`.
+    dlogits: Option<B::Buf>,
     grad_ready: bool,
 }
 
-impl Gpt2 {
+impl<B: Backend> LossHead<B> {
+    pub(crate) fn new(backend: &mut B, n_max: usize) -> Self {
+        Self {
+            targets: backend.alloc_targets(n_max),
+            stats: TokenStats::default(),
+            selection: Selection::default(),
+            dlogits: None,
+            grad_ready: false,
+        }
+    }
+}
+
+impl<B: Backend> Gpt2<B> {
     /// Training forward of `b × t` tokens followed by the token statistics against `targets` (`[b·t]`, negative
     /// = ignored). Keeps the activations for [`Gpt2::backward_selected`]. Returns the per-row statistics.
     pub fn forward_stats(
@@ -71,7 +84,7 @@ impl Gpt2 {
         t: usize,
     ) -> Result<&TokenStats> {
         check_len("targets", targets.len(), b * t)?;
-        self.forward(inputs, b, t)?;
+        self.forward_train(inputs, b, t)?;
         self.compute_stats(targets)
     }
 
@@ -87,28 +100,18 @@ impl Gpt2 {
     ) -> Result<&TokenStats> {
         check_len("targets", targets.len(), b * t)?;
         let exit = exit_layer.unwrap_or(self.config().n_layer);
-        self.forward_shallow(inputs, b, t, exit)?;
+        self.forward_no_grad(inputs, b, t, exit)?;
         self.compute_stats(targets)
     }
 
-    /// Runs `f` with the model (read-only: its logits) and the loss head (mutable) borrowed apart.
-    fn with_head<R>(&mut self, f: impl FnOnce(&Gpt2, &mut LossHead) -> Result<R>) -> Result<R> {
-        let mut head = std::mem::take(&mut self.head);
-        let out = f(self, &mut head);
-        self.head = head;
-        out
-    }
-
     fn compute_stats(&mut self, targets: &[i32]) -> Result<&TokenStats> {
-        self.with_head(|model, head| {
-            let view = model.logits()?;
-            token_stats(&view, targets, DEFAULT_IGNORE_INDEX, &mut head.stats)?;
-            head.targets.clear();
-            head.targets.extend_from_slice(targets);
-            head.grad_ready = false;
-            head.selection = Selection::default();
-            Ok(())
-        })?;
+        let head = &mut self.head;
+        head.grad_ready = false;
+        head.selection = Selection::default();
+        self.backend.upload_targets(&mut head.targets, targets);
+        let logits = logits_of::<B>(&self.acts.logits, self.last_logits, &self.config)?;
+        self.backend
+            .token_stats(logits, &head.targets, &mut head.stats)?;
         Ok(&self.head.stats)
     }
 
@@ -125,6 +128,7 @@ impl Gpt2 {
     /// rule's own errors ([`eslm_kernels::select::select`]).
     pub fn select(&mut self, score: ScoreSource<'_>, keep: Keep) -> Result<&Selection> {
         let head = &mut self.head;
+        head.grad_ready = false;
         let n = head.stats.rows();
         let scores: &[f32] = match score {
             ScoreSource::Loss => &head.stats.loss,
@@ -137,7 +141,7 @@ impl Gpt2 {
         let valid = &head.stats.valid;
         let sel = &mut head.selection;
         match keep {
-            Keep::Rule(rule) => select(scores, Some(valid), rule, sel)?,
+            Keep::Rule(rule) => self.backend.select(scores, valid, rule, sel)?,
             Keep::AllValid | Keep::AtLeast(_) => {
                 let threshold = match keep {
                     Keep::AtLeast(th) => th,
@@ -159,7 +163,6 @@ impl Gpt2 {
                 };
             }
         }
-        head.grad_ready = false;
         Ok(&self.head.selection)
     }
 
@@ -168,26 +171,30 @@ impl Gpt2 {
         &self.head.selection
     }
 
+    /// A `[K, Vp]` gradient buffer for the current selection (grown when too small).
+    fn dlogits_for_selection(&mut self) -> B::Buf {
+        let need = self.head.selection.indices.len() * self.config().padded_vocab_size;
+        match self.head.dlogits.take() {
+            Some(buf) if B::len(&buf) >= need => buf,
+            _ => self.backend.alloc(need),
+        }
+    }
+
     /// Cross-entropy gradient on the selected rows: `dZ_K = (softmax(z_K) − onehot(y_K))·scale`. Returns the mean
     /// loss over the kept rows (0 when none is kept).
     pub fn ce_grad(&mut self, scale: f32) -> Result<f32> {
-        let vp = self.config().padded_vocab_size;
-        self.with_head(|model, head| {
-            let view = model.logits()?;
-            let k = head.selection.indices.len();
-            head.dlogits.resize(k * vp, 0.0);
-            let loss = sparse_ce(
-                &view,
-                &head.targets,
-                &head.stats.lse,
-                &head.selection.indices,
-                scale,
-                &mut head.dlogits,
-                vp,
-            )?;
-            head.grad_ready = true;
-            Ok(loss)
-        })
+        let mut dz = self.dlogits_for_selection();
+        let head = &self.head;
+        let logits = logits_of::<B>(&self.acts.logits, self.last_logits, &self.config);
+        let out = logits.and_then(|logits| {
+            let rows = KeptTargets {
+                targets: &head.targets,
+                kept: &head.selection.indices,
+            };
+            self.backend
+                .sparse_ce(logits, rows, &head.stats.lse, scale, B::view_mut(&mut dz))
+        });
+        self.finish_grad(dz, out)
     }
 
     /// Importance-weighted cross-entropy on the selected rows: row `r` gets weight `row_weights[r]` (one weight
@@ -196,15 +203,18 @@ impl Gpt2 {
     pub fn ce_grad_weighted(&mut self, row_weights: &[f32], scale: f32) -> Result<f32> {
         check_len("row_weights", row_weights.len(), self.head.stats.rows())?;
         let loss = self.ce_grad(scale)?;
+        let kept: Vec<f32> = self
+            .head
+            .selection
+            .indices
+            .iter()
+            .map(|&r| row_weights[r as usize])
+            .collect();
         let vp = self.config().padded_vocab_size;
-        let head = &mut self.head;
-        for (row, &r) in head
-            .dlogits
-            .chunks_exact_mut(vp)
-            .zip(&head.selection.indices)
-        {
-            let w = row_weights[r as usize];
-            row.iter_mut().for_each(|g| *g *= w);
+        if let Some(dz) = self.head.dlogits.as_mut() {
+            let k = kept.len();
+            self.backend
+                .scale_rows(B::slice_mut(B::view_mut(dz), 0..k * vp), vp, &kept);
         }
         Ok(loss)
     }
@@ -212,7 +222,7 @@ impl Gpt2 {
     /// Distillation gradient on the selected rows against `teacher`, whose last forward covered the same rows
     /// (same batch shape and vocabulary); see [`eslm_kernels::kd`] for the loss. Returns the mean KD loss over
     /// the kept rows.
-    pub fn kd_grad(&mut self, teacher: &Gpt2, kd: KdParams, scale: f32) -> Result<f32> {
+    pub fn kd_grad(&mut self, teacher: &Gpt2<B>, kd: KdParams, scale: f32) -> Result<f32> {
         if teacher.config().vocab_size != self.config().vocab_size {
             return Err(Gpt2Error::InvalidConfig(format!(
                 "teacher vocabulary {} differs from the student's {}",
@@ -220,25 +230,33 @@ impl Gpt2 {
                 self.config().vocab_size
             )));
         }
-        let vp = self.config().padded_vocab_size;
-        let teacher_view = teacher.logits()?;
-        self.with_head(|model, head| {
-            let view = model.logits()?;
-            let k = head.selection.indices.len();
-            head.dlogits.resize(k * vp, 0.0);
-            let loss = kd_grad(
-                &view,
-                &teacher_view,
-                &head.targets,
-                &head.selection.indices,
+        let teacher_logits =
+            logits_of::<B>(&teacher.acts.logits, teacher.last_logits, teacher.config())?;
+        let mut dz = self.dlogits_for_selection();
+        let head = &self.head;
+        let logits = logits_of::<B>(&self.acts.logits, self.last_logits, &self.config);
+        let out = logits.and_then(|logits| {
+            let rows = KeptTargets {
+                targets: &head.targets,
+                kept: &head.selection.indices,
+            };
+            self.backend.kd_grad(
+                logits,
+                teacher_logits,
+                rows,
                 kd,
                 scale,
-                &mut head.dlogits,
-                vp,
-            )?;
-            head.grad_ready = true;
-            Ok(loss)
-        })
+                B::view_mut(&mut dz),
+            )
+        });
+        self.finish_grad(dz, out)
+    }
+
+    /// Puts the gradient buffer back and marks it ready when the kernel succeeded.
+    fn finish_grad(&mut self, dz: B::Buf, out: Result<f32>) -> Result<f32> {
+        self.head.dlogits = Some(dz);
+        self.head.grad_ready = out.is_ok();
+        out
     }
 
     /// Row-sparse backward of the last training forward from the gradient of [`Gpt2::ce_grad`] or
@@ -253,23 +271,34 @@ impl Gpt2 {
         if self.head.selection.indices.is_empty() {
             return Ok(());
         }
-        let head = std::mem::take(&mut self.head);
-        let out = self.backward_sparse(&head.selection.indices, &head.dlogits);
-        self.head = head;
+        let Some(dz) = self.head.dlogits.take() else {
+            return Err(Gpt2Error::InvalidKept(
+                "no loss gradient for the selection".into(),
+            ));
+        };
+        let kept = std::mem::take(&mut self.head.selection.indices);
+        let len = kept.len() * self.config().padded_vocab_size;
+        let out = self.backward_rows(&kept, B::slice(B::view(&dz), 0..len));
+        self.head.selection.indices = kept;
+        self.head.dlogits = Some(dz);
         out
     }
 
     /// One row of the last forward's logits (the `V` real columns), e.g. to sample the next token. The only
     /// logits that leave the engine: one row, not `[N, V]`.
     pub fn row_logits(&self, row: usize) -> Result<Vec<f32>> {
-        let view = self.logits()?;
-        if row >= view.rows() {
+        let logits = logits_of::<B>(&self.acts.logits, self.last_logits, self.config())?;
+        if row >= logits.rows {
             return Err(Gpt2Error::Shape {
                 what: "row",
-                expected: format!("< {} rows of the last forward", view.rows()),
+                expected: format!("< {} rows of the last forward", logits.rows),
                 got: row.to_string(),
             });
         }
-        Ok(view.row(row).to_vec())
+        let (v, vp) = (logits.dims.v, logits.dims.vp);
+        let mut out = vec![0.0; v];
+        self.backend
+            .download(B::slice(logits.z, row * vp..row * vp + v), &mut out);
+        Ok(out)
     }
 }

@@ -1,119 +1,504 @@
-//! The GPT-2 graph as a fixed, llm.c-style sequence of ops (see [`crate::ops`]): embeddings → L blocks
-//! (`x + attn(ln1(x))`, then `x + mlp(ln2(x))`) → final layer norm → tied LM head. Activations and gradient
-//! buffers are allocated once for a maximum batch `(B_max, T_max)` and reused.
+//! The GPT-2 graph as a fixed, llm.c-style sequence of backend ops ([`crate::backend::Backend`]): embeddings → L
+//! blocks (`x + attn(ln1(x))`, then `x + mlp(ln2(x))`) → final layer norm → tied LM head. Activations and gradient
+//! buffers are allocated once for a maximum batch `(B_max, T_max)` and reused; each block's activations are a
+//! `LayerActs` and its weights a [`LayerWeights`] view, named once (llm.c's `l_ln1w`, `dl_qkvw`).
 //!
 //! The backward walks the same sequence in reverse, carrying the output gradient as a [`RowSet`] plus a compact
 //! buffer. It starts on the K kept rows of the loss; every op decides from the row set it receives how much
 //! work to do, so the LM head, final layer norm and the last block's row-wise parts run on K rows and the first
 //! attention backward densifies. Nothing in this file special-cases "the last block".
 
+use crate::backend::{
+    Affine, Backend, Cpu, Embeddings, HeadDims, LinearDims, LnSaved, LnStats, Logits, RowGrad,
+};
 use crate::config::GptConfig;
 use crate::error::{Gpt2Error, Result};
 use crate::loss_head::LossHead;
 use crate::ops::attention::{self, AttnDims};
-use crate::ops::{encoder, gelu, layernorm, linear, residual, FlopCounter, RowSet};
-use crate::optim::AdamW;
-use crate::params::{layer, layer_mut, ParamSet};
+use crate::ops::{FlopCounter, RowSet};
+use crate::params::{LayerWeights, ParamSet};
+use crate::update::OptState;
 use eslm_kernels::LogitsView;
 
-/// Forward activations for `B_max·T_max` rows (per-layer tensors stacked over L, each `N_max` rows).
-#[derive(Debug, Clone)]
-struct Activations {
-    encoded: Vec<f32>,   // [N, C]
-    ln1: Vec<f32>,       // [L, N, C]
-    ln1_mean: Vec<f32>,  // [L, N]
-    ln1_rstd: Vec<f32>,  // [L, N]
-    qkv: Vec<f32>,       // [L, N, 3C]
-    atty: Vec<f32>,      // [L, N, C]
-    att: Vec<f32>,       // [L, B, H, T, T]
-    residual2: Vec<f32>, // [L, N, C]
-    ln2: Vec<f32>,       // [L, N, C]
-    ln2_mean: Vec<f32>,  // [L, N]
-    ln2_rstd: Vec<f32>,  // [L, N]
-    fch: Vec<f32>,       // [L, N, 4C]
-    fch_gelu: Vec<f32>,  // [L, N, 4C]
-    residual3: Vec<f32>, // [L, N, C]
-    lnf: Vec<f32>,       // [N, C]
-    lnf_mean: Vec<f32>,  // [N]
-    lnf_rstd: Vec<f32>,  // [N]
-    logits: Vec<f32>,    // [N, Vp]
-    proj: Vec<f32>,      // [N, C] scratch for projection outputs
+/// The first `len` floats of `buf`, read-only.
+fn rd<B: Backend>(buf: &B::Buf, len: usize) -> B::View<'_> {
+    B::slice(B::view(buf), 0..len)
 }
 
-impl Activations {
-    fn new(cfg: &GptConfig, b: usize, t: usize) -> Self {
-        let (l, c, n, nh) = (cfg.n_layer, cfg.n_embd, b * t, cfg.n_head);
-        let z = |len: usize| vec![0.0f32; len];
+/// The first `len` floats of `buf`, mutable.
+fn wr<B: Backend>(buf: &mut B::Buf, len: usize) -> B::ViewMut<'_> {
+    B::slice_mut(B::view_mut(buf), 0..len)
+}
+
+/// A row-sparse gradient of `n` rows.
+fn grad<V>(g: V, rows: &RowSet, n: usize) -> RowGrad<'_, V> {
+    RowGrad { g, rows, n }
+}
+
+/// A linear layer's widths.
+fn lin(d_in: usize, d_out: usize) -> LinearDims {
+    LinearDims { d_in, d_out }
+}
+
+/// A mutable view passed on without giving it up.
+fn re<'b, B: Backend>(v: &'b mut B::ViewMut<'_>) -> B::ViewMut<'b> {
+    B::reborrow(v)
+}
+
+/// One block's forward activations for `N_max = B_max·T_max` rows (llm.c's per-layer activation pointers).
+#[derive(Debug, Clone)]
+pub(crate) struct LayerActs<B: Backend> {
+    /// `[N, C]` first layer norm output.
+    ln1: B::Buf,
+    /// `[N]` its per-row mean.
+    ln1_mean: B::Buf,
+    /// `[N]` its per-row reciprocal std.
+    ln1_rstd: B::Buf,
+    /// `[N, 3C]` fused query/key/value.
+    qkv: B::Buf,
+    /// `[N, C]` attention output (before the projection).
+    atty: B::Buf,
+    /// `[B, H, T, T]` attention probabilities.
+    att: B::Buf,
+    /// `[N, C]` after the attention residual.
+    residual2: B::Buf,
+    /// `[N, C]` second layer norm output.
+    ln2: B::Buf,
+    /// `[N]` its per-row mean.
+    ln2_mean: B::Buf,
+    /// `[N]` its per-row reciprocal std.
+    ln2_rstd: B::Buf,
+    /// `[N, 4C]` MLP up-projection.
+    fch: B::Buf,
+    /// `[N, 4C]` its GELU.
+    fch_gelu: B::Buf,
+    /// `[N, C]` after the MLP residual (the block's output).
+    residual3: B::Buf,
+}
+
+impl<B: Backend> LayerActs<B> {
+    fn new(be: &mut B, cfg: &GptConfig, b: usize, t: usize) -> Self {
+        let (c, n, nh) = (cfg.n_embd, b * t, cfg.n_head);
         Self {
-            encoded: z(n * c),
-            ln1: z(l * n * c),
-            ln1_mean: z(l * n),
-            ln1_rstd: z(l * n),
-            qkv: z(l * n * 3 * c),
-            atty: z(l * n * c),
-            att: z(l * b * nh * t * t),
-            residual2: z(l * n * c),
-            ln2: z(l * n * c),
-            ln2_mean: z(l * n),
-            ln2_rstd: z(l * n),
-            fch: z(l * n * 4 * c),
-            fch_gelu: z(l * n * 4 * c),
-            residual3: z(l * n * c),
-            lnf: z(n * c),
-            lnf_mean: z(n),
-            lnf_rstd: z(n),
-            logits: z(n * cfg.padded_vocab_size),
-            proj: z(n * c),
+            ln1: be.alloc(n * c),
+            ln1_mean: be.alloc(n),
+            ln1_rstd: be.alloc(n),
+            qkv: be.alloc(n * 3 * c),
+            atty: be.alloc(n * c),
+            att: be.alloc(b * nh * t * t),
+            residual2: be.alloc(n * c),
+            ln2: be.alloc(n * c),
+            ln2_mean: be.alloc(n),
+            ln2_rstd: be.alloc(n),
+            fch: be.alloc(n * 4 * c),
+            fch_gelu: be.alloc(n * 4 * c),
+            residual3: be.alloc(n * c),
         }
+    }
+}
+
+/// Forward activations outside the blocks, and the blocks'.
+#[derive(Debug, Clone)]
+pub(crate) struct Activations<B: Backend> {
+    /// `[N, C]` embeddings (the first block's input).
+    encoded: B::Buf,
+    /// One per block.
+    layers: Vec<LayerActs<B>>,
+    /// `[N, C]` final layer norm output.
+    lnf: B::Buf,
+    /// `[N]` its per-row mean.
+    lnf_mean: B::Buf,
+    /// `[N]` its per-row reciprocal std.
+    lnf_rstd: B::Buf,
+    /// `[N, Vp]` logits.
+    pub(crate) logits: B::Buf,
+    /// `[N, C]` scratch for projection outputs.
+    proj: B::Buf,
+}
+
+impl<B: Backend> Activations<B> {
+    fn new(be: &mut B, cfg: &GptConfig, b: usize, t: usize) -> Self {
+        let (c, n) = (cfg.n_embd, b * t);
+        Self {
+            encoded: be.alloc(n * c),
+            layers: (0..cfg.n_layer)
+                .map(|_| LayerActs::new(be, cfg, b, t))
+                .collect(),
+            lnf: be.alloc(n * c),
+            lnf_mean: be.alloc(n),
+            lnf_rstd: be.alloc(n),
+            logits: be.alloc(n * cfg.padded_vocab_size),
+            proj: be.alloc(n * c),
+        }
+    }
+}
+
+/// The output of block `depth − 1` (the embeddings for depth 0), `[len]` floats.
+fn block_output<'a, B: Backend>(
+    encoded: &'a B::Buf,
+    layers: &'a [LayerActs<B>],
+    depth: usize,
+    len: usize,
+) -> B::View<'a> {
+    match depth.checked_sub(1) {
+        None => rd::<B>(encoded, len),
+        Some(l) => rd::<B>(&layers[l].residual3, len),
     }
 }
 
 /// Gradient work buffers (compact gradients of at most `N_max` rows).
 #[derive(Debug, Clone)]
-struct GradBuffers {
-    g: [Vec<f32>; 4],  // [N, C] each
-    g4: [Vec<f32>; 2], // [N, 4C] each
-    gqkv: Vec<f32>,    // [N, 3C]
-    scratch: Vec<f32>, // [N, 4C] gathers
+pub(crate) struct GradBuffers<B: Backend> {
+    /// `[N, C]` each: the residual stream's gradient and three temporaries.
+    g: [B::Buf; 4],
+    /// `[N, 4C]` each: the MLP's hidden gradients.
+    g4: [B::Buf; 2],
+    /// `[N, 3C]`: the fused query/key/value gradient.
+    gqkv: B::Buf,
 }
 
-impl GradBuffers {
-    fn new(cfg: &GptConfig, n: usize) -> Self {
+impl<B: Backend> GradBuffers<B> {
+    fn new(be: &mut B, cfg: &GptConfig, n: usize) -> Self {
         let c = cfg.n_embd;
-        let z = |len: usize| vec![0.0f32; len];
         Self {
-            g: [z(n * c), z(n * c), z(n * c), z(n * c)],
-            g4: [z(n * 4 * c), z(n * 4 * c)],
-            gqkv: z(n * 3 * c),
-            scratch: z(n * 4 * c),
+            g: [
+                be.alloc(n * c),
+                be.alloc(n * c),
+                be.alloc(n * c),
+                be.alloc(n * c),
+            ],
+            g4: [be.alloc(n * 4 * c), be.alloc(n * 4 * c)],
+            gqkv: be.alloc(n * 3 * c),
         }
     }
 }
 
-/// A GPT-2 model with its parameters, gradients and reusable activation buffers.
+/// Backward FLOPs by kind, summed in op order.
+#[derive(Debug, Default)]
+struct BackwardFlops {
+    row_sparse: f64,
+    dense: f64,
+}
+
+impl BackwardFlops {
+    fn add(&mut self, rows: &RowSet, f: f64) {
+        if rows.is_all() {
+            self.dense += f
+        } else {
+            self.row_sparse += f
+        }
+    }
+}
+
+/// What one block's backward reads: its activations, its input, its weights, and the batch dimensions.
+struct BlockSaved<'a, B: Backend> {
+    acts: &'a LayerActs<B>,
+    /// The block's input `[N, C]` (the previous block's output).
+    x: B::View<'a>,
+    w: LayerWeights<B::View<'a>>,
+    d: AttnDims,
+}
+
+/// One block's forward: `residual2 = x + attproj(attn(qkv(ln1(x))))`, `residual3 = residual2 +
+/// fcproj(gelu(fc(ln2(residual2))))`. `proj [N, C]` is scratch. Returns FLOPs.
+fn block_forward<B: Backend>(
+    be: &mut B,
+    a: &mut LayerActs<B>,
+    x: B::View<'_>,
+    w: LayerWeights<B::View<'_>>,
+    proj: &mut B::Buf,
+    d: AttnDims,
+) -> f64 {
+    let AttnDims { b, t, c, nh } = d;
+    let n = b * t;
+    let ln1_stats = LnStats {
+        mean: wr::<B>(&mut a.ln1_mean, n),
+        rstd: wr::<B>(&mut a.ln1_rstd, n),
+    };
+    let ln1_p = Affine {
+        w: w.ln1w,
+        b: w.ln1b,
+    };
+    be.layernorm_forward(wr::<B>(&mut a.ln1, n * c), ln1_stats, x, ln1_p, n, c);
+    let qkv_p = Affine {
+        w: w.qkvw,
+        b: w.qkvb,
+    };
+    let mut flops = be.linear_forward(
+        wr::<B>(&mut a.qkv, n * 3 * c),
+        rd::<B>(&a.ln1, n * c),
+        qkv_p,
+        n,
+        lin(c, 3 * c),
+    );
+    flops += be.attention_forward(
+        wr::<B>(&mut a.atty, n * c),
+        wr::<B>(&mut a.att, b * nh * t * t),
+        rd::<B>(&a.qkv, n * 3 * c),
+        d,
+    );
+    let attproj_p = Affine {
+        w: w.attprojw,
+        b: w.attprojb,
+    };
+    flops += be.linear_forward(
+        wr::<B>(proj, n * c),
+        rd::<B>(&a.atty, n * c),
+        attproj_p,
+        n,
+        lin(c, c),
+    );
+    be.residual_forward(wr::<B>(&mut a.residual2, n * c), x, rd::<B>(proj, n * c));
+    let ln2_stats = LnStats {
+        mean: wr::<B>(&mut a.ln2_mean, n),
+        rstd: wr::<B>(&mut a.ln2_rstd, n),
+    };
+    let ln2_p = Affine {
+        w: w.ln2w,
+        b: w.ln2b,
+    };
+    be.layernorm_forward(
+        wr::<B>(&mut a.ln2, n * c),
+        ln2_stats,
+        rd::<B>(&a.residual2, n * c),
+        ln2_p,
+        n,
+        c,
+    );
+    let fc_p = Affine { w: w.fcw, b: w.fcb };
+    flops += be.linear_forward(
+        wr::<B>(&mut a.fch, n * 4 * c),
+        rd::<B>(&a.ln2, n * c),
+        fc_p,
+        n,
+        lin(c, 4 * c),
+    );
+    be.gelu_forward(
+        wr::<B>(&mut a.fch_gelu, n * 4 * c),
+        rd::<B>(&a.fch, n * 4 * c),
+    );
+    let fcproj_p = Affine {
+        w: w.fcprojw,
+        b: w.fcprojb,
+    };
+    flops += be.linear_forward(
+        wr::<B>(proj, n * c),
+        rd::<B>(&a.fch_gelu, n * 4 * c),
+        fcproj_p,
+        n,
+        lin(4 * c, c),
+    );
+    be.residual_forward(
+        wr::<B>(&mut a.residual3, n * c),
+        rd::<B>(&a.residual2, n * c),
+        rd::<B>(proj, n * c),
+    );
+    flops
+}
+
+/// The MLP half of a block's backward. In: `g[0]` = d(residual3) on `rows`. Out: `g[3]` = d(residual2) (the
+/// skip plus the MLP branch) on the returned row set (the same rows).
+fn mlp_backward<B: Backend>(
+    be: &mut B,
+    s: &BlockSaved<'_, B>,
+    dw: &mut LayerWeights<B::ViewMut<'_>>,
+    gb: &mut GradBuffers<B>,
+    rows: &RowSet,
+    fl: &mut BackwardFlops,
+) -> RowSet {
+    let (a, w, c) = (s.acts, s.w, s.d.c);
+    let n = s.d.b * s.d.t;
+    let GradBuffers {
+        g: [g0, g1, g2, g3],
+        g4: [g4a, g4b],
+        ..
+    } = gb;
+    let dfcproj = Affine {
+        w: re::<B>(&mut dw.fcprojw),
+        b: re::<B>(&mut dw.fcprojb),
+    };
+    let f = be.linear_backward(
+        Some(wr::<B>(g4a, n * 4 * c)),
+        dfcproj,
+        grad(rd::<B>(g0, n * c), rows, n),
+        rd::<B>(&a.fch_gelu, n * 4 * c),
+        w.fcprojw,
+        lin(4 * c, c),
+    );
+    fl.add(rows, f);
+    be.gelu_backward(
+        wr::<B>(g4b, n * 4 * c),
+        grad(rd::<B>(g4a, n * 4 * c), rows, n),
+        rd::<B>(&a.fch, n * 4 * c),
+        4 * c,
+    );
+    let dfc = Affine {
+        w: re::<B>(&mut dw.fcw),
+        b: re::<B>(&mut dw.fcb),
+    };
+    let f = be.linear_backward(
+        Some(wr::<B>(g1, n * c)),
+        dfc,
+        grad(rd::<B>(g4b, n * 4 * c), rows, n),
+        rd::<B>(&a.ln2, n * c),
+        w.fcw,
+        lin(c, 4 * c),
+    );
+    fl.add(rows, f);
+    let dln2 = Affine {
+        w: re::<B>(&mut dw.ln2w),
+        b: re::<B>(&mut dw.ln2b),
+    };
+    let ln2_saved = LnSaved {
+        x: rd::<B>(&a.residual2, n * c),
+        stats: LnStats {
+            mean: rd::<B>(&a.ln2_mean, n),
+            rstd: rd::<B>(&a.ln2_rstd, n),
+        },
+        w: w.ln2w,
+    };
+    be.layernorm_backward(
+        wr::<B>(g2, n * c),
+        dln2,
+        grad(rd::<B>(g1, n * c), rows, n),
+        ln2_saved,
+        c,
+    );
+    be.residual_merge(
+        wr::<B>(g3, n * c),
+        grad(rd::<B>(g0, n * c), rows, n),
+        grad(rd::<B>(g2, n * c), rows, n),
+        c,
+    )
+}
+
+/// The attention half of a block's backward. In: `g[3]` = d(residual2) on `rows2`. Out: `g[0]` = d(block input)
+/// (the skip plus the attention branch) on the returned row set (dense: attention mixes rows).
+fn attention_backward<B: Backend>(
+    be: &mut B,
+    s: &BlockSaved<'_, B>,
+    dw: &mut LayerWeights<B::ViewMut<'_>>,
+    gb: &mut GradBuffers<B>,
+    rows2: &RowSet,
+    fl: &mut BackwardFlops,
+) -> RowSet {
+    let (a, w, d) = (s.acts, s.w, s.d);
+    let AttnDims { b, t, c, nh } = d;
+    let n = b * t;
+    let GradBuffers {
+        g: [g0, g1, g2, g3],
+        gqkv,
+        ..
+    } = gb;
+    let dense = RowSet::All;
+    let dattproj = Affine {
+        w: re::<B>(&mut dw.attprojw),
+        b: re::<B>(&mut dw.attprojb),
+    };
+    let f = be.linear_backward(
+        Some(wr::<B>(g1, n * c)),
+        dattproj,
+        grad(rd::<B>(g3, n * c), rows2, n),
+        rd::<B>(&a.atty, n * c),
+        w.attprojw,
+        lin(c, c),
+    );
+    fl.add(rows2, f);
+    let f = be.attention_backward(
+        wr::<B>(gqkv, n * 3 * c),
+        grad(rd::<B>(g1, n * c), rows2, n),
+        rd::<B>(&a.qkv, n * 3 * c),
+        rd::<B>(&a.att, b * nh * t * t),
+        d,
+    );
+    fl.add(&dense, f);
+    let dqkv = Affine {
+        w: re::<B>(&mut dw.qkvw),
+        b: re::<B>(&mut dw.qkvb),
+    };
+    let f = be.linear_backward(
+        Some(wr::<B>(g2, n * c)),
+        dqkv,
+        grad(rd::<B>(gqkv, n * 3 * c), &dense, n),
+        rd::<B>(&a.ln1, n * c),
+        w.qkvw,
+        lin(c, 3 * c),
+    );
+    fl.add(&dense, f);
+    let dln1 = Affine {
+        w: re::<B>(&mut dw.ln1w),
+        b: re::<B>(&mut dw.ln1b),
+    };
+    let ln1_saved = LnSaved {
+        x: s.x,
+        stats: LnStats {
+            mean: rd::<B>(&a.ln1_mean, n),
+            rstd: rd::<B>(&a.ln1_rstd, n),
+        },
+        w: w.ln1w,
+    };
+    be.layernorm_backward(
+        wr::<B>(g1, n * c),
+        dln1,
+        grad(rd::<B>(g2, n * c), &dense, n),
+        ln1_saved,
+        c,
+    );
+    be.residual_merge(
+        wr::<B>(g0, n * c),
+        grad(rd::<B>(g3, n * c), rows2, n),
+        grad(rd::<B>(g1, n * c), &dense, n),
+        c,
+    )
+}
+
+/// The logits `[rows, Vp]` of the last forward as a backend view.
+pub(crate) fn logits_of<'a, B: Backend>(
+    buf: &'a B::Buf,
+    last: Option<(usize, usize)>,
+    cfg: &GptConfig,
+) -> Result<Logits<B::View<'a>>> {
+    let (b, t) = last.ok_or(Gpt2Error::NoForward)?;
+    let dims = HeadDims {
+        c: cfg.n_embd,
+        v: cfg.vocab_size,
+        vp: cfg.padded_vocab_size,
+    };
+    Ok(Logits {
+        z: rd::<B>(buf, b * t * dims.vp),
+        rows: b * t,
+        dims,
+    })
+}
+
+/// A GPT-2 model on backend `B` (the CPU by default): parameters, gradients and reusable activation buffers,
+/// all in backend buffers.
 #[derive(Debug, Clone)]
-pub struct Gpt2 {
-    config: GptConfig,
-    params: ParamSet,
-    grads: ParamSet,
+pub struct Gpt2<B: Backend = Cpu> {
+    pub(crate) config: GptConfig,
+    /// The device and its scratch.
+    pub(crate) backend: B,
+    pub(crate) params: ParamSet<B>,
+    pub(crate) grads: ParamSet<B>,
     b_max: usize,
     t_max: usize,
-    acts: Activations,
-    gbuf: GradBuffers,
-    inputs: Vec<u32>,
+    pub(crate) acts: Activations<B>,
+    gbuf: GradBuffers<B>,
+    /// `[N]` token ids of the last forward.
+    inputs: B::Tokens,
     /// `(B, T)` of the last full forward, if its activations are still valid for a backward.
     last_forward: Option<(usize, usize)>,
     /// `(B, T)` of the logits currently in the logits buffer.
-    last_logits: Option<(usize, usize)>,
+    pub(crate) last_logits: Option<(usize, usize)>,
     flops: FlopCounter,
     /// Targets, statistics, selection and kept-row gradient of the last forward ([`crate::loss_head`]).
-    pub(crate) head: LossHead,
+    pub(crate) head: LossHead<B>,
     /// AdamW state ([`crate::update`]); `None` until the first update or restore.
-    pub(crate) optimizer: Option<AdamW>,
+    pub(crate) optimizer: Option<OptState<B>>,
 }
 
-impl Gpt2 {
-    /// A GPT-2-initialised model (see [`crate::init`]) with buffers for batches up to `b_max × t_max`.
+impl Gpt2<Cpu> {
+    /// A GPT-2-initialised model (see [`crate::init`]) on the CPU with buffers for batches up to `b_max × t_max`.
     ///
     /// ```
     /// use eslm_gpt2::{Gpt2, GptConfig};
@@ -126,57 +511,9 @@ impl Gpt2 {
         Self::from_params(crate::init::gpt2_init(&config, seed), b_max, t_max)
     }
 
-    /// A model with the given parameters (e.g. loaded from a checkpoint) and buffers for `b_max × t_max`.
+    /// A CPU model with the given parameters (e.g. loaded from a checkpoint) and buffers for `b_max × t_max`.
     pub fn from_params(params: ParamSet, b_max: usize, t_max: usize) -> Result<Self> {
-        let config = *params.config();
-        config.validate()?;
-        if b_max == 0 || t_max == 0 || t_max > config.max_seq_len {
-            return Err(Gpt2Error::InvalidConfig(format!(
-                "max batch {b_max}x{t_max} must be positive with T_max <= max_seq_len {}",
-                config.max_seq_len
-            )));
-        }
-        // The largest buffers (f32): logits [N, Vp], attention probabilities [L·H, N, T], MLP [L, N, 4C].
-        let fits = |dims: [usize; 4]| {
-            dims.iter()
-                .try_fold(4usize, |acc, &d| acc.checked_mul(d))
-                .is_some_and(|bytes| bytes <= isize::MAX as usize)
-        };
-        let (l, h, c) = (config.n_layer, config.n_head, config.n_embd);
-        let ok = fits([b_max, t_max, config.padded_vocab_size, 1])
-            && fits([l * h, b_max, t_max, t_max])
-            && fits([l, b_max, t_max, 4 * c]);
-        if !ok {
-            return Err(Gpt2Error::InvalidConfig(format!(
-                "buffers for a {b_max}x{t_max} batch do not fit in memory"
-            )));
-        }
-        let grads = ParamSet::zeros(&config);
-        Ok(Self {
-            acts: Activations::new(&config, b_max, t_max),
-            gbuf: GradBuffers::new(&config, b_max * t_max),
-            inputs: Vec::with_capacity(b_max * t_max),
-            config,
-            params,
-            grads,
-            b_max,
-            t_max,
-            last_forward: None,
-            last_logits: None,
-            flops: FlopCounter::default(),
-            head: LossHead::default(),
-            optimizer: None,
-        })
-    }
-
-    /// The model config.
-    pub fn config(&self) -> &GptConfig {
-        &self.config
-    }
-
-    /// Maximum batch `(B_max, T_max)` the buffers hold.
-    pub fn max_batch(&self) -> (usize, usize) {
-        (self.b_max, self.t_max)
+        Self::build(Cpu::new(), params, b_max, t_max)
     }
 
     /// The parameters.
@@ -206,12 +543,201 @@ impl Gpt2 {
         (&mut self.params, &self.grads)
     }
 
-    /// Sets all gradients to zero.
-    pub fn zero_grad(&mut self) {
-        self.grads.fill_zero();
+    /// The logits of the last forward (any kind), `[B·T, V]` in row stride `Vp`.
+    pub fn logits(&self) -> Result<LogitsView<'_, f32>> {
+        let l = logits_of::<Cpu>(&self.acts.logits, self.last_logits, &self.config)?;
+        Ok(LogitsView::new(l.z, l.rows, l.dims.v, l.dims.vp)?)
     }
 
-    /// FLOPs of the ops run since the last full [`Gpt2::forward`] (its forward plus any backward).
+    /// Full forward of `B·T` tokens (`inputs` row-major `[B, T]`, ids `< V`): returns the logits `[B·T, V]`
+    /// (row stride `Vp`; padded columns are zero and outside the view) and keeps every activation for a
+    /// backward.
+    pub fn forward(&mut self, inputs: &[u32], b: usize, t: usize) -> Result<LogitsView<'_, f32>> {
+        self.forward_train(inputs, b, t)?;
+        self.logits()
+    }
+
+    /// Shallow forward for scoring (hierarchical ESLM): the first `exit_layer` blocks (1 ≤ E ≤ L), then the final
+    /// layer norm and the LM head. Keeps no activations for a backward (a later `backward_*` needs a new
+    /// [`Gpt2::forward`]). Does not touch [`Gpt2::realized_flops`]; returns its own FLOPs via
+    /// [`Gpt2::forward_shallow_flops`].
+    pub fn forward_shallow(
+        &mut self,
+        inputs: &[u32],
+        b: usize,
+        t: usize,
+        exit_layer: usize,
+    ) -> Result<LogitsView<'_, f32>> {
+        self.forward_no_grad(inputs, b, t, exit_layer)?;
+        self.logits()
+    }
+
+    /// Full-depth forward for evaluation or as a reference/teacher model: like [`Gpt2::forward`] but keeps no
+    /// activations for a backward.
+    pub fn forward_inference(
+        &mut self,
+        inputs: &[u32],
+        b: usize,
+        t: usize,
+    ) -> Result<LogitsView<'_, f32>> {
+        let l = self.config.n_layer;
+        self.forward_shallow(inputs, b, t, l)
+    }
+
+    /// Dense backward of the last [`Gpt2::forward`]: `dlogits [B·T, Vp]` (columns `V..Vp` ignored).
+    /// Accumulates into the gradients. Same as [`Gpt2::backward_sparse`] with every row kept.
+    pub fn backward(&mut self, dlogits: &[f32]) -> Result<()> {
+        let (b, t) = self.last_forward.ok_or(Gpt2Error::NoForward)?;
+        let kept: Vec<u32> = (0..(b * t) as u32).collect();
+        self.backward_sparse(&kept, dlogits)
+    }
+
+    /// Row-sparse backward of the last [`Gpt2::forward`]: the loss gradient is non-zero only on the rows `kept`
+    /// (strictly ascending flat indices `< B·T`, K ≥ 1), given compact as host `dlogits_kv [K, Vp]` (at least
+    /// `K·Vp` floats; columns `V..Vp` ignored). Accumulates into the gradients ([`Gpt2::zero_grad`] first for a
+    /// fresh step). The LM head and every row-wise op up to the last block's attention do K rows of work.
+    pub fn backward_sparse(&mut self, kept: &[u32], dlogits_kv: &[f32]) -> Result<()> {
+        let vp = self.config.padded_vocab_size;
+        let k = kept.len();
+        if dlogits_kv.len() < k * vp {
+            return Err(Gpt2Error::Shape {
+                what: "dlogits",
+                expected: format!("at least {} floats ([K={k}, Vp={vp}])", k * vp),
+                got: format!("{} floats", dlogits_kv.len()),
+            });
+        }
+        self.backward_rows(kept, &dlogits_kv[..k * vp])
+    }
+}
+
+impl<B: Backend> Gpt2<B> {
+    /// A GPT-2-initialised model (see [`crate::init`]) on `backend`.
+    pub fn new_on(
+        backend: B,
+        config: GptConfig,
+        b_max: usize,
+        t_max: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        config.validate()?;
+        Self::from_host_params(
+            backend,
+            &crate::init::gpt2_init(&config, seed),
+            b_max,
+            t_max,
+        )
+    }
+
+    /// A model on `backend` with the host parameters `params` (uploaded) and buffers for `b_max × t_max`.
+    pub fn from_host_params(
+        mut backend: B,
+        params: &ParamSet,
+        b_max: usize,
+        t_max: usize,
+    ) -> Result<Self> {
+        let mut on_device = ParamSet::zeros_on(&mut backend, params.config());
+        backend.upload(B::view_mut(on_device.buf_mut()), params.as_slice());
+        Self::build(backend, on_device, b_max, t_max)
+    }
+
+    fn build(mut backend: B, params: ParamSet<B>, b_max: usize, t_max: usize) -> Result<Self> {
+        let config = *params.config();
+        config.validate()?;
+        if b_max == 0 || t_max == 0 || t_max > config.max_seq_len {
+            return Err(Gpt2Error::InvalidConfig(format!(
+                "max batch {b_max}x{t_max} must be positive with T_max <= max_seq_len {}",
+                config.max_seq_len
+            )));
+        }
+        // The largest buffers (f32): logits [N, Vp], attention probabilities [L·H, N, T], MLP [L, N, 4C].
+        let fits = |dims: [usize; 4]| {
+            dims.iter()
+                .try_fold(4usize, |acc, &d| acc.checked_mul(d))
+                .is_some_and(|bytes| bytes <= isize::MAX as usize)
+        };
+        let (l, h, c) = (config.n_layer, config.n_head, config.n_embd);
+        let ok = fits([b_max, t_max, config.padded_vocab_size, 1])
+            && fits([l * h, b_max, t_max, t_max])
+            && fits([l, b_max, t_max, 4 * c]);
+        if !ok {
+            return Err(Gpt2Error::InvalidConfig(format!(
+                "buffers for a {b_max}x{t_max} batch do not fit in memory"
+            )));
+        }
+        let n_max = b_max * t_max;
+        let grads = ParamSet::zeros_on(&mut backend, &config);
+        Ok(Self {
+            acts: Activations::new(&mut backend, &config, b_max, t_max),
+            gbuf: GradBuffers::new(&mut backend, &config, n_max),
+            inputs: backend.alloc_tokens(n_max),
+            head: LossHead::new(&mut backend, n_max),
+            config,
+            params,
+            grads,
+            b_max,
+            t_max,
+            last_forward: None,
+            last_logits: None,
+            flops: FlopCounter::default(),
+            optimizer: None,
+            backend,
+        })
+    }
+
+    /// The model config.
+    pub fn config(&self) -> &GptConfig {
+        &self.config
+    }
+
+    /// Maximum batch `(B_max, T_max)` the buffers hold.
+    pub fn max_batch(&self) -> (usize, usize) {
+        (self.b_max, self.t_max)
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The parameters in the backend's buffer.
+    pub fn device_params(&self) -> &ParamSet<B> {
+        &self.params
+    }
+
+    /// A host copy of the parameters (for checkpoints).
+    pub fn params_to_host(&self) -> ParamSet {
+        let mut host = ParamSet::zeros(&self.config);
+        self.backend
+            .download(B::view(self.params.buf()), host.as_mut_slice());
+        host
+    }
+
+    /// Replaces the parameters by the host set `params` (same config). Invalidates pending activations.
+    pub fn load_params(&mut self, params: &ParamSet) -> Result<()> {
+        if params.layout() != self.params.layout() {
+            return Err(Gpt2Error::Shape {
+                what: "parameters",
+                expected: format!("{} floats for {:?}", self.params.len(), self.config),
+                got: format!("{} floats for {:?}", params.len(), params.config()),
+            });
+        }
+        self.last_forward = None;
+        self.backend
+            .upload(B::view_mut(self.params.buf_mut()), params.as_slice());
+        Ok(())
+    }
+
+    /// Marks the activations stale (the parameters changed): a backward needs a new forward.
+    pub(crate) fn invalidate_forward(&mut self) {
+        self.last_forward = None;
+    }
+
+    /// Sets all gradients to zero.
+    pub fn zero_grad(&mut self) {
+        self.backend.fill_zero(B::view_mut(self.grads.buf_mut()));
+    }
+
+    /// FLOPs of the ops run since the last full forward (its forward plus any backward).
     pub fn realized_flops(&self) -> FlopCounter {
         self.flops
     }
@@ -223,15 +749,18 @@ impl Gpt2 {
         tokens as f64 * (2.0 * p + 4.0 * p * rho)
     }
 
-    /// The logits of the last forward (any kind), `[B·T, V]` in row stride `Vp`.
-    pub fn logits(&self) -> Result<LogitsView<'_, f32>> {
-        let (b, t) = self.last_logits.ok_or(Gpt2Error::NoForward)?;
-        Ok(LogitsView::new(
-            &self.acts.logits[..b * t * self.config.padded_vocab_size],
-            b * t,
+    /// FLOPs of a shallow forward of `b·t` tokens exiting after `exit_layer` blocks (what the ops count:
+    /// linear layers, blocked causal attention, LM head).
+    pub fn forward_shallow_flops(&self, b: usize, t: usize, exit_layer: usize) -> f64 {
+        let (c, v, nh) = (
+            self.config.n_embd,
             self.config.vocab_size,
-            self.config.padded_vocab_size,
-        )?)
+            self.config.n_head,
+        );
+        let n = (b * t) as f64;
+        let per_layer =
+            n * 24.0 * (c * c) as f64 + attention::forward_flops(AttnDims { b, t, c, nh });
+        exit_layer as f64 * per_layer + 2.0 * n * (c * v) as f64
     }
 
     fn check_batch(&self, inputs: &[u32], b: usize, t: usize) -> Result<()> {
@@ -255,30 +784,23 @@ impl Gpt2 {
         Ok(())
     }
 
-    /// Full forward of `B·T` tokens (`inputs` row-major `[B, T]`, ids `< V`): returns the logits `[B·T, V]`
-    /// (row stride `Vp`; padded columns are zero and outside the view) and keeps every activation for a
-    /// backward.
-    pub fn forward(&mut self, inputs: &[u32], b: usize, t: usize) -> Result<LogitsView<'_, f32>> {
+    /// Training forward: every block, activations kept for a backward; resets [`Gpt2::realized_flops`].
+    pub(crate) fn forward_train(&mut self, inputs: &[u32], b: usize, t: usize) -> Result<()> {
         self.check_batch(inputs, b, t)?;
         self.flops = FlopCounter::default();
         self.flops.forward = self.run_forward(inputs, b, t, self.config.n_layer);
-        self.inputs.clear();
-        self.inputs.extend_from_slice(inputs);
         self.last_forward = Some((b, t));
-        self.logits()
+        Ok(())
     }
 
-    /// Shallow forward for scoring (hierarchical ESLM): the first `exit_layer` blocks (1 ≤ E ≤ L), then the final
-    /// layer norm and the LM head. Keeps no activations for a backward (a later `backward_*` needs a new
-    /// [`Gpt2::forward`]). Does not touch [`Gpt2::realized_flops`]; returns its own FLOPs via
-    /// [`Gpt2::forward_shallow_flops`].
-    pub fn forward_shallow(
+    /// No-grad forward through the first `exit_layer` blocks (1 ≤ E ≤ L).
+    pub(crate) fn forward_no_grad(
         &mut self,
         inputs: &[u32],
         b: usize,
         t: usize,
         exit_layer: usize,
-    ) -> Result<LogitsView<'_, f32>> {
+    ) -> Result<()> {
         self.check_batch(inputs, b, t)?;
         if exit_layer == 0 || exit_layer > self.config.n_layer {
             return Err(Gpt2Error::InvalidConfig(format!(
@@ -288,344 +810,136 @@ impl Gpt2 {
         }
         self.last_forward = None;
         self.run_forward(inputs, b, t, exit_layer);
-        self.logits()
+        Ok(())
     }
 
-    /// FLOPs of a shallow forward of `b·t` tokens exiting after `exit_layer` blocks (what the ops count:
-    /// linear layers, blocked causal attention, LM head).
-    pub fn forward_shallow_flops(&self, b: usize, t: usize, exit_layer: usize) -> f64 {
-        let (c, v, nh) = (
-            self.config.n_embd,
-            self.config.vocab_size,
-            self.config.n_head,
-        );
-        let n = (b * t) as f64;
-        let per_layer =
-            n * 24.0 * (c * c) as f64 + attention::forward_flops(AttnDims { b, t, c, nh });
-        exit_layer as f64 * per_layer + 2.0 * n * (c * v) as f64
-    }
-
-    /// Full-depth forward for evaluation or as a reference/teacher model: like [`Gpt2::forward`] but keeps no
-    /// activations for a backward.
-    pub fn forward_inference(
-        &mut self,
-        inputs: &[u32],
-        b: usize,
-        t: usize,
-    ) -> Result<LogitsView<'_, f32>> {
-        let l = self.config.n_layer;
-        self.forward_shallow(inputs, b, t, l)
-    }
-
-    /// Runs embeddings, `depth` blocks, final LN and LM head. Returns FLOPs.
+    /// Uploads the tokens, runs embeddings, `depth` blocks, final LN and LM head. Returns FLOPs.
     fn run_forward(&mut self, inputs: &[u32], b: usize, t: usize, depth: usize) -> f64 {
         let cfg = self.config;
-        let (nl, c, nh) = (cfg.n_layer, cfg.n_embd, cfg.n_head);
+        let (c, nh) = (cfg.n_embd, cfg.n_head);
         let n = b * t;
-        let nmax = self.b_max * self.t_max;
-        let p = self.params.views();
+        let be = &mut self.backend;
+        be.upload_tokens(&mut self.inputs, inputs);
+        let w = self.params.weights();
         let a = &mut self.acts;
-        let mut flops = 0.0;
-        encoder::forward(&mut a.encoded[..n * c], inputs, p.wte, p.wpe, t, c);
-        let d = AttnDims { b, t, c, nh };
-        for l in 0..depth {
-            let (prev3, cur3) = a.residual3.split_at_mut(l * nmax * c);
-            let res_in: &[f32] = if l == 0 {
-                &a.encoded[..n * c]
-            } else {
-                &prev3[(l - 1) * nmax * c..][..n * c]
-            };
-            let at = |w: usize| l * nmax * w..l * nmax * w + n * w;
-            let (r_c, r_n, r_3c, r_4c) = (at(c), at(1), at(3 * c), at(4 * c));
-            layernorm::forward(
-                &mut a.ln1[r_c.clone()],
-                Some(&mut a.ln1_mean[r_n.clone()]),
-                Some(&mut a.ln1_rstd[r_n.clone()]),
-                res_in,
-                layer(p.ln1w, nl, l),
-                layer(p.ln1b, nl, l),
-                n,
-                c,
-            );
-            flops += linear::forward(
-                &mut a.qkv[r_3c.clone()],
-                &a.ln1[r_c.clone()],
-                layer(p.qkvw, nl, l),
-                Some(layer(p.qkvb, nl, l)),
-                n,
-                c,
-                3 * c,
-            );
-            let att_len = self.b_max * nh * self.t_max * self.t_max;
-            flops += attention::forward(
-                &mut a.atty[r_c.clone()],
-                &mut a.att[l * att_len..l * att_len + b * nh * t * t],
-                &a.qkv[r_3c.clone()],
-                d,
-            );
-            flops += linear::forward(
-                &mut a.proj[..n * c],
-                &a.atty[r_c.clone()],
-                layer(p.attprojw, nl, l),
-                Some(layer(p.attprojb, nl, l)),
-                n,
-                c,
-                c,
-            );
-            residual::forward(&mut a.residual2[r_c.clone()], res_in, &a.proj[..n * c]);
-            layernorm::forward(
-                &mut a.ln2[r_c.clone()],
-                Some(&mut a.ln2_mean[r_n.clone()]),
-                Some(&mut a.ln2_rstd[r_n.clone()]),
-                &a.residual2[r_c.clone()],
-                layer(p.ln2w, nl, l),
-                layer(p.ln2b, nl, l),
-                n,
-                c,
-            );
-            flops += linear::forward(
-                &mut a.fch[r_4c.clone()],
-                &a.ln2[r_c.clone()],
-                layer(p.fcw, nl, l),
-                Some(layer(p.fcb, nl, l)),
-                n,
-                c,
-                4 * c,
-            );
-            gelu::forward(&mut a.fch_gelu[r_4c.clone()], &a.fch[r_4c.clone()]);
-            flops += linear::forward(
-                &mut a.proj[..n * c],
-                &a.fch_gelu[r_4c.clone()],
-                layer(p.fcprojw, nl, l),
-                Some(layer(p.fcprojb, nl, l)),
-                n,
-                4 * c,
-                c,
-            );
-            residual::forward(&mut cur3[..n * c], &a.residual2[r_c], &a.proj[..n * c]);
-        }
-        let last = if depth == 0 {
-            &a.encoded[..n * c]
-        } else {
-            &a.residual3[(depth - 1) * nmax * c..][..n * c]
+        let emb = Embeddings {
+            wte: w.wte,
+            wpe: w.wpe,
         };
-        layernorm::forward(
-            &mut a.lnf[..n * c],
-            Some(&mut a.lnf_mean[..n]),
-            Some(&mut a.lnf_rstd[..n]),
-            last,
-            p.lnfw,
-            p.lnfb,
-            n,
+        be.encoder_forward(wr::<B>(&mut a.encoded, n * c), &self.inputs, emb, n, t, c);
+        let d = AttnDims { b, t, c, nh };
+        let mut flops = 0.0;
+        for (l, lw) in w.layers.iter().enumerate().take(depth) {
+            let (done, rest) = a.layers.split_at_mut(l);
+            let x = match done.last() {
+                None => rd::<B>(&a.encoded, n * c),
+                Some(prev) => rd::<B>(&prev.residual3, n * c),
+            };
+            flops += block_forward(be, &mut rest[0], x, *lw, &mut a.proj, d);
+        }
+        let x = block_output::<B>(&a.encoded, &a.layers, depth, n * c);
+        let lnf_stats = LnStats {
+            mean: wr::<B>(&mut a.lnf_mean, n),
+            rstd: wr::<B>(&mut a.lnf_rstd, n),
+        };
+        let lnf_p = Affine {
+            w: w.lnfw,
+            b: w.lnfb,
+        };
+        be.layernorm_forward(wr::<B>(&mut a.lnf, n * c), lnf_stats, x, lnf_p, n, c);
+        let head = HeadDims {
             c,
+            v: cfg.vocab_size,
+            vp: cfg.padded_vocab_size,
+        };
+        flops += be.lm_head_forward(
+            wr::<B>(&mut a.logits, n * head.vp),
+            rd::<B>(&a.lnf, n * c),
+            w.wte,
+            n,
+            head,
         );
-        let (v, vp) = (cfg.vocab_size, cfg.padded_vocab_size);
-        flops +=
-            linear::lm_head_forward(&mut a.logits[..n * vp], &a.lnf[..n * c], p.wte, n, c, v, vp);
         self.last_logits = Some((b, t));
         flops
     }
 
-    /// Dense backward of the last [`Gpt2::forward`]: `dlogits [B·T, Vp]` (columns `V..Vp` ignored).
-    /// Accumulates into the gradients. Same as [`Gpt2::backward_sparse`] with every row kept.
-    pub fn backward(&mut self, dlogits: &[f32]) -> Result<()> {
-        let (b, t) = self.last_forward.ok_or(Gpt2Error::NoForward)?;
-        let kept: Vec<u32> = (0..(b * t) as u32).collect();
-        self.backward_sparse(&kept, dlogits)
-    }
-
-    /// Row-sparse backward of the last [`Gpt2::forward`]: the loss gradient is non-zero only on the rows `kept`
-    /// (strictly ascending flat indices `< B·T`, K ≥ 1), given compact as `dlogits_kv [K, Vp]` (at least `K·Vp`
-    /// floats; columns `V..Vp` ignored). Accumulates into the gradients ([`Gpt2::zero_grad`] first for a fresh
-    /// step). The LM head and every row-wise op up to the last block's attention do K rows of work.
-    pub fn backward_sparse(&mut self, kept: &[u32], dlogits_kv: &[f32]) -> Result<()> {
+    /// Row-sparse backward of the last training forward from the compact loss gradient `dz [K, Vp]` of the
+    /// rows `kept` (validated here); accumulates into the gradients.
+    pub(crate) fn backward_rows(&mut self, kept: &[u32], dz: B::View<'_>) -> Result<()> {
         let (b, t) = self.last_forward.ok_or(Gpt2Error::NoForward)?;
         let cfg = self.config;
         let n = b * t;
         validate_kept(kept, n)?;
-        let (nl, c, nh, v, vp) = (
-            cfg.n_layer,
-            cfg.n_embd,
-            cfg.n_head,
-            cfg.vocab_size,
-            cfg.padded_vocab_size,
-        );
-        let k = kept.len();
-        if dlogits_kv.len() < k * vp {
-            return Err(Gpt2Error::Shape {
-                what: "dlogits",
-                expected: format!("at least {} floats ([K={k}, Vp={vp}])", k * vp),
-                got: format!("{} floats", dlogits_kv.len()),
-            });
-        }
-        let nmax = self.b_max * self.t_max;
-        let p = self.params.views();
-        let gr = self.grads.views_mut();
-        let a = &self.acts;
-        let GradBuffers {
-            g,
-            g4,
-            gqkv,
-            scratch,
-        } = &mut self.gbuf;
-        let [g0, g1, g2, g3] = g;
-        let [g4a, g4b] = g4;
-        let mut rows = RowSet::from_kept(kept, n);
-        let (mut f_sparse, mut f_dense) = (0.0, 0.0);
-        let mut add = |rows: &RowSet, f: f64| {
-            if rows.is_all() {
-                f_dense += f
-            } else {
-                f_sparse += f
-            }
+        let (nl, c, nh) = (cfg.n_layer, cfg.n_embd, cfg.n_head);
+        let head = HeadDims {
+            c,
+            v: cfg.vocab_size,
+            vp: cfg.padded_vocab_size,
         };
+        let d = AttnDims { b, t, c, nh };
+        let w = self.params.weights();
+        let mut dw = self.grads.weights_mut();
+        let (be, a, gb) = (&mut self.backend, &self.acts, &mut self.gbuf);
+        let mut rows = RowSet::from_kept(kept, n);
+        let mut fl = BackwardFlops::default();
 
-        // LM head (tied): dh_K = dZ_K·Wte, dWte += dZ_Kᵀ·h_K.
-        let f_head = linear::lm_head_backward(
-            g1,
-            gr.wte,
-            &dlogits_kv[..k * vp],
-            &a.lnf[..n * c],
-            p.wte,
-            &rows,
-            n,
-            c,
-            v,
-            vp,
-            scratch,
+        // LM head (tied): dh_K = dZ_K·Wte, dWte += dZ_Kᵀ·h_K, into g[1].
+        let f_head = be.lm_head_backward(
+            wr::<B>(&mut gb.g[1], n * c),
+            re::<B>(&mut dw.wte),
+            RowGrad {
+                g: dz,
+                rows: &rows,
+                n,
+            },
+            rd::<B>(&a.lnf, n * c),
+            w.wte,
+            head,
         );
-        let last = &a.residual3[(nl - 1) * nmax * c..][..n * c];
-        layernorm::backward(
-            g0,
-            gr.lnfw,
-            gr.lnfb,
-            g1,
-            last,
-            &a.lnf_mean,
-            &a.lnf_rstd,
-            p.lnfw,
-            &rows,
+        // Final layer norm: g[0] = d(residual3 of the last block) on `rows`.
+        let lnf_saved = LnSaved {
+            x: block_output::<B>(&a.encoded, &a.layers, nl, n * c),
+            stats: LnStats {
+                mean: rd::<B>(&a.lnf_mean, n),
+                rstd: rd::<B>(&a.lnf_rstd, n),
+            },
+            w: w.lnfw,
+        };
+        let dlnf = Affine {
+            w: re::<B>(&mut dw.lnfw),
+            b: re::<B>(&mut dw.lnfb),
+        };
+        let [g0, g1, ..] = &mut gb.g;
+        let dh = RowGrad {
+            g: rd::<B>(g1, n * c),
+            rows: &rows,
             n,
-            c,
-        );
-        // `g0` holds d(residual3[L-1]) on `rows`.
+        };
+        be.layernorm_backward(wr::<B>(g0, n * c), dlnf, dh, lnf_saved, c);
         for l in (0..nl).rev() {
-            let r_c = l * nmax * c..l * nmax * c + n * c;
-            let r_n = l * nmax..l * nmax + n;
-            let r_4c = l * nmax * 4 * c..l * nmax * 4 * c + n * 4 * c;
-            let r_3c = l * nmax * 3 * c..l * nmax * 3 * c + n * 3 * c;
-            let res_in = if l == 0 {
-                &a.encoded[..n * c]
-            } else {
-                &a.residual3[(l - 1) * nmax * c..][..n * c]
+            let saved = BlockSaved {
+                acts: &a.layers[l],
+                x: block_output::<B>(&a.encoded, &a.layers, l, n * c),
+                w: w.layers[l],
+                d,
             };
-            // MLP branch: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2)))).
-            let f = linear::backward(
-                Some(g4a),
-                layer_mut(gr.fcprojw, nl, l),
-                Some(layer_mut(gr.fcprojb, nl, l)),
-                g0,
-                c,
-                &a.fch_gelu[r_4c.clone()],
-                layer(p.fcprojw, nl, l),
-                &rows,
-                n,
-                4 * c,
-                c,
-                scratch,
-            );
-            add(&rows, f);
-            gelu::backward(g4b, g4a, &a.fch[r_4c.clone()], &rows, n, 4 * c);
-            let f = linear::backward(
-                Some(g1),
-                layer_mut(gr.fcw, nl, l),
-                Some(layer_mut(gr.fcb, nl, l)),
-                g4b,
-                4 * c,
-                &a.ln2[r_c.clone()],
-                layer(p.fcw, nl, l),
-                &rows,
-                n,
-                c,
-                4 * c,
-                scratch,
-            );
-            add(&rows, f);
-            layernorm::backward(
-                g2,
-                layer_mut(gr.ln2w, nl, l),
-                layer_mut(gr.ln2b, nl, l),
-                g1,
-                &a.residual2[r_c.clone()],
-                &a.ln2_mean[r_n.clone()],
-                &a.ln2_rstd[r_n.clone()],
-                layer(p.ln2w, nl, l),
-                &rows,
-                n,
-                c,
-            );
-            let rows2 = residual::merge(g3, &rows, g0, &rows, g2, n, c);
-            // Attention branch: residual2 = res_in + attproj(attn(qkv(ln1(res_in)))).
-            let f = linear::backward(
-                Some(g1),
-                layer_mut(gr.attprojw, nl, l),
-                Some(layer_mut(gr.attprojb, nl, l)),
-                g3,
-                c,
-                &a.atty[r_c.clone()],
-                layer(p.attprojw, nl, l),
-                &rows2,
-                n,
-                c,
-                c,
-                scratch,
-            );
-            add(&rows2, f);
-            let att_len = self.b_max * nh * self.t_max * self.t_max;
-            let f = attention::backward(
-                gqkv,
-                g1,
-                &a.qkv[r_3c.clone()],
-                &a.att[l * att_len..l * att_len + b * nh * t * t],
-                &rows2,
-                AttnDims { b, t, c, nh },
-            );
-            add(&RowSet::All, f);
-            let dense = RowSet::All;
-            let f = linear::backward(
-                Some(g2),
-                layer_mut(gr.qkvw, nl, l),
-                Some(layer_mut(gr.qkvb, nl, l)),
-                gqkv,
-                3 * c,
-                &a.ln1[r_c.clone()],
-                layer(p.qkvw, nl, l),
-                &dense,
-                n,
-                c,
-                3 * c,
-                scratch,
-            );
-            add(&dense, f);
-            layernorm::backward(
-                g1,
-                layer_mut(gr.ln1w, nl, l),
-                layer_mut(gr.ln1b, nl, l),
-                g2,
-                res_in,
-                &a.ln1_mean[r_n.clone()],
-                &a.ln1_rstd[r_n],
-                layer(p.ln1w, nl, l),
-                &dense,
-                n,
-                c,
-            );
-            rows = residual::merge(g0, &rows2, g3, &dense, g1, n, c);
+            let dl = &mut dw.layers[l];
+            let rows2 = mlp_backward(be, &saved, dl, gb, &rows, &mut fl);
+            rows = attention_backward(be, &saved, dl, gb, &rows2, &mut fl);
         }
-        encoder::backward(gr.wte, gr.wpe, g0, &self.inputs, &rows, n, t, c);
+        let demb = Embeddings {
+            wte: re::<B>(&mut dw.wte),
+            wpe: re::<B>(&mut dw.wpe),
+        };
+        let dx = RowGrad {
+            g: rd::<B>(&gb.g[0], n * c),
+            rows: &rows,
+            n,
+        };
+        be.encoder_backward(demb, dx, &self.inputs, t, c);
         self.flops.backward_head = f_head;
-        self.flops.backward_row_sparse = f_sparse;
-        self.flops.backward_dense = f_dense;
+        self.flops.backward_row_sparse = fl.row_sparse;
+        self.flops.backward_dense = fl.dense;
         Ok(())
     }
 }

@@ -6,7 +6,12 @@
 //! `fcprojw [L, C, 4C]`, `fcprojb [L, C]`, `lnfw [C]`, `lnfb [C]`.
 //!
 //! Gradients and the AdamW moments use the same layout ([`ParamSet`] for all four). Rows `V..Vp` of `wte` are zero.
+//!
+//! A [`ParamSet<B>`] lives in a backend's buffer; the default `ParamSet` (= `ParamSet<Cpu>`) is the host vector
+//! that checkpoints read and write. The model names each tensor once per layer, llm.c style (`l_ln1w`,
+//! `dl_qkvw`): [`ModelWeights`] / [`LayerWeights`] are views cut from the flat buffer by [`ModelWeights::cut`].
 
+use crate::backend::{Backend, Cpu};
 use crate::config::GptConfig;
 
 /// The 16 parameter tensors, in storage order.
@@ -195,11 +200,191 @@ impl ParamLayout {
     }
 }
 
-/// One float vector in the parameter layout: the parameters, their gradients, or an AdamW moment.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ParamSet {
+/// One float vector in the parameter layout: the parameters, their gradients, or an AdamW moment, in a buffer
+/// of backend `B` (the host by default).
+pub struct ParamSet<B: Backend = Cpu> {
     layout: ParamLayout,
-    data: Vec<f32>,
+    data: B::Buf,
+}
+
+impl<B: Backend> Clone for ParamSet<B> {
+    fn clone(&self) -> Self {
+        Self {
+            layout: self.layout.clone(),
+            data: self.data.clone(),
+        }
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for ParamSet<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParamSet")
+            .field("layout", &self.layout)
+            .field("data", &self.data)
+            .finish()
+    }
+}
+
+impl PartialEq for ParamSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.layout == other.layout && self.data == other.data
+    }
+}
+
+impl<B: Backend> ParamSet<B> {
+    /// A zero-filled set for `cfg` in a buffer of `backend`.
+    pub fn zeros_on(backend: &mut B, cfg: &GptConfig) -> Self {
+        let layout = ParamLayout::new(cfg);
+        let data = backend.alloc(layout.total());
+        Self { layout, data }
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    /// The config.
+    pub fn config(&self) -> &GptConfig {
+        &self.layout.config
+    }
+
+    /// Number of floats.
+    pub fn len(&self) -> usize {
+        self.layout.total()
+    }
+
+    /// Whether the set is empty (never, for a valid config).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The flat buffer.
+    pub fn buf(&self) -> &B::Buf {
+        &self.data
+    }
+
+    /// The flat buffer, mutable.
+    pub fn buf_mut(&mut self) -> &mut B::Buf {
+        &mut self.data
+    }
+
+    /// Tensor `k` as a backend view.
+    pub fn view(&self, k: ParamKind) -> B::View<'_> {
+        B::slice(B::view(&self.data), self.layout.range(k))
+    }
+
+    /// Named views of every tensor, per layer.
+    pub fn weights(&self) -> ModelWeights<B::View<'_>> {
+        ModelWeights::cut(&self.layout, B::view(&self.data), |v, at| B::split(v, at))
+    }
+
+    /// Named mutable views of every tensor, per layer (disjoint).
+    pub fn weights_mut(&mut self) -> ModelWeights<B::ViewMut<'_>> {
+        ModelWeights::cut(&self.layout, B::view_mut(&mut self.data), |v, at| {
+            B::split_mut(v, at)
+        })
+    }
+}
+
+/// One block's tensors, named once (llm.c's `l_ln1w`, `l_qkvw`, …; `dl_…` for gradients): views of layer `l` of
+/// each stacked tensor.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerWeights<V> {
+    /// First layer norm weight `[C]`.
+    pub ln1w: V,
+    /// First layer norm bias `[C]`.
+    pub ln1b: V,
+    /// Fused query/key/value weight `[3C, C]`.
+    pub qkvw: V,
+    /// Fused query/key/value bias `[3C]`.
+    pub qkvb: V,
+    /// Attention output projection weight `[C, C]`.
+    pub attprojw: V,
+    /// Attention output projection bias `[C]`.
+    pub attprojb: V,
+    /// Second layer norm weight `[C]`.
+    pub ln2w: V,
+    /// Second layer norm bias `[C]`.
+    pub ln2b: V,
+    /// MLP up-projection weight `[4C, C]`.
+    pub fcw: V,
+    /// MLP up-projection bias `[4C]`.
+    pub fcb: V,
+    /// MLP down-projection weight `[C, 4C]`.
+    pub fcprojw: V,
+    /// MLP down-projection bias `[C]`.
+    pub fcprojb: V,
+}
+
+/// Every tensor of the model as a named view: embeddings, one [`LayerWeights`] per block, final layer norm.
+#[derive(Debug, Clone)]
+pub struct ModelWeights<V> {
+    /// Token embedding (tied LM head) `[Vp, C]`.
+    pub wte: V,
+    /// Position embedding `[maxT, C]`.
+    pub wpe: V,
+    /// The blocks, in order.
+    pub layers: Vec<LayerWeights<V>>,
+    /// Final layer norm weight `[C]`.
+    pub lnfw: V,
+    /// Final layer norm bias `[C]`.
+    pub lnfb: V,
+}
+
+impl<V> ModelWeights<V> {
+    /// Cuts the flat buffer `flat` (in `layout`) into named views with `split(view, at)`, which splits a view
+    /// into `[0, at)` and the rest (a backend's `split` or `split_mut`).
+    pub fn cut(layout: &ParamLayout, flat: V, split: impl Fn(V, usize) -> (V, V)) -> Self {
+        let nl = layout.config.n_layer;
+        let mut rest = Some(flat);
+        let mut take = |len: usize| {
+            let (head, tail) = split(rest.take().expect("the layout covers the buffer"), len);
+            rest = Some(tail);
+            head
+        };
+        let mut per_kind: Vec<std::vec::IntoIter<V>> = Vec::with_capacity(12);
+        let (mut wte, mut wpe, mut lnfw, mut lnfb) = (None, None, None, None);
+        for k in ParamKind::ALL {
+            let len = layout.range(k).len();
+            match k {
+                ParamKind::Wte => wte = Some(take(len)),
+                ParamKind::Wpe => wpe = Some(take(len)),
+                ParamKind::LnfW => lnfw = Some(take(len)),
+                ParamKind::LnfB => lnfb = Some(take(len)),
+                _ => {
+                    let per = len / nl;
+                    let views: Vec<V> = (0..nl).map(|_| take(per)).collect();
+                    per_kind.push(views.into_iter());
+                }
+            }
+        }
+        let mut next = |i: usize| per_kind[i].next().expect("one view per layer");
+        let layers = (0..nl)
+            .map(|_| LayerWeights {
+                ln1w: next(0),
+                ln1b: next(1),
+                qkvw: next(2),
+                qkvb: next(3),
+                attprojw: next(4),
+                attprojb: next(5),
+                ln2w: next(6),
+                ln2b: next(7),
+                fcw: next(8),
+                fcb: next(9),
+                fcprojw: next(10),
+                fcprojb: next(11),
+            })
+            .collect();
+        let get = |x: Option<V>| x.expect("every global tensor is in the layout");
+        Self {
+            wte: get(wte),
+            wpe: get(wpe),
+            layers,
+            lnfw: get(lnfw),
+            lnfb: get(lnfb),
+        }
+    }
 }
 
 /// Immutable per-kind views of a [`ParamSet`] (full tensors; index layer `l` with [`layer`]).
@@ -261,21 +446,9 @@ pub fn layer_mut<T>(t: &mut [T], n_layer: usize, l: usize) -> &mut [T] {
 }
 
 impl ParamSet {
-    /// A zero-filled set for `cfg`.
+    /// A zero-filled host set for `cfg`.
     pub fn zeros(cfg: &GptConfig) -> Self {
-        let layout = ParamLayout::new(cfg);
-        let data = vec![0.0; layout.total()];
-        Self { layout, data }
-    }
-
-    /// The layout.
-    pub fn layout(&self) -> &ParamLayout {
-        &self.layout
-    }
-
-    /// The config.
-    pub fn config(&self) -> &GptConfig {
-        &self.layout.config
+        Self::zeros_on(&mut Cpu::new(), cfg)
     }
 
     /// The flat vector.
@@ -286,16 +459,6 @@ impl ParamSet {
     /// The flat vector, mutable.
     pub fn as_mut_slice(&mut self) -> &mut [f32] {
         &mut self.data
-    }
-
-    /// Number of floats.
-    pub fn len(&self) -> usize {
-        self.data.len()
-    }
-
-    /// Whether the set is empty (never, for a valid config).
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
     }
 
     /// Sets every element to zero.

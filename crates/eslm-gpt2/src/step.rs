@@ -3,6 +3,7 @@
 //! `dZ_K = (softmax(z_K) − onehot(y_K))/K`, the CVaR estimator → row-sparse backward) — the same calls the trainer
 //! makes, so there is one step path. CLM is the same path with every valid row kept.
 
+use crate::backend::Backend;
 use crate::error::Result;
 use crate::loss_head::{Keep, ScoreSource};
 use crate::model::Gpt2;
@@ -63,10 +64,10 @@ pub struct StepReport {
     pub threshold: f32,
 }
 
-impl Gpt2 {
+impl<B: Backend> Gpt2<B> {
     /// Forward, statistics, selection, sparse CE and row-sparse backward for one batch; accumulates into the
     /// gradients (call [`Gpt2::zero_grad`] first for a fresh step). `targets` is `[B·T]` with
-    /// [`DEFAULT_IGNORE_INDEX`] (−100) for ignored positions.
+    /// [`DEFAULT_IGNORE_INDEX`](eslm_kernels::token_stats::DEFAULT_IGNORE_INDEX) (−100) for ignored positions.
     ///
     /// ```
     /// use eslm_gpt2::{Gpt2, GptConfig, Selector, StepWorkspace, TokenScore};

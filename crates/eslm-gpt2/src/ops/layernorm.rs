@@ -11,6 +11,7 @@ use rayon::prelude::*;
 pub const EPS: f64 = 1e-5;
 
 /// Forward over `n` rows of width `c`; stores per-row mean and reciprocal std for the backward (if given).
+#[allow(clippy::too_many_arguments)] // a kernel: its buffers and dims, explicitly (llm.c style)
 pub fn forward<T: Real>(
     y: &mut [T],
     mean: Option<&mut [T]>,

@@ -1,6 +1,6 @@
-//! The op set of the CPU backend. Each op is a module with a `forward` and a `backward`; the model
-//! (`crate::model`) is written only against these functions, so a CUDA backend plugs in by providing the same
-//! functions over device buffers.
+//! The kernels of the CPU backend ([`crate::backend::Cpu`]). Each op is a module with a `forward` and a
+//! `backward`; the model calls them through the [`crate::backend::Backend`] trait, whose CPU implementation calls
+//! these functions unchanged, and a CUDA backend provides the same ops over device buffers.
 //!
 //! **Row sparsity is a property of gradients.** A backward receives its output gradient as a [`RowSet`] plus a
 //! *compact* buffer holding only those rows (`[K, width]` for `RowSet::Rows` of length K, `[N, width]` for
@@ -9,8 +9,6 @@
 //! are always dense (`[N, width]`); a row-sparse backward gathers the K rows it needs.
 //!
 //! Every op is generic over [`Real`] (`f32` for the model, `f64` for the finite-difference tests).
-
-#![allow(clippy::too_many_arguments)] // kernels take their buffers and dims explicitly, llm.c style
 
 pub mod attention;
 pub mod encoder;
