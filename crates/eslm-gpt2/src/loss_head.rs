@@ -59,6 +59,9 @@ pub(crate) struct LossHead<B: Backend> {
     /// Compact `[K, Vp]` loss gradient of the kept rows (grown on demand), valid when `grad_ready`.
     dlogits: Option<B::Buf>,
     grad_ready: bool,
+    /// After [`Gpt2::forward_stats_rows`]: the batch rows whose logits (and statistics) the forward computed;
+    /// statistics and selection indices then refer to positions in this list.
+    head_rows: Option<Vec<u32>>,
 }
 
 impl<B: Backend> LossHead<B> {
@@ -69,6 +72,7 @@ impl<B: Backend> LossHead<B> {
             selection: Selection::default(),
             dlogits: None,
             grad_ready: false,
+            head_rows: None,
         }
     }
 }
@@ -85,7 +89,27 @@ impl<B: Backend> Gpt2<B> {
     ) -> Result<&TokenStats> {
         check_len("targets", targets.len(), b * t)?;
         self.forward_train(inputs, b, t)?;
+        self.head.head_rows = None;
         self.compute_stats(targets)
+    }
+
+    /// Training forward whose LM head runs on `rows` only (strictly ascending batch rows, chosen without the
+    /// model's logits, e.g. random keys), followed by the statistics of those rows: the returned statistics,
+    /// [`Gpt2::select`] and [`Gpt2::selection`] refer to positions `0..K` in `rows`; the backward maps them back
+    /// to batch rows. Dropped rows cost the trunk only (no LM-head forward, no backward).
+    pub fn forward_stats_rows(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i32],
+        b: usize,
+        t: usize,
+        rows: &[u32],
+    ) -> Result<&TokenStats> {
+        check_len("targets", targets.len(), b * t)?;
+        self.forward_train_rows(inputs, b, t, rows)?;
+        let kept_targets: Vec<i32> = rows.iter().map(|&r| targets[r as usize]).collect();
+        self.head.head_rows = Some(rows.to_vec());
+        self.compute_stats(&kept_targets)
     }
 
     /// No-grad forward (the first `exit_layer` blocks, all when `None`) followed by the token statistics. Keeps
@@ -101,6 +125,7 @@ impl<B: Backend> Gpt2<B> {
         check_len("targets", targets.len(), b * t)?;
         let exit = exit_layer.unwrap_or(self.config().n_layer);
         self.forward_no_grad(inputs, b, t, exit)?;
+        self.head.head_rows = None;
         self.compute_stats(targets)
     }
 
@@ -278,7 +303,13 @@ impl<B: Backend> Gpt2<B> {
         };
         let kept = std::mem::take(&mut self.head.selection.indices);
         let len = kept.len() * self.config().padded_vocab_size;
-        let out = self.backward_rows(&kept, B::slice(B::view(&dz), 0..len));
+        let out = match &self.head.head_rows {
+            None => self.backward_rows(&kept, B::slice(B::view(&dz), 0..len)),
+            Some(rows) => {
+                let batch_rows: Vec<u32> = kept.iter().map(|&i| rows[i as usize]).collect();
+                self.backward_rows(&batch_rows, B::slice(B::view(&dz), 0..len))
+            }
+        };
         self.head.selection.indices = kept;
         self.head.dlogits = Some(dz);
         out

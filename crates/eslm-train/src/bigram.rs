@@ -193,6 +193,29 @@ impl LanguageModel for BigramModel {
         self.compute_stats(inputs, targets)?;
         Ok(&self.stats)
     }
+    fn forward_rows(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i32],
+        b: usize,
+        t: usize,
+        rows: &[u32],
+    ) -> Result<&TokenStats> {
+        self.check(inputs, b, t)?;
+        if targets.len() != inputs.len() || rows.iter().any(|&r| r as usize >= inputs.len()) {
+            return Err(TrainError::Model(format!(
+                "forward_rows: {} targets and rows up to {:?} for {} inputs",
+                targets.len(),
+                rows.last(),
+                inputs.len()
+            )));
+        }
+        // A bigram row depends on its own input only: the kept rows are a batch of their own.
+        let x: Vec<u32> = rows.iter().map(|&r| inputs[r as usize]).collect();
+        let y: Vec<i32> = rows.iter().map(|&r| targets[r as usize]).collect();
+        self.compute_stats(&x, &y)?;
+        Ok(&self.stats)
+    }
     fn forward_inference(
         &mut self,
         inputs: &[u32],

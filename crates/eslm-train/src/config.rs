@@ -169,6 +169,8 @@ pub struct RunConfig {
     pub ada_ema: f64,
     /// Importance: the uniform share λ of the sampling weights (1 = uniform random, 0 = proportional to score).
     pub importance_floor: f64,
+    /// Random: draw the kept rows before the forward and run the LM head on them only.
+    pub lazy_head: bool,
     /// Selection schedule: train every token (CLM) for this many steps first (`policy::schedule`).
     pub select_warmup: u64,
     /// Selection schedule: after the warm-up, grow α linearly from 0 over this many steps.
@@ -239,6 +241,7 @@ impl Default for RunConfig {
             ada_gain: 0.05,
             ada_ema: 0.9,
             importance_floor: 0.2,
+            lazy_head: false,
             select_warmup: 0,
             alpha_ramp: 0,
             skip_nonfinite: false,
@@ -456,6 +459,11 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantile_scope: Option<QuantileScope>,
+    /// Random: choose the kept rows before the forward and compute the LM head (logits, statistics) for them
+    /// only: the same rows and gradient as `random`, without the LM-head forward of dropped tokens.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    pub lazy_head: bool,
     /// Importance: uniform share λ of the sampling weights, in [0, 1] [default: 0.2].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -94,6 +94,19 @@ impl LanguageModel for Gpt2Model {
             .forward_stats(inputs, targets, b, t)
             .map_err(engine_err)
     }
+    fn forward_rows(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i32],
+        b: usize,
+        t: usize,
+        rows: &[u32],
+    ) -> Result<&TokenStats> {
+        self.flops_done += self.model.realized_flops().total();
+        self.model
+            .forward_stats_rows(inputs, targets, b, t, rows)
+            .map_err(engine_err)
+    }
     fn forward_inference(
         &mut self,
         inputs: &[u32],

@@ -93,6 +93,16 @@ pub trait LanguageModel: Any {
         b: usize,
         t: usize,
     ) -> Result<&TokenStats>;
+    /// Training forward whose LM head runs on `rows` only (ascending batch rows), then the statistics of those
+    /// rows: the returned statistics and later selections refer to positions `0..K` in `rows`.
+    fn forward_rows(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i32],
+        b: usize,
+        t: usize,
+        rows: &[u32],
+    ) -> Result<&TokenStats>;
     /// No-grad forward through the first `exit_layer` blocks (all when `None`), the final layer norm and the LM
     /// head, then the token statistics. Invalidates a pending training forward.
     fn forward_inference(

@@ -185,7 +185,9 @@ fn build_base_policy(cfg: &RunConfig, vocab: usize) -> Result<Box<dyn SelectionP
                 cfg.rho1_norm,
             )?)
         }
-        PolicyKind::Random => Box::new(RandomKeep::new(cfg.keep, cfg.seed)?),
+        PolicyKind::Random => {
+            Box::new(RandomKeep::new(cfg.keep, cfg.seed)?.with_lazy_head(cfg.lazy_head))
+        }
         PolicyKind::Importance => Box::new(Importance::new(
             cfg.score,
             cfg.keep,

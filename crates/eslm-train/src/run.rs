@@ -86,14 +86,32 @@ pub fn resolve_config(args: &TrainArgs) -> Result<RunConfig> {
 }
 
 /// The policies each policy-specific key applies to.
-const POLICY_KEYS: [(&str, &[PolicyKind]); 16] = {
+const POLICY_KEYS: [(&str, &[PolicyKind]); 20] = {
     use PolicyKind::*;
     [
-        ("score", &[Eslm, AdaEslm, Hierarchical, EslmKd]),
+        ("score", &[Eslm, AdaEslm, Hierarchical, EslmKd, Importance]),
         ("alpha", &[Eslm, AdaEslm, Hierarchical, EslmKd]),
+        ("lazy_head", &[Random]),
+        ("importance_floor", &[Importance]),
+        (
+            "select_warmup",
+            &[
+                Eslm,
+                AdaEslm,
+                Hierarchical,
+                EslmKd,
+                Rho1,
+                Random,
+                Importance,
+            ],
+        ),
+        (
+            "alpha_ramp",
+            &[Eslm, AdaEslm, Hierarchical, EslmKd, Rho1, Random],
+        ),
         ("exit_layer", &[Hierarchical]),
         ("instance_alpha", &[Hierarchical]),
-        ("keep", &[Rho1, Random]),
+        ("keep", &[Rho1, Random, Importance]),
         ("reference", &[Rho1]),
         ("rho1_norm", &[Rho1]),
         ("teacher", &[EslmKd]),

@@ -474,6 +474,11 @@ impl Trainer {
         if micro.b == 0 {
             return Ok(());
         }
+        if let KeepRule::Micro = rule {
+            if let Some(rows) = self.policy.rows_before_forward(&micro.targets)? {
+                return self.train_micro_rows(micro, &rows, acc);
+            }
+        }
         let (b, t, n) = (micro.b, micro.t, micro.b * micro.t);
         let fwd_flops = self.model.paper_forward_flops_per_token(None);
         self.policy.prepare(&micro.inputs, &micro.targets, b, t)?;
@@ -526,6 +531,51 @@ impl Trainer {
         });
         let scale = (1.0 / divisor.max(1e-30)) as f32;
         let kept_loss = self.model.loss_grad(self.policy.loss(), scale)?;
+        if !kept_loss.is_finite() {
+            acc.nonfinite = Some(kept_loss);
+            return Ok(());
+        }
+        acc.kept_loss_sum += kept_loss as f64 * k as f64;
+        acc.kept += k as u64;
+        acc.flops_paper += 2.0 * fwd_flops * k as f64;
+        self.model.backward()
+    }
+
+    /// A micro-batch whose rows the policy chose before the forward: the engine computes the LM head, the
+    /// statistics and the gradient of those rows only. The logged loss is the mean over the kept rows.
+    fn train_micro_rows(&mut self, micro: &Micro, rows: &[u32], acc: &mut StepAcc) -> Result<()> {
+        let (b, t, n) = (micro.b, micro.t, micro.b * micro.t);
+        let fwd_flops = self.model.paper_forward_flops_per_token(None);
+        acc.flops_paper += n as f64 * fwd_flops;
+        let k = rows.len();
+        if k == 0 {
+            return Ok(());
+        }
+        self.policy.prepare(&micro.inputs, &micro.targets, b, t)?;
+        let stats = self
+            .model
+            .forward_rows(&micro.inputs, &micro.targets, b, t, rows)?;
+        self.stats.clone_from(stats);
+        if let Some(bad) = nonfinite_mean(&self.stats) {
+            acc.nonfinite = Some(bad);
+            return Ok(());
+        }
+        for &l in &self.stats.loss {
+            acc.loss_sum += l as f64;
+            acc.loss_count += 1;
+        }
+        let valid_here = micro.targets.iter().filter(|&&y| y >= 0).count();
+        self.model.select(ScoreSource::Loss, Keep::AllValid)?;
+        if let Some(kinds) = &micro.kinds {
+            for &r in rows {
+                acc.kind_kept[kinds[r as usize] as usize] += 1;
+            }
+        }
+        let world = self.collective.world_size() as f64;
+        let divisor = self.policy.normaliser(k, valid_here) * self.cfg.grad_accum as f64 * world;
+        let kept_loss = self
+            .model
+            .loss_grad(self.policy.loss(), (1.0 / divisor.max(1e-30)) as f32)?;
         if !kept_loss.is_finite() {
             acc.nonfinite = Some(kept_loss);
             return Ok(());

@@ -205,6 +205,16 @@ impl LanguageModel for FailingSave {
     ) -> Result<&TokenStats> {
         self.0.forward(inputs, targets, b, t)
     }
+    fn forward_rows(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i32],
+        b: usize,
+        t: usize,
+        rows: &[u32],
+    ) -> Result<&TokenStats> {
+        self.0.forward_rows(inputs, targets, b, t, rows)
+    }
     fn forward_inference(
         &mut self,
         inputs: &[u32],

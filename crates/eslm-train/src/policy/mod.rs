@@ -120,6 +120,14 @@ pub trait SelectionPolicy {
         })
     }
 
+    /// Rows chosen before the forward, without the model's logits (ascending, valid rows only), or `None` when
+    /// the policy needs the forward's statistics. With rows, the engine computes the LM head for them only
+    /// (micro quantile scope).
+    fn rows_before_forward(&mut self, targets: &[i32]) -> Result<Option<Vec<u32>>> {
+        let _ = targets;
+        Ok(None)
+    }
+
     /// Optionally drops whole sequences before the training forward; returns the kept sequence indices
     /// (ascending) or `None` for all. `model` is the model being trained (for a no-grad shallow pass); a
     /// threshold over sequences is taken over every rank of `collective`.
