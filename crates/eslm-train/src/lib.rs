@@ -12,6 +12,7 @@
 
 #![warn(missing_docs)]
 
+pub mod baseline;
 pub mod bigram;
 pub mod checkpoint;
 pub mod compare;

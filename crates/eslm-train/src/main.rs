@@ -134,6 +134,22 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The bare command: the default policy and a CLM baseline side by side in a fresh `runs/default[-N]/`.
+fn default_run() -> Result<ExitCode> {
+    let stop = install_stop()?;
+    let root = eslm_train::baseline::fresh_dir(std::path::Path::new("runs/default"));
+    let c = eslm_train::baseline::run_with_baseline(&TrainArgs::default(), &root, stop)?;
+    print_summary(&c.policy);
+    if let Some(clm) = &c.clm {
+        print_summary(clm);
+    }
+    print!("{}", eslm_train::baseline::format_comparison(&c));
+    if c.policy.interrupted || c.clm.as_ref().is_some_and(|s| s.interrupted) {
+        return Ok(ExitCode::from(130));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Appends ` [default: X]` to the help of every training flag whose [`eslm_train::RunConfig`] field has a
 /// default (the flags themselves are optional so that they can override a `--config` file).
 fn with_defaults(cmd: clap::Command) -> clap::Command {
@@ -178,6 +194,7 @@ fn print_error(e: &anyhow::Error) {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        None if cli.train == TrainArgs::default() => default_run(),
         None => train(cli.train),
         Some(Command::Train(args)) => train(args),
         Some(Command::Eval(args)) => eslm_train::eval_cmd::run_eval(&args)

@@ -283,3 +283,39 @@ fn plot_tolerates_nulls_and_a_partial_last_line() {
         .unwrap();
     assert!(steps.last().unwrap().loss.is_nan());
 }
+
+#[test]
+fn bare_command_trains_the_policy_and_a_clm_baseline_in_a_fresh_directory() {
+    use eslm_train::baseline::{format_comparison, fresh_dir, run_with_baseline};
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("default");
+    assert_eq!(fresh_dir(&base), base);
+    std::fs::create_dir_all(&base).unwrap();
+    assert_eq!(
+        fresh_dir(&base),
+        dir.path().join("default-2"),
+        "an existing run is never reused"
+    );
+    let args = TrainArgs {
+        model: Some("bigram".into()),
+        synthetic_documents: Some(64),
+        vocab_size: Some(512),
+        steps: Some(6),
+        batch_size: Some(4),
+        seq_len: Some(16),
+        eval_every: Some(0),
+        eval_batches: Some(2),
+        no_progress: true,
+        ..Default::default()
+    };
+    let root = fresh_dir(&base);
+    let c = run_with_baseline(&args, &root, Arc::new(AtomicBool::new(false))).unwrap();
+    assert_eq!(c.policy.policy, "eslm");
+    assert_eq!(c.clm.as_ref().unwrap().policy, "clm");
+    assert!(root.join("eslm/metrics.jsonl").is_file() && root.join("clm/metrics.jsonl").is_file());
+    let table = format_comparison(&c);
+    assert!(
+        table.contains("eslm") && table.contains("clm") && table.contains("nats"),
+        "{table}"
+    );
+}
