@@ -61,6 +61,8 @@ pub struct Spec {
     /// Evaluation of the final checkpoints.
     #[serde(default)]
     pub eval: EvalSpec,
+    /// The baseline's steps in an equal wall-clock budget (runs with a `time_ratio` get `clm_steps / ratio`).
+    pub clm_steps: Option<u64>,
     /// The runs.
     #[serde(rename = "run")]
     pub runs: Vec<RunSpec>,
@@ -75,6 +77,12 @@ fn default_baseline() -> String {
 pub struct RunSpec {
     /// Run name (a directory name).
     pub name: String,
+    /// This run's step time relative to the baseline's, measured beforehand in one interleaved benchmark
+    /// (`scripts/step-ratios.sh`). With `clm_steps` in the spec, the run gets `clm_steps / time_ratio` steps
+    /// (an equal wall-clock budget that does not depend on the machine's load during the runs), and when every
+    /// run has a ratio the report's time axis is `step × time_ratio × baseline step time`.
+    #[serde(default)]
+    pub time_ratio: Option<f64>,
     /// Trainer config keys.
     #[serde(flatten)]
     pub keys: toml::Table,
@@ -118,6 +126,10 @@ pub fn read_spec(path: &Path) -> Result<Spec> {
     }
     if !names.contains(&spec.baseline.as_str()) {
         return Err(bad(format!("baseline `{}` is not a run", spec.baseline)));
+    }
+    let bad_ratio = |r: &&RunSpec| r.time_ratio.is_some_and(|x| !(x > 0.0 && x.is_finite()));
+    if let Some(r) = spec.runs.iter().find(bad_ratio) {
+        return Err(bad(format!("run `{}`: time_ratio must be > 0", r.name)));
     }
     for key in ["out", "seed"] {
         let in_run = spec.runs.iter().any(|r| r.keys.contains_key(key));
@@ -178,6 +190,12 @@ fn train_and_eval(
     let mut table = spec.base.clone();
     table.extend(run.keys.clone());
     table.insert("seed".into(), toml::Value::Integer(seed as i64));
+    if let (Some(clm_steps), Some(ratio)) = (spec.clm_steps, run.time_ratio) {
+        if !run.keys.contains_key("steps") {
+            let steps = (clm_steps as f64 / ratio).round().max(1.0) as i64;
+            table.insert("steps".into(), toml::Value::Integer(steps));
+        }
+    }
     table.insert("out".into(), toml::Value::String(dir.display().to_string()));
     table
         .entry("progress")
@@ -334,8 +352,16 @@ fn summarise(values: &[Option<f64>], digits: usize, missing: &str) -> String {
     s
 }
 
-fn curve(evals: &[EvalRecord]) -> Vec<(f64, f64)> {
-    evals.iter().map(|e| (e.wall_s, e.val_loss)).collect()
+/// Validation loss against time: measured training seconds, or `step × ratio × seconds_per_step` on the
+/// calibrated axis (`Some((ratio, baseline seconds per step))`).
+fn curve(evals: &[EvalRecord], calibrated: Option<(f64, f64)>) -> Vec<(f64, f64)> {
+    evals
+        .iter()
+        .map(|e| {
+            let t = calibrated.map_or(e.wall_s, |(r, s)| e.step as f64 * r * s);
+            (t, e.val_loss)
+        })
+        .collect()
 }
 
 /// A number of an eval result: `key` of the entry named `task` (`val`) or whose `task` field is `task` (the
@@ -368,9 +394,26 @@ pub fn write_report(spec: &Spec, out: &Path) -> Result<PathBuf> {
         .cloned()
         .unwrap_or_default();
     let base_of = |seed: u64| base.iter().find(|(s, _)| *s == seed).map(|(_, f)| f);
+    let calibrated = spec.runs.iter().all(|r| r.time_ratio.is_some());
+    let ratio_of = |name: &str| {
+        spec.runs
+            .iter()
+            .find(|r| r.name == name)
+            .and_then(|r| r.time_ratio)
+    };
+    let axis = |name: &str, seed: u64| {
+        let per_step = base_of(seed)?.step_time_s;
+        calibrated.then(|| (ratio_of(name).unwrap_or(1.0), per_step))
+    };
+    let time_note = if calibrated {
+        "times are `step × time_ratio × the baseline's measured seconds per step` (ratios measured beforehand \
+         in one interleaved benchmark), so they do not depend on the load while the runs trained"
+    } else {
+        "times are measured training wall-clock"
+    };
     let mut md = format!(
         "# {}\n\nSeeds: {:?}. Baseline: `{}`. Values are the mean ± half the range over the seeds that finished; \
-         times are measured training wall-clock (see the load note in docs/results.md).\n\n\
+         {time_note}.\n\n\
          | run | seeds | kept | final val loss | step time vs {b} | val loss at {b}'s end | time to {b}'s final loss (s) | ood ppl | HellaSwag acc_norm | LAMBADA acc | ARC-Easy acc |\n\
          |---|---|---|---|---|---|---|---|---|---|---|\n",
         spec.name,
@@ -388,13 +431,14 @@ pub fn write_report(spec: &Spec, out: &Path) -> Result<PathBuf> {
         };
         let final_loss = col(&|_, r| r.evals.last().map(|e| e.val_loss));
         let ratio = col(&|s, r| base_of(s).map(|b| r.step_time_s / b.step_time_s));
+        let base_curve = |s: u64| Some(curve(&base_of(s)?.evals, axis(&spec.baseline, s)));
         let at_end = col(&|s, r| {
-            let end = base_of(s)?.evals.last()?.wall_s;
-            loss_at_time(&curve(&r.evals), end)
+            let end = base_curve(s)?.last()?.0;
+            loss_at_time(&curve(&r.evals, axis(&run.name, s)), end)
         });
         let ttq = col(&|s, r| {
             let target = base_of(s)?.evals.last()?.val_loss;
-            time_to_loss(&curve(&r.evals), target)
+            time_to_loss(&curve(&r.evals, axis(&run.name, s)), target)
         });
         md += &format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
