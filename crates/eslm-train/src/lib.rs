@@ -8,7 +8,7 @@
 //! [`model`] (the engine seam) with [`engine`] (eslm-gpt2) and [`bigram`] (a test double), [`policy`] (one module
 //! per selection policy), [`trainer`] (the loop), [`metrics`] (metrics.jsonl), [`checkpoint`] (atomic
 //! checkpoints, exact resume), [`eval_tasks`] (HellaSwag / LAMBADA / ARC scoring), [`sample`] (generation),
-//! [`plot`] (run comparison charts). `docs/trainer.md` documents every command.
+//! [`plot`] (run comparison charts), [`distributed`] (data-parallel ranks over MPI). `docs/trainer.md` documents every command.
 
 #![warn(missing_docs)]
 
@@ -16,6 +16,7 @@ pub mod bigram;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod engine;
 pub mod error;
 pub mod eval_cmd;

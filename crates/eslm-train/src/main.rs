@@ -108,8 +108,10 @@ fn train(args: TrainArgs) -> Result<()> {
         );
     })
     .context("installing the Ctrl-C handler")?;
-    let summary = eslm_train::run::run_training(&args, stop)?;
-    print_summary(&summary);
+    // One rank of `mpirun`/`srun` with --features mpi (rank 0 prints the summary); otherwise one process.
+    if let Some(summary) = eslm_train::distributed::train_from_env(&args, stop)? {
+        print_summary(&summary);
+    }
     Ok(())
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::checkpoint::{latest_checkpoint, load_trainer_state};
 use crate::config::{Device, RunConfig, TrainArgs};
-use crate::data::open_run_data;
+use crate::data::open_run_data_for_rank;
 use crate::error::{Result, TrainError};
 use crate::metrics::MetricsWriter;
 use crate::models::{build_model, build_policy};
@@ -50,20 +50,35 @@ pub fn resolve_config(args: &TrainArgs) -> Result<RunConfig> {
 
 /// Runs a training invocation. `stop` is the Ctrl-C flag (checked after every step).
 pub fn run_training(args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
+    run_training_on(args, stop, Arc::new(eslm_collective::SingleProcess))
+}
+
+/// Runs a training invocation as one rank of the data-parallel job of `collective` (see [`crate::distributed`]):
+/// this rank's data shard and policy seed; rank 0 writes `config.toml` and `metrics.jsonl`.
+pub fn run_training_on(
+    args: &TrainArgs,
+    stop: Arc<AtomicBool>,
+    collective: Arc<dyn eslm_collective::Collective>,
+) -> Result<TrainSummary> {
     let cfg = resolve_config(args)?;
+    let (rank, world) = (collective.rank(), collective.world_size());
     if cfg.device == Device::Cuda {
         return Err(TrainError::CudaUnavailable);
     }
     std::fs::create_dir_all(&cfg.out).map_err(|e| TrainError::io(&cfg.out, e))?;
-    let data = open_run_data(&cfg)?;
+    let data = open_run_data_for_rank(&cfg, rank, world)?;
     let model = build_model(&cfg, data.vocab_size)?;
-    let policy = build_policy(&cfg)?;
-    let mut trainer = Trainer::new(cfg.clone(), model, policy, data, stop)?;
+    let policy = build_policy(&crate::distributed::policy_config(&cfg, rank))?;
+    let mut trainer =
+        Trainer::new(cfg.clone(), model, policy, data, stop)?.with_collective(collective.clone());
     let resumed_at = if args.resume {
         Some(trainer.resume()?)
     } else {
         None
     };
+    if !collective.is_root() {
+        return trainer.run(&mut MetricsWriter::discard());
+    }
     let text = toml::to_string(&cfg).map_err(|e| TrainError::Config(e.to_string()))?;
     crate::checkpoint::write_atomic(&cfg.out.join("config.toml"), text.as_bytes())?;
     let mut metrics = MetricsWriter::open(&cfg.out, resumed_at)?;

@@ -116,6 +116,12 @@ impl StepAcc {
             self.seqs_total as f64,
             self.flops_paper,
             self.nonfinite.map_or(0.0, |_| 1.0),
+            self.kind_kept[0] as f64,
+            self.kind_kept[1] as f64,
+            self.kind_kept[2] as f64,
+            self.kind_total[0] as f64,
+            self.kind_total[1] as f64,
+            self.kind_total[2] as f64,
         ];
         c.all_reduce_sum_f64(&mut v)?;
         self.loss_sum = v[0];
@@ -126,6 +132,10 @@ impl StepAcc {
         self.seqs_kept = v[5] as u64;
         self.seqs_total = v[6] as u64;
         self.flops_paper = v[7];
+        for i in 0..3 {
+            self.kind_kept[i] = v[9 + i] as u64;
+            self.kind_total[i] = v[12 + i] as u64;
+        }
         if v[8] > 0.0 && self.nonfinite.is_none() {
             self.nonfinite = Some(f32::NAN);
         }
@@ -257,10 +267,26 @@ impl Trainer {
                 self.model.vocab_size()
             )));
         }
+        let (rank, world) = (self.collective.rank(), self.collective.world_size());
+        if state.world_size != world {
+            return Err(TrainError::Checkpoint(format!(
+                "--resume: {} was written by {} rank(s), this job has {world}; the data order and per-rank \
+                 state depend on the world size; HINT: resume with `mpirun -np {}`",
+                dir.display(),
+                state.world_size,
+                state.world_size
+            )));
+        }
         self.model.load_model(&dir)?;
         self.model.load_optimizer(&dir)?;
-        self.data.train.loader.restore(&state.loader)?;
-        self.policy.restore(&state.policy)?;
+        // Every rank shares rank 0's position (ranks take equal shares of each epoch) at its own rank.
+        let loader = eslm_data::LoaderState {
+            rank,
+            ..state.loader.clone()
+        };
+        self.data.train.loader.restore(&loader)?;
+        self.policy
+            .restore(state.rank_policies.get(rank).unwrap_or(&state.policy))?;
         self.step = state.step;
         self.tokens = state.tokens;
         self.flops_paper = state.flops_paper;
@@ -286,20 +312,64 @@ impl Trainer {
             policy,
             vocab_size: self.model.vocab_size(),
             config: self.cfg.clone(),
+            world_size: self.collective.world_size(),
+            rank_policies: Vec::new(),
         }
     }
 
-    /// Writes a checkpoint of the current state.
+    /// Writes the checkpoint of `state` (every rank calls it): with several ranks the policy states of all ranks
+    /// are gathered, rank 0 writes (the parameters and optimizer state are identical on every rank) and the
+    /// others wait at a barrier, so no rank runs ahead of a checkpoint that is not on disk yet.
+    fn save_state(&self, mut state: TrainerState) -> Result<PathBuf> {
+        let c = self.collective.as_ref();
+        if c.world_size() > 1 {
+            state.rank_policies = crate::distributed::all_gather_json(c, &state.policy)?;
+        }
+        let dir = if c.is_root() {
+            save_checkpoint(
+                &self.cfg.out,
+                self.model.as_ref(),
+                &state,
+                self.cfg.keep_last,
+            )?
+        } else {
+            crate::checkpoint::checkpoints_dir(&self.cfg.out)
+                .join(crate::checkpoint::checkpoint_name(state.step))
+        };
+        c.barrier()?;
+        Ok(dir)
+    }
+
+    /// Writes a checkpoint of the current state (with several ranks: every rank calls it, rank 0 writes).
     pub fn checkpoint(&mut self) -> Result<PathBuf> {
         let state = self.trainer_state(self.data.train.loader.state(), self.policy.state());
-        let dir = save_checkpoint(
-            &self.cfg.out,
-            self.model.as_ref(),
-            &state,
-            self.cfg.keep_last,
-        )?;
+        let dir = self.save_state(state)?;
         self.last_checkpoint = Some(dir.clone());
         Ok(dir)
+    }
+
+    /// Training tokens per optimizer step over all ranks (ranks × B·T·grad_accum).
+    fn tokens_per_step(&self) -> u64 {
+        self.cfg.tokens_per_step() * self.collective.world_size() as u64
+    }
+
+    /// The run's config as the step count and LR schedule see it: `--token-budget` counts the tokens of all
+    /// ranks, so each step consumes ranks × B·T·grad_accum of it.
+    fn schedule_config(&self) -> RunConfig {
+        let mut c = self.cfg.clone();
+        let world = self.collective.world_size() as u64;
+        c.token_budget = c.token_budget.map(|b| b.div_ceil(world));
+        c
+    }
+
+    /// Whether to stop after this step: the stop flag (Ctrl-C / SIGTERM) of any rank, agreed by a sum over
+    /// ranks (every rank calls this once per step, so all stop after the same step).
+    fn stop_requested(&self) -> Result<bool> {
+        let local = self.stop.load(Ordering::SeqCst);
+        if self.collective.world_size() == 1 {
+            return Ok(local);
+        }
+        Ok(self.collective.sum_f64(if local { 1.0 } else { 0.0 })? > 0.0)
     }
 
     /// Mean CE of the model on the validation set (up to `cfg.eval_batches` batches).
@@ -568,14 +638,15 @@ impl Trainer {
         let alpha = self.policy.alpha();
         match alpha {
             Some(a)
-                if self.cfg.quantile_scope == QuantileScope::Global && self.cfg.grad_accum > 1 =>
+                if self.cfg.quantile_scope == QuantileScope::Global
+                    && (self.cfg.grad_accum > 1 || self.collective.world_size() > 1) =>
             {
                 self.global_scope(a, &mut acc)?
             }
             _ => self.micro_scope(&mut acc)?,
         }
         acc.reduce(self.collective.as_ref())?;
-        let lr = self.cfg.lr_at(self.step);
+        let lr = self.schedule_config().lr_at(self.step);
         let mut grad_norm = f32::NAN;
         if acc.nonfinite.is_none() {
             self.model.reduce_grads(self.collective.as_ref())?;
@@ -591,12 +662,7 @@ impl Trainer {
                 // The weights are those after the previous step (the engine does not update on a non-finite
                 // gradient): checkpoint them with the data position and policy state from before this step.
                 let state = self.trainer_state(loader_before, policy_before);
-                let dir = save_checkpoint(
-                    &self.cfg.out,
-                    self.model.as_ref(),
-                    &state,
-                    self.cfg.keep_last,
-                )?;
+                let dir = self.save_state(state)?;
                 return Err(TrainError::NonFinite {
                     step: self.step + 1,
                     loss: bad,
@@ -612,9 +678,12 @@ impl Trainer {
             )?;
         }
         let dt = t0.elapsed().as_secs_f64();
-        let realized = self.model.realized_flops().saturating_sub(realized_before) as f64;
+        let mut realized = self.model.realized_flops().saturating_sub(realized_before) as f64;
+        if self.collective.world_size() > 1 {
+            realized = self.collective.sum_f64(realized)?;
+        }
         self.step += 1;
-        self.tokens += self.cfg.tokens_per_step();
+        self.tokens += self.tokens_per_step();
         self.wall_s += dt;
         self.flops_paper += acc.flops_paper;
         self.flops_realized += realized;
@@ -668,7 +737,7 @@ impl Trainer {
             sequence_fraction: ratio(acc.seqs_kept as f64, acc.seqs_total as f64),
             grad_norm,
             step_time_s: dt,
-            tokens_per_s: self.cfg.tokens_per_step() as f64 / dt.max(1e-12),
+            tokens_per_s: self.tokens_per_step() as f64 / dt.max(1e-12),
             tokens: self.tokens,
             flops_paper: acc.flops_paper,
             flops_realized: realized,
@@ -697,14 +766,17 @@ impl Trainer {
     }
 
     /// Runs to `cfg.total_steps()` (or until the stop flag is set), writing metrics, evaluations and checkpoints.
+    /// With several ranks every rank runs this loop in lockstep (each evaluates the whole validation set, so the
+    /// results are identical on every rank); pass rank 0 the real `metrics` and the others
+    /// [`MetricsWriter::discard`].
     pub fn run(&mut self, metrics: &mut MetricsWriter) -> Result<TrainSummary> {
-        let total = self.cfg.total_steps();
+        let total = self.schedule_config().total_steps();
         let fresh = self.step == 0;
         let val_before = self.evaluate()?;
         if let (true, Some(r)) = (fresh, &val_before) {
             metrics.write(&self.eval_record(r))?;
         }
-        let bar = if self.cfg.progress {
+        let bar = if self.cfg.progress && self.collective.is_root() {
             let pb = indicatif::ProgressBar::new(total);
             pb.set_style(
                 indicatif::ProgressStyle::with_template(
@@ -747,7 +819,7 @@ impl Trainer {
                 kept_sum += rec.kept_fraction;
             }
             time_sum += rec.step_time_s;
-            tokens_sum += self.cfg.tokens_per_step();
+            tokens_sum += self.tokens_per_step();
             if let (Some(acc), Some(k)) = (summary.kind_kept.as_mut(), rec.kind_kept) {
                 (0..3).for_each(|i| acc[i] += k[i]);
             }
@@ -775,7 +847,7 @@ impl Trainer {
             {
                 self.checkpoint()?;
             }
-            if !done && self.stop.load(Ordering::SeqCst) {
+            if !done && self.stop_requested()? {
                 summary.interrupted = true;
                 break;
             }
