@@ -16,7 +16,10 @@ fn main() -> Result<(), CollectiveError> {
     let mut f: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 + rank as f32).collect();
     c.all_reduce_sum_f32(&mut f)?;
     let ranks_sum = (world * (world - 1) / 2) as f32;
-    if f.iter().enumerate().any(|(i, &x)| x != world as f32 * (i % 1000) as f32 + ranks_sum) {
+    if f.iter()
+        .enumerate()
+        .any(|(i, &x)| x != world as f32 * (i % 1000) as f32 + ranks_sum)
+    {
         return Err(mismatch("f32 sum"));
     }
     let mut u = vec![rank as u32 + 1; 4096];
