@@ -5,8 +5,8 @@
 //!   single-buffer `select`, with ties, `±0`, `±inf`, NaN in masked rows, NaN in a valid row on one rank (the
 //!   same `NanScores` error on every rank), empty ranks, and no valid row anywhere.
 //! - `mpi_check parity DIR`: 2 ranks × B/2 against 1 rank × B (each rank trains the single-process reference
-//!   itself): per-step losses within 1e-5, identical kept counts, for clm, eslm (loss, entropy; global scope),
-//!   ada-eslm (global) on the bigram model and eslm on a tiny GPT-2; for random, what is meaningful with per-rank
+//!   itself): per-step losses within 1e-5, identical kept counts, for clm, eslm (loss, entropy; global scope;
+//!   also with 2 micro-batches per step), ada-eslm (global) on the bigram model and eslm and clm on a tiny GPT-2; for random, what is meaningful with per-rank
 //!   streams: the first step's loss (before any update) equal to the reference, exactly ⌈keep·M⌉ tokens kept
 //!   every step, two 2-rank runs bitwise identical, and the ranks' RNG streams different.
 //! - `mpi_check resume DIR`: at 2 ranks, a run resumed from its step-4 checkpoint repeats the uninterrupted
@@ -288,6 +288,8 @@ struct ParityCase {
     score: ScoreKind,
     scope: QuantileScope,
     gpt: bool,
+    /// Micro-batches per step (the global scope then takes two passes).
+    accum: usize,
 }
 
 fn check_parity(c: Arc<dyn Collective>, dir: &Path, report: &mut Report) -> Result<()> {
@@ -303,6 +305,7 @@ fn check_parity(c: Arc<dyn Collective>, dir: &Path, report: &mut Report) -> Resu
             score: ScoreKind::Loss,
             scope: QuantileScope::Micro,
             gpt: false,
+            accum: 1,
         },
         ParityCase {
             name: "eslm-loss",
@@ -310,6 +313,7 @@ fn check_parity(c: Arc<dyn Collective>, dir: &Path, report: &mut Report) -> Resu
             score: ScoreKind::Loss,
             scope: QuantileScope::Global,
             gpt: false,
+            accum: 1,
         },
         ParityCase {
             name: "eslm-entropy",
@@ -317,6 +321,7 @@ fn check_parity(c: Arc<dyn Collective>, dir: &Path, report: &mut Report) -> Resu
             score: ScoreKind::Entropy,
             scope: QuantileScope::Global,
             gpt: false,
+            accum: 1,
         },
         ParityCase {
             name: "ada-eslm",
@@ -324,6 +329,7 @@ fn check_parity(c: Arc<dyn Collective>, dir: &Path, report: &mut Report) -> Resu
             score: ScoreKind::Loss,
             scope: QuantileScope::Global,
             gpt: false,
+            accum: 1,
         },
         ParityCase {
             name: "gpt2-eslm-loss",
@@ -331,6 +337,7 @@ fn check_parity(c: Arc<dyn Collective>, dir: &Path, report: &mut Report) -> Resu
             score: ScoreKind::Loss,
             scope: QuantileScope::Global,
             gpt: true,
+            accum: 1,
         },
         ParityCase {
             name: "gpt2-clm",
@@ -338,6 +345,15 @@ fn check_parity(c: Arc<dyn Collective>, dir: &Path, report: &mut Report) -> Resu
             score: ScoreKind::Loss,
             scope: QuantileScope::Micro,
             gpt: true,
+            accum: 1,
+        },
+        ParityCase {
+            name: "eslm-loss-accum2",
+            select: PolicyKind::Eslm,
+            score: ScoreKind::Loss,
+            scope: QuantileScope::Global,
+            gpt: false,
+            accum: 2,
         },
     ];
     let steps = 8;
@@ -353,9 +369,11 @@ fn check_parity(c: Arc<dyn Collective>, dir: &Path, report: &mut Report) -> Resu
         );
         reference.score = Some(case.score);
         reference.quantile_scope = Some(case.scope);
+        reference.grad_accum = Some(case.accum);
+        reference.batch_size = Some(b / case.accum);
         let mut dist = reference.clone();
         dist.out = Some(dir.join(name).join("dist"));
-        dist.batch_size = Some(b / world);
+        dist.batch_size = Some(b / case.accum / world);
         let r = train(&reference, Arc::new(SingleProcess))?;
         let d = train(&dist, c.clone())?;
         let (rs, ds) = (

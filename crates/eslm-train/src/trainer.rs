@@ -495,8 +495,18 @@ impl Trainer {
 
     /// Forward, selection, kept-row loss gradient and sparse backward of one micro-batch, all in the engine.
     fn train_micro(&mut self, micro: &Micro, rule: KeepRule<'_>, acc: &mut StepAcc) -> Result<()> {
+        match self.forward_micro(micro, acc)? {
+            Some(valid_here) => self.backward_micro(micro, rule, valid_here, acc),
+            None => Ok(()),
+        }
+    }
+
+    /// The training forward of a micro-batch: its statistics into `self.stats`, its all-token loss into `acc`.
+    /// Returns the number of valid rows, or `None` when there is nothing to select (an empty micro-batch, no
+    /// valid row, or a non-finite loss, recorded in `acc`).
+    fn forward_micro(&mut self, micro: &Micro, acc: &mut StepAcc) -> Result<Option<usize>> {
         if micro.b == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let (b, t, n) = (micro.b, micro.t, micro.b * micro.t);
         let fwd_flops = self.model.paper_forward_flops_per_token(None);
@@ -506,7 +516,7 @@ impl Trainer {
         acc.flops_paper += n as f64 * fwd_flops;
         if let Some(bad) = nonfinite_mean(&self.stats) {
             acc.nonfinite = Some(bad);
-            return Ok(());
+            return Ok(None);
         }
         for (l, &v) in self.stats.loss.iter().zip(&self.stats.valid) {
             if v {
@@ -515,9 +525,19 @@ impl Trainer {
             }
         }
         let valid_here = self.stats.num_valid();
-        if valid_here == 0 {
-            return Ok(());
-        }
+        Ok((valid_here > 0).then_some(valid_here))
+    }
+
+    /// Selection, kept-row loss gradient and sparse backward of the micro-batch just forwarded by
+    /// [`Trainer::forward_micro`] (`valid_here` valid rows).
+    fn backward_micro(
+        &mut self,
+        micro: &Micro,
+        rule: KeepRule<'_>,
+        valid_here: usize,
+        acc: &mut StepAcc,
+    ) -> Result<()> {
+        let fwd_flops = self.model.paper_forward_flops_per_token(None);
         let (scores, keep, divisor) = match rule {
             KeepRule::Micro => {
                 let scores = self.scores_of_micro(micro)?.to_vec();
@@ -579,20 +599,42 @@ impl Trainer {
 
     /// Global scope: pass 1 scores every micro-batch (no backward); the exact VaR threshold over every micro-batch
     /// of every rank comes from histograms reduced through the collective; the kept count is summed over ranks
-    /// for the `1/K` normaliser; pass 2 back-propagates the kept rows.
+    /// for the `1/K` normaliser; pass 2 back-propagates the kept rows. With one micro-batch per step (several
+    /// ranks, no accumulation) the training forward is pass 1: no extra forward.
     fn global_scope(&mut self, alpha: f64, acc: &mut StepAcc) -> Result<()> {
+        if self.cfg.grad_accum == 1 {
+            let batch = self.data.train.loader.next_batch()?;
+            let micro = self.filter(&batch, acc)?;
+            let valid_here = self.forward_micro(&micro, acc)?;
+            let (scores, valid) = match valid_here {
+                Some(_) => (
+                    self.scores_of_micro(&micro)?.to_vec(),
+                    self.stats.valid.clone(),
+                ),
+                None => (Vec::new(), Vec::new()),
+            };
+            let part = [ScorePart {
+                scores: &scores,
+                valid: Some(&valid),
+            }];
+            if let (Some((threshold, divisor)), Some(v)) =
+                (self.agree_threshold(alpha, &part, acc)?, valid_here)
+            {
+                let rule = KeepRule::Global {
+                    scores: &scores,
+                    threshold,
+                    divisor,
+                };
+                self.backward_micro(&micro, rule, v, acc)?;
+            }
+            return Ok(());
+        }
         let mut micros = Vec::with_capacity(self.cfg.grad_accum);
         for _ in 0..self.cfg.grad_accum {
             let batch = self.data.train.loader.next_batch()?;
             let micro = self.filter(&batch, acc)?;
             let (scores, valid) = self.score_micro(&micro, acc)?;
             micros.push((micro, scores, valid));
-        }
-        let coll = self.collective.clone();
-        let bad = coll.sum_f64(acc.nonfinite.map_or(0.0, |_| 1.0))?;
-        if bad > 0.0 {
-            acc.nonfinite.get_or_insert(f32::NAN);
-            return Ok(());
         }
         let parts: Vec<ScorePart> = micros
             .iter()
@@ -601,10 +643,39 @@ impl Trainer {
                 valid: Some(v),
             })
             .collect();
+        let Some((threshold, divisor)) = self.agree_threshold(alpha, &parts, acc)? else {
+            return Ok(());
+        };
+        for (micro, scores, _) in &micros {
+            let rule = KeepRule::Global {
+                scores,
+                threshold,
+                divisor,
+            };
+            self.train_micro(micro, rule, acc)?;
+        }
+        Ok(())
+    }
+
+    /// The ranks' agreement of the global scope over this rank's scored `parts`: a non-finite loss anywhere
+    /// (then `None`, recorded in `acc`), else the exact VaR threshold at `alpha` over every rank's valid rows and
+    /// the loss divisor from the kept count summed over ranks. `None` too when no rank has a valid row.
+    fn agree_threshold(
+        &self,
+        alpha: f64,
+        parts: &[ScorePart<'_>],
+        acc: &mut StepAcc,
+    ) -> Result<Option<(f32, f64)>> {
+        let coll = self.collective.as_ref();
+        let bad = coll.sum_f64(acc.nonfinite.map_or(0.0, |_| 1.0))?;
+        if bad > 0.0 {
+            acc.nonfinite.get_or_insert(f32::NAN);
+            return Ok(None);
+        }
         let mut reduce = |h: &mut [u32]| coll.all_reduce_sum_u32(h).map_err(|e| e.to_string());
-        let g = match global_threshold(&parts, alpha, &mut reduce) {
+        let g = match global_threshold(parts, alpha, &mut reduce) {
             Ok(g) => g,
-            Err(KernelError::NoValidRows) => return Ok(()), // every target ignored on every rank
+            Err(KernelError::NoValidRows) => return Ok(None), // every target ignored on every rank
             Err(e) => return Err(e.into()),
         };
         let local_kept = parts
@@ -613,16 +684,7 @@ impl Trainer {
             .filter(|(&s, &v)| v && s >= g.threshold)
             .count();
         let kept = coll.sum_f64(local_kept as f64)? as usize;
-        let divisor = self.policy.normaliser(kept, g.valid);
-        for (micro, scores, _) in &micros {
-            let rule = KeepRule::Global {
-                scores,
-                threshold: g.threshold,
-                divisor,
-            };
-            self.train_micro(micro, rule, acc)?;
-        }
-        Ok(())
+        Ok(Some((g.threshold, self.policy.normaliser(kept, g.valid))))
     }
 
     /// One optimizer step: the micro-batches (forward, selection, backward of the kept rows), the gradient
