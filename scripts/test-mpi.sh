@@ -6,7 +6,7 @@
 #   3. 2 ranks × B/2 against 1 rank × B: per-step losses within 1e-5 and identical kept counts (clm, eslm loss and
 #      entropy, ada-eslm, a tiny GPT-2), and the meaningful properties of random (per-rank streams);
 #   4. resume from a checkpoint at 2 ranks is bitwise; resuming on another world size is refused;
-#   5. SIGINT to one rank stops every rank after the same step with a checkpoint (exit 0);
+#   5. SIGINT or SIGTERM to one rank stops every rank after the same step with a checkpoint (exit 0);
 #   6. SIGKILL of one rank ends the whole job with an error within a timeout (no rank hangs).
 # Needs mpicc/mpirun (Debian: libopenmpi-dev openmpi-bin) and libclang (bindgen). Run from anywhere.
 set -euo pipefail
@@ -58,20 +58,21 @@ grep -q "written by 2 rank(s), this job has 1" "$WORK/ws.err" || { cat "$WORK/ws
 timeout "$TIMEOUT" "${MPIRUN[@]}" "$BIN" "${TRAIN[@]}" --steps 6 --resume --out "$WORK/ws" >/dev/null
 [ "$(grep -c '"kind":"step"' "$WORK/ws/metrics.jsonl")" = 6 ] || fail "the 2-rank resume did not reach step 6"
 
-# Starts a long 2-rank run in the background; sets MPIRUN_PID and RANK1_PID once rank 0 has logged a few steps.
+# Starts a long 2-rank run in the background; sets MPIRUN_PID and RANK_PID[r] once rank 0 has logged a few steps.
 start_long_run() {
   local out="$1"
   "${MPIRUN[@]}" "$BIN" "${TRAIN[@]}" --steps 100000000 --out "$out" >"$out.log" 2>&1 &
   MPIRUN_PID=$!
-  RANK1_PID=""
+  RANK_PID=()
   for _ in $(seq 1 300); do
     sleep 0.1
     if [ -f "$out/metrics.jsonl" ] && [ "$(grep -c '"kind":"step"' "$out/metrics.jsonl")" -ge 5 ]; then break; fi
   done
   for p in $(pgrep -P "$MPIRUN_PID"); do
-    if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx 'OMPI_COMM_WORLD_RANK=1'; then RANK1_PID="$p"; fi
+    r=$(tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | sed -n 's/^OMPI_COMM_WORLD_RANK=//p')
+    [ -n "$r" ] && RANK_PID[$r]="$p"
   done
-  [ -n "$RANK1_PID" ] || { cat "$out.log"; fail "rank 1 of mpirun $MPIRUN_PID not found"; }
+  [ -n "${RANK_PID[0]:-}" ] && [ -n "${RANK_PID[1]:-}" ] || { cat "$out.log"; fail "ranks of mpirun $MPIRUN_PID not found"; }
 }
 
 # Waits for mpirun up to $TIMEOUT seconds; sets RC (124: it hung and was killed).
@@ -87,20 +88,24 @@ wait_mpirun() {
   MPIRUN_PID=""
 }
 
-step "SIGINT to rank 1 stops both ranks after the same step, with a checkpoint"
-start_long_run "$WORK/stop"
-kill -INT "$RANK1_PID"
-wait_mpirun
-[ "$RC" = 0 ] || { cat "$WORK/stop.log"; fail "mpirun exited with $RC after SIGINT to rank 1"; }
-grep -q "interrupted at step" "$WORK/stop.log" || fail "rank 0 did not report the interruption"
-last=$(grep '"kind":"step"' "$WORK/stop/metrics.jsonl" | tail -n 1 | sed 's/.*"step":\([0-9]*\).*/\1/')
-[ -d "$WORK/stop/checkpoints/step_$(printf %08d "$last")" ] || fail "no checkpoint at the last step $last"
-echo "stopped at step $last with a checkpoint"
+for sig_rank in "INT 1" "TERM 0"; do
+  read -r sig rank <<<"$sig_rank"
+  step "SIG$sig to rank $rank stops both ranks after the same step, with a checkpoint"
+  out="$WORK/stop-$sig"
+  start_long_run "$out"
+  kill "-$sig" "${RANK_PID[$rank]}"
+  wait_mpirun
+  [ "$RC" = 0 ] || { cat "$out.log"; fail "mpirun exited with $RC after SIG$sig to rank $rank"; }
+  grep -q "interrupted at step" "$out.log" || fail "rank 0 did not report the interruption"
+  last=$(grep '"kind":"step"' "$out/metrics.jsonl" | tail -n 1 | sed 's/.*"step":\([0-9]*\).*/\1/')
+  [ -d "$out/checkpoints/step_$(printf %08d "$last")" ] || fail "no checkpoint at the last step $last"
+  echo "stopped at step $last with a checkpoint"
+done
 
 step "SIGKILL of rank 1 ends the job with an error within ${TIMEOUT}s"
 start_long_run "$WORK/kill"
 t0=$(date +%s)
-kill -KILL "$RANK1_PID"
+kill -KILL "${RANK_PID[1]}"
 wait_mpirun
 [ "$RC" != 124 ] || fail "the job hung after rank 1 was killed"
 [ "$RC" != 0 ] || fail "mpirun exited 0 after rank 1 was killed"
