@@ -12,7 +12,8 @@
 //! `(1/n)·Σ_{i∈K} ℓ_i` with `n = policy.normaliser(|K|, M)`, `|K|` and `M` summed over ranks. The global scope is
 //! exact (the same kept set as one big batch) and costs one extra forward per micro-batch; the micro scope is
 //! free but selects against a noisier, smaller sample. With `grad_accum = 1` on one rank both are identical and
-//! no extra pass runs.
+//! no extra pass runs; with `grad_accum = 1` on several ranks the global scope scores with the training forward
+//! (no extra pass). See [`crate::distributed`] for what else the ranks share.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
