@@ -11,10 +11,36 @@
 //!
 //! plus [`Collective::broadcast_bytes`] for start-up agreement (seeds, configs, a NCCL unique id).
 //!
-//! [`SingleProcess`] is the world of one rank: every reduction is the identity. Multi-rank implementations (MPI
-//! for CPU ranks, NCCL for GPU ranks) live behind cargo features so the default build needs neither.
+//! [`SingleProcess`] is the world of one rank: every reduction is the identity. Multi-rank implementations live
+//! behind cargo features so the default build needs neither: `MpiCollective` (feature `mpi`, CPU ranks over the
+//! system MPI; [`from_env`] picks it when `mpirun` / `srun` started the process). NCCL for GPU ranks does not
+//! exist yet.
 
 #![warn(missing_docs)]
+
+#[cfg(feature = "mpi")]
+pub mod mpi;
+#[cfg(feature = "mpi")]
+pub use crate::mpi::MpiCollective;
+
+/// The collective of this process: with the `mpi` feature, an MPI collective when an MPI launcher (`mpirun`,
+/// `mpiexec`, `srun`) started the process (MPI is initialised here; call this once per process); otherwise — and
+/// always without the feature — [`SingleProcess`].
+///
+/// ```
+/// let c = eslm_collective::from_env().unwrap(); // not under mpirun: one process
+/// assert_eq!(c.world_size(), 1);
+/// ```
+pub fn from_env() -> Result<std::sync::Arc<dyn Collective>> {
+    #[cfg(feature = "mpi")]
+    {
+        MpiCollective::from_env()
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        Ok(std::sync::Arc::new(SingleProcess))
+    }
+}
 
 /// Errors of a collective operation.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +83,12 @@ pub trait Collective: Send + Sync {
     fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<()>;
     /// Blocks until every rank reaches this call.
     fn barrier(&self) -> Result<()>;
+    /// Ends every rank of the job after an unrecoverable error on this one (MPI: `MPI_Abort`, then the process
+    /// exits with `code`), so that no peer waits forever in a collective. A single process has no peers: the
+    /// default returns and the caller exits as usual.
+    fn abort(&self, code: i32) {
+        let _ = code;
+    }
 
     /// Whether this rank writes shared outputs (metrics, checkpoints): rank 0.
     fn is_root(&self) -> bool {

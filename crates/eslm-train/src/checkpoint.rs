@@ -51,6 +51,17 @@ pub struct TrainerState {
     pub vocab_size: usize,
     /// The run configuration.
     pub config: RunConfig,
+    /// Data-parallel ranks of the run that wrote it (a resume needs the same number; 1 before this field).
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// With several ranks: the policy state of every rank, by rank (the random policy's stream differs per
+    /// rank); `policy` is rank 0's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_policies: Vec<serde_json::Value>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Writes `bytes` to `path` atomically: a temporary sibling file, fsync, rename, fsync of the directory.

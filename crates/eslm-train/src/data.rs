@@ -53,9 +53,18 @@ fn kinds_if_present(shards: &[ShardReader]) -> Option<KindTable> {
     KindTable::for_shards(shards).ok()
 }
 
-/// Opens the data of `cfg`.
+/// Opens the data of `cfg` for a single process.
 pub fn open_run_data(cfg: &RunConfig) -> Result<RunData> {
-    let loader_cfg = LoaderConfig::new(cfg.batch_size, cfg.seq_len).with_seed(cfg.seed);
+    open_run_data_for_rank(cfg, 0, 1)
+}
+
+/// Opens the data of `cfg` for rank `rank` of `world_size` data-parallel ranks: the training loader reads this
+/// rank's share of every epoch's window order (positions `rank, rank + R, …`; `--batch-size` rows per rank), the
+/// validation loader the whole validation set (every rank evaluates the same batches).
+pub fn open_run_data_for_rank(cfg: &RunConfig, rank: usize, world_size: usize) -> Result<RunData> {
+    let loader_cfg = LoaderConfig::new(cfg.batch_size, cfg.seq_len)
+        .with_seed(cfg.seed)
+        .with_rank(rank, world_size);
     let val_cfg = LoaderConfig::new(cfg.batch_size, cfg.seq_len).with_shuffle(false);
     match &cfg.train {
         None => {

@@ -8,7 +8,8 @@
 //! [`model`] (the engine seam) with [`engine`] (eslm-gpt2) and [`bigram`] (a test double), [`policy`] (one module
 //! per selection policy), [`trainer`] (the loop), [`metrics`] (metrics.jsonl), [`checkpoint`] (atomic
 //! checkpoints, exact resume), [`eval_tasks`] (HellaSwag / LAMBADA / ARC scoring), [`sample`] (generation),
-//! [`plot`] (run comparison charts), [`guard`] (divergence detection), [`outdir`] (the run-directory lock). `docs/trainer.md` documents every command.
+//! [`plot`] (run comparison charts), [`guard`] (divergence detection), [`outdir`] (the run-directory lock),
+//! [`distributed`] (data-parallel ranks over MPI). `docs/trainer.md` documents every command.
 
 #![warn(missing_docs)]
 
@@ -18,6 +19,7 @@ pub mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod engine;
 pub mod error;
 pub mod eval_cmd;

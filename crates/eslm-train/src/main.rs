@@ -125,7 +125,10 @@ fn install_stop() -> Result<Arc<AtomicBool>> {
 /// training run, so `train && eval` does not evaluate a half-trained model.
 fn train(args: TrainArgs) -> Result<ExitCode> {
     let stop = install_stop()?;
-    let summary = eslm_train::run::run_training(&args, stop)?;
+    // One rank of `mpirun`/`srun` with --features mpi (rank 0 prints the summary); otherwise one process.
+    let Some(summary) = eslm_train::distributed::train_from_env(&args, stop)? else {
+        return Ok(ExitCode::SUCCESS);
+    };
     print_summary(&summary);
     if summary.interrupted {
         eprintln!("interrupted: exit code 130 (resume with --resume)");

@@ -109,7 +109,8 @@ pub struct EvalRecord {
 #[derive(Debug)]
 pub struct MetricsWriter {
     path: PathBuf,
-    file: File,
+    /// `None`: a writer that drops every record ([`MetricsWriter::discard`]).
+    file: Option<File>,
 }
 
 impl MetricsWriter {
@@ -140,17 +141,32 @@ impl MetricsWriter {
             .append(true)
             .open(&path)
             .map_err(|e| TrainError::io(&path, e))?;
-        Ok(MetricsWriter { path, file })
+        Ok(MetricsWriter {
+            path,
+            file: Some(file),
+        })
+    }
+
+    /// A writer that drops every record: data-parallel ranks other than rank 0 (which writes `metrics.jsonl`)
+    /// train with one.
+    pub fn discard() -> Self {
+        MetricsWriter {
+            path: PathBuf::new(),
+            file: None,
+        }
     }
 
     /// Appends one record as a JSON line.
     pub fn write<T: Serialize>(&mut self, record: &T) -> Result<()> {
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
         let line = serde_json::to_string(record)?;
-        writeln!(self.file, "{line}").map_err(|e| TrainError::io(&self.path, e))?;
-        self.file.flush().map_err(|e| TrainError::io(&self.path, e))
+        writeln!(file, "{line}").map_err(|e| TrainError::io(&self.path, e))?;
+        file.flush().map_err(|e| TrainError::io(&self.path, e))
     }
 
-    /// The file's path.
+    /// The file's path (empty for [`MetricsWriter::discard`]).
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::checkpoint::{latest_checkpoint, load_trainer_state, recover_checkpoints};
 use crate::config::{Device, PolicyKind, RunConfig, TrainArgs};
-use crate::data::open_run_data;
+use crate::data::open_run_data_for_rank;
 use crate::error::{Result, TrainError};
 use crate::metrics::MetricsWriter;
 use crate::models::{build_model, build_policy};
@@ -156,6 +156,17 @@ pub fn inapplicable_flags(cfg: &RunConfig, args: &TrainArgs) -> Result<Vec<Strin
 
 /// Runs a training invocation. `stop` is the Ctrl-C / SIGTERM flag (checked after every step).
 pub fn run_training(args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
+    run_training_on(args, stop, Arc::new(eslm_collective::SingleProcess))
+}
+
+/// Runs a training invocation as one rank of the data-parallel job of `collective` (see [`crate::distributed`]):
+/// this rank's data shard and policy seed. Rank 0 owns the run directory (lock, recovery, the fresh-run check,
+/// `config.toml`, `metrics.jsonl`, checkpoints); the other ranks wait for it at a barrier.
+pub fn run_training_on(
+    args: &TrainArgs,
+    stop: Arc<AtomicBool>,
+    collective: Arc<dyn eslm_collective::Collective>,
+) -> Result<TrainSummary> {
     let pre = RunConfig::resolve(args)?;
     if pre.device == Device::Cuda {
         return Err(TrainError::CudaUnavailable);
@@ -166,24 +177,35 @@ pub fn run_training(args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainSumm
                 .into(),
         ));
     }
+    let (rank, world) = (collective.rank(), collective.world_size());
     // One trainer per run directory; held until this function returns (or the process dies).
-    let _lock = RunDirLock::acquire(&pre.out)?;
-    for action in recover_checkpoints(&pre.out)? {
-        eprintln!("{action}");
-    }
-    if !args.resume {
-        for p in claim_fresh(&pre.out, args.overwrite)? {
-            eprintln!("--overwrite: removed {}", p.display());
+    let _lock = if collective.is_root() {
+        let lock = RunDirLock::acquire(&pre.out)?;
+        for action in recover_checkpoints(&pre.out)? {
+            eprintln!("{action}");
+        }
+        if !args.resume {
+            for p in claim_fresh(&pre.out, args.overwrite)? {
+                eprintln!("--overwrite: removed {}", p.display());
+            }
+        }
+        Some(lock)
+    } else {
+        None
+    };
+    collective.barrier()?;
+    let (cfg, resumed_from) = resolve_config_from(args)?;
+    if collective.is_root() {
+        for w in inapplicable_flags(&cfg, args)? {
+            eprintln!("{w}");
         }
     }
-    let (cfg, resumed_from) = resolve_config_from(args)?;
-    for w in inapplicable_flags(&cfg, args)? {
-        eprintln!("{w}");
-    }
-    let data = open_run_data(&cfg)?;
+    let data = open_run_data_for_rank(&cfg, rank, world)?;
     let model = build_model(&cfg, data.vocab_size)?;
-    let policy = build_policy(&cfg, model.vocab_size())?;
-    let mut trainer = Trainer::new(cfg.clone(), model, policy, data, stop)?;
+    let policy_cfg = crate::distributed::policy_config(&cfg, rank);
+    let policy = build_policy(&policy_cfg, model.vocab_size())?;
+    let mut trainer =
+        Trainer::new(cfg.clone(), model, policy, data, stop)?.with_collective(collective.clone());
     let resumed_at = if args.resume {
         let step = trainer.resume()?;
         if let Some(dir) = &resumed_from {
@@ -193,6 +215,9 @@ pub fn run_training(args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainSumm
     } else {
         None
     };
+    if !collective.is_root() {
+        return trainer.run(&mut MetricsWriter::discard());
+    }
     let text = toml::to_string(&cfg).map_err(|e| TrainError::Config(e.to_string()))?;
     crate::checkpoint::write_atomic(&cfg.out.join("config.toml"), text.as_bytes())?;
     let mut metrics = MetricsWriter::open(&cfg.out, resumed_at)?;

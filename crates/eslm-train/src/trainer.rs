@@ -12,7 +12,8 @@
 //! `(1/n)·Σ_{i∈K} ℓ_i` with `n = policy.normaliser(|K|, M)`, `|K|` and `M` summed over ranks. The global scope is
 //! exact (the same kept set as one big batch) and costs one extra forward per micro-batch; the micro scope is
 //! free but selects against a noisier, smaller sample. With `grad_accum = 1` on one rank both are identical and
-//! no extra pass runs.
+//! no extra pass runs; with `grad_accum = 1` on several ranks the global scope scores with the training forward
+//! (no extra pass). See [`crate::distributed`] for what else the ranks share.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -120,6 +121,12 @@ impl StepAcc {
             self.seqs_total as f64,
             self.flops_paper,
             self.nonfinite.map_or(0.0, |_| 1.0),
+            self.kind_kept[0] as f64,
+            self.kind_kept[1] as f64,
+            self.kind_kept[2] as f64,
+            self.kind_total[0] as f64,
+            self.kind_total[1] as f64,
+            self.kind_total[2] as f64,
         ];
         c.all_reduce_sum_f64(&mut v)?;
         self.loss_sum = v[0];
@@ -130,6 +137,10 @@ impl StepAcc {
         self.seqs_kept = v[5] as u64;
         self.seqs_total = v[6] as u64;
         self.flops_paper = v[7];
+        for i in 0..3 {
+            self.kind_kept[i] = v[9 + i] as u64;
+            self.kind_total[i] = v[12 + i] as u64;
+        }
         if v[8] > 0.0 && self.nonfinite.is_none() {
             self.nonfinite = Some(f32::NAN);
         }
@@ -265,10 +276,26 @@ impl Trainer {
                 self.model.vocab_size()
             )));
         }
+        let (rank, world) = (self.collective.rank(), self.collective.world_size());
+        if state.world_size != world {
+            return Err(TrainError::Checkpoint(format!(
+                "--resume: {} was written by {} rank(s), this job has {world}; the data order and per-rank \
+                 state depend on the world size; HINT: resume with `mpirun -np {}`",
+                dir.display(),
+                state.world_size,
+                state.world_size
+            )));
+        }
         self.model.load_model(&dir)?;
         self.model.load_optimizer(&dir)?;
-        self.data.train.loader.restore(&state.loader)?;
-        self.policy.restore(&state.policy)?;
+        // Every rank shares rank 0's position (ranks take equal shares of each epoch) at its own rank.
+        let loader = eslm_data::LoaderState {
+            rank,
+            ..state.loader.clone()
+        };
+        self.data.train.loader.restore(&loader)?;
+        self.policy
+            .restore(state.rank_policies.get(rank).unwrap_or(&state.policy))?;
         self.step = state.step;
         self.tokens = state.tokens;
         self.flops_paper = state.flops_paper;
@@ -295,10 +322,37 @@ impl Trainer {
             policy,
             vocab_size: self.model.vocab_size(),
             config: self.cfg.clone(),
+            world_size: self.collective.world_size(),
+            rank_policies: Vec::new(),
         }
     }
 
-    /// Writes a checkpoint of the current state (nothing when the last checkpoint already holds this step).
+    /// Writes the checkpoint of `state` (every rank calls it): with several ranks the policy states of all ranks
+    /// are gathered, rank 0 writes (the parameters and optimizer state are identical on every rank) and the
+    /// others wait at a barrier, so no rank runs ahead of a checkpoint that is not on disk yet.
+    fn save_state(&self, mut state: TrainerState) -> Result<PathBuf> {
+        let c = self.collective.as_ref();
+        if c.world_size() > 1 {
+            state.rank_policies = crate::distributed::all_gather_json(c, &state.policy)?;
+        }
+        let dir = if c.is_root() {
+            crate::checkpoint::save_checkpoint_protecting(
+                &self.cfg.out,
+                self.model.as_ref(),
+                &state,
+                self.cfg.keep_last,
+                self.guard.protected(),
+            )?
+        } else {
+            crate::checkpoint::checkpoints_dir(&self.cfg.out)
+                .join(crate::checkpoint::checkpoint_name(state.step))
+        };
+        c.barrier()?;
+        Ok(dir)
+    }
+
+    /// Writes a checkpoint of the current state (nothing when the last checkpoint already holds this step; with
+    /// several ranks every rank calls it and rank 0 writes).
     pub fn checkpoint(&mut self) -> Result<PathBuf> {
         if let Some(dir) = self.last_checkpoint.as_ref().filter(|d| {
             d.ends_with(crate::checkpoint::checkpoint_name(self.step))
@@ -307,13 +361,7 @@ impl Trainer {
             return Ok(dir.clone());
         }
         let state = self.trainer_state(self.data.train.loader.state(), self.policy.state());
-        let dir = crate::checkpoint::save_checkpoint_protecting(
-            &self.cfg.out,
-            self.model.as_ref(),
-            &state,
-            self.cfg.keep_last,
-            self.guard.protected(),
-        )?;
+        let dir = self.save_state(state)?;
         self.guard.saved(self.step);
         self.last_checkpoint = Some(dir.clone());
         Ok(dir)
@@ -346,6 +394,48 @@ impl Trainer {
             },
             other => other,
         }
+    }
+
+    /// Training tokens per optimizer step over all ranks (ranks × B·T·grad_accum).
+    fn tokens_per_step(&self) -> u64 {
+        self.cfg.tokens_per_step() * self.collective.world_size() as u64
+    }
+
+    /// The run's config as the step count and LR schedule see it: `--token-budget` counts the tokens of all
+    /// ranks, so each step consumes ranks × B·T·grad_accum of it.
+    fn schedule_config(&self) -> RunConfig {
+        let mut c = self.cfg.clone();
+        let world = self.collective.world_size() as u64;
+        c.token_budget = c.token_budget.map(|b| b.div_ceil(world));
+        c
+    }
+
+    /// Whether to stop after this step: `(interrupt, time budget spent)`, each true when it is on any rank,
+    /// agreed by one sum over ranks (every rank calls this once per step, so all stop after the same step).
+    fn stop_flags(&self) -> Result<(bool, bool)> {
+        let local = [
+            self.stop.load(Ordering::SeqCst),
+            self.guard.time_up(self.wall_s),
+        ];
+        if self.collective.world_size() == 1 {
+            return Ok((local[0], local[1]));
+        }
+        let mut v = local.map(|b| if b { 1.0 } else { 0.0 });
+        self.collective.all_reduce_sum_f64(&mut v)?;
+        Ok((v[0] > 0.0, v[1] > 0.0))
+    }
+
+    /// The LR horizon under `--time-budget`, once estimated: the mean of the ranks' estimates (each rank
+    /// measures its own step time; the schedule must be the same on every rank).
+    fn agreed_horizon(&self, total: u64) -> Result<Option<u64>> {
+        let local = self.guard.estimate_horizon(self.step, self.wall_s, total);
+        let world = self.collective.world_size();
+        if world == 1 {
+            return Ok(local);
+        }
+        let mut v = [local.map_or(0.0, |h| h as f64), local.map_or(0.0, |_| 1.0)];
+        self.collective.all_reduce_sum_f64(&mut v)?;
+        Ok((v[1] > 0.0).then(|| (v[0] / v[1]).round() as u64))
     }
 
     /// Mean CE of the model on the validation set (up to `cfg.eval_batches` batches).
@@ -471,13 +561,23 @@ impl Trainer {
 
     /// Forward, selection, kept-row loss gradient and sparse backward of one micro-batch, all in the engine.
     fn train_micro(&mut self, micro: &Micro, rule: KeepRule<'_>, acc: &mut StepAcc) -> Result<()> {
-        if micro.b == 0 {
-            return Ok(());
-        }
-        if let KeepRule::Micro = rule {
+        if let (KeepRule::Micro, true) = (&rule, micro.b > 0) {
             if let Some(rows) = self.policy.rows_before_forward(&micro.targets)? {
                 return self.train_micro_rows(micro, &rows, acc);
             }
+        }
+        match self.forward_micro(micro, acc)? {
+            Some(valid_here) => self.backward_micro(micro, rule, valid_here, acc),
+            None => Ok(()),
+        }
+    }
+
+    /// The training forward of a micro-batch: its statistics into `self.stats`, its all-token loss into `acc`.
+    /// Returns the number of valid rows, or `None` when there is nothing to select (an empty micro-batch, no
+    /// valid row, or a non-finite loss, recorded in `acc`).
+    fn forward_micro(&mut self, micro: &Micro, acc: &mut StepAcc) -> Result<Option<usize>> {
+        if micro.b == 0 {
+            return Ok(None);
         }
         let (b, t, n) = (micro.b, micro.t, micro.b * micro.t);
         let fwd_flops = self.model.paper_forward_flops_per_token(None);
@@ -487,7 +587,7 @@ impl Trainer {
         acc.flops_paper += n as f64 * fwd_flops;
         if let Some(bad) = nonfinite_mean(&self.stats) {
             acc.nonfinite = Some(bad);
-            return Ok(());
+            return Ok(None);
         }
         for (l, &v) in self.stats.loss.iter().zip(&self.stats.valid) {
             if v {
@@ -496,9 +596,19 @@ impl Trainer {
             }
         }
         let valid_here = self.stats.num_valid();
-        if valid_here == 0 {
-            return Ok(());
-        }
+        Ok((valid_here > 0).then_some(valid_here))
+    }
+
+    /// Selection, kept-row loss gradient and sparse backward of the micro-batch just forwarded by
+    /// [`Trainer::forward_micro`] (`valid_here` valid rows).
+    fn backward_micro(
+        &mut self,
+        micro: &Micro,
+        rule: KeepRule<'_>,
+        valid_here: usize,
+        acc: &mut StepAcc,
+    ) -> Result<()> {
+        let fwd_flops = self.model.paper_forward_flops_per_token(None);
         let (scores, keep, divisor) = match rule {
             KeepRule::Micro => {
                 let scores = self.scores_of_micro(micro)?.to_vec();
@@ -601,20 +711,42 @@ impl Trainer {
 
     /// Global scope: pass 1 scores every micro-batch (no backward); the exact VaR threshold over every micro-batch
     /// of every rank comes from histograms reduced through the collective; the kept count is summed over ranks
-    /// for the `1/K` normaliser; pass 2 back-propagates the kept rows.
+    /// for the `1/K` normaliser; pass 2 back-propagates the kept rows. With one micro-batch per step (several
+    /// ranks, no accumulation) the training forward is pass 1: no extra forward.
     fn global_scope(&mut self, alpha: f64, acc: &mut StepAcc) -> Result<()> {
+        if self.cfg.grad_accum == 1 {
+            let batch = self.data.train.loader.next_batch()?;
+            let micro = self.filter(&batch, acc)?;
+            let valid_here = self.forward_micro(&micro, acc)?;
+            let (scores, valid) = match valid_here {
+                Some(_) => (
+                    self.scores_of_micro(&micro)?.to_vec(),
+                    self.stats.valid.clone(),
+                ),
+                None => (Vec::new(), Vec::new()),
+            };
+            let part = [ScorePart {
+                scores: &scores,
+                valid: Some(&valid),
+            }];
+            if let (Some((threshold, divisor)), Some(v)) =
+                (self.agree_threshold(alpha, &part, acc)?, valid_here)
+            {
+                let rule = KeepRule::Global {
+                    scores: &scores,
+                    threshold,
+                    divisor,
+                };
+                self.backward_micro(&micro, rule, v, acc)?;
+            }
+            return Ok(());
+        }
         let mut micros = Vec::with_capacity(self.cfg.grad_accum);
         for _ in 0..self.cfg.grad_accum {
             let batch = self.data.train.loader.next_batch()?;
             let micro = self.filter(&batch, acc)?;
             let (scores, valid) = self.score_micro(&micro, acc)?;
             micros.push((micro, scores, valid));
-        }
-        let coll = self.collective.clone();
-        let bad = coll.sum_f64(acc.nonfinite.map_or(0.0, |_| 1.0))?;
-        if bad > 0.0 {
-            acc.nonfinite.get_or_insert(f32::NAN);
-            return Ok(());
         }
         let parts: Vec<ScorePart> = micros
             .iter()
@@ -623,10 +755,39 @@ impl Trainer {
                 valid: Some(v),
             })
             .collect();
+        let Some((threshold, divisor)) = self.agree_threshold(alpha, &parts, acc)? else {
+            return Ok(());
+        };
+        for (micro, scores, _) in &micros {
+            let rule = KeepRule::Global {
+                scores,
+                threshold,
+                divisor,
+            };
+            self.train_micro(micro, rule, acc)?;
+        }
+        Ok(())
+    }
+
+    /// The ranks' agreement of the global scope over this rank's scored `parts`: a non-finite loss anywhere
+    /// (then `None`, recorded in `acc`), else the exact VaR threshold at `alpha` over every rank's valid rows and
+    /// the loss divisor from the kept count summed over ranks. `None` too when no rank has a valid row.
+    fn agree_threshold(
+        &self,
+        alpha: f64,
+        parts: &[ScorePart<'_>],
+        acc: &mut StepAcc,
+    ) -> Result<Option<(f32, f64)>> {
+        let coll = self.collective.as_ref();
+        let bad = coll.sum_f64(acc.nonfinite.map_or(0.0, |_| 1.0))?;
+        if bad > 0.0 {
+            acc.nonfinite.get_or_insert(f32::NAN);
+            return Ok(None);
+        }
         let mut reduce = |h: &mut [u32]| coll.all_reduce_sum_u32(h).map_err(|e| e.to_string());
-        let g = match global_threshold(&parts, alpha, &mut reduce) {
+        let g = match global_threshold(parts, alpha, &mut reduce) {
             Ok(g) => g,
-            Err(KernelError::NoValidRows) => return Ok(()), // every target ignored on every rank
+            Err(KernelError::NoValidRows) => return Ok(None), // every target ignored on every rank
             Err(e) => return Err(e.into()),
         };
         let local_kept = parts
@@ -635,16 +796,7 @@ impl Trainer {
             .filter(|(&s, &v)| v && s >= g.threshold)
             .count();
         let kept = coll.sum_f64(local_kept as f64)? as usize;
-        let divisor = self.policy.normaliser(kept, g.valid);
-        for (micro, scores, _) in &micros {
-            let rule = KeepRule::Global {
-                scores,
-                threshold: g.threshold,
-                divisor,
-            };
-            self.train_micro(micro, rule, acc)?;
-        }
-        Ok(())
+        Ok(Some((g.threshold, self.policy.normaliser(kept, g.valid))))
     }
 
     /// One optimizer step: the micro-batches (forward, selection, backward of the kept rows), the gradient
@@ -657,7 +809,9 @@ impl Trainer {
         self.model.zero_grad();
         self.policy.start_step(self.step);
         let alpha = self.policy.alpha();
-        let global = self.cfg.quantile_scope == QuantileScope::Global && self.cfg.grad_accum > 1;
+        let world = self.collective.world_size();
+        let global = self.cfg.quantile_scope == QuantileScope::Global
+            && (self.cfg.grad_accum > 1 || world > 1);
         match self.policy.keep() {
             Keep::Rule(SelectRule::Var { alpha }) if global => {
                 self.global_scope(alpha, &mut acc)?
@@ -665,7 +819,7 @@ impl Trainer {
             _ => self.micro_scope(&mut acc)?,
         }
         acc.reduce(self.collective.as_ref())?;
-        let lr = self.cfg.lr_at(self.step);
+        let lr = self.schedule_config().lr_at(self.step);
         let mut grad_norm = f32::NAN;
         if acc.nonfinite.is_none() {
             self.model.reduce_grads(self.collective.as_ref())?;
@@ -696,9 +850,12 @@ impl Trainer {
             )?;
         }
         let dt = t0.elapsed().as_secs_f64();
-        let realized = self.model.realized_flops().saturating_sub(realized_before) as f64;
+        let mut realized = self.model.realized_flops().saturating_sub(realized_before) as f64;
+        if self.collective.world_size() > 1 {
+            realized = self.collective.sum_f64(realized)?;
+        }
         self.step += 1;
-        self.tokens += self.cfg.tokens_per_step();
+        self.tokens += self.tokens_per_step();
         self.wall_s += dt;
         self.flops_paper += acc.flops_paper;
         self.flops_realized += realized;
@@ -752,7 +909,7 @@ impl Trainer {
             sequence_fraction: ratio(acc.seqs_kept as f64, acc.seqs_total as f64),
             grad_norm,
             step_time_s: dt,
-            tokens_per_s: self.cfg.tokens_per_step() as f64 / dt.max(1e-12),
+            tokens_per_s: self.tokens_per_step() as f64 / dt.max(1e-12),
             tokens: self.tokens,
             flops_paper: acc.flops_paper,
             flops_realized: realized,
@@ -781,14 +938,17 @@ impl Trainer {
     }
 
     /// Runs to `cfg.total_steps()` (or until the stop flag is set), writing metrics, evaluations and checkpoints.
+    /// With several ranks every rank runs this loop in lockstep (each evaluates the whole validation set, so the
+    /// results are identical on every rank); pass rank 0 the real `metrics` and the others
+    /// [`MetricsWriter::discard`].
     pub fn run(&mut self, metrics: &mut MetricsWriter) -> Result<TrainSummary> {
-        let total = self.cfg.total_steps();
+        let total = self.schedule_config().total_steps();
         let fresh = self.step == 0;
         let val_before = self.evaluate()?;
         if let (true, Some(r)) = (fresh, &val_before) {
             metrics.write(&self.eval_record(r))?;
         }
-        let bar = if self.cfg.progress {
+        let bar = if self.cfg.progress && self.collective.is_root() {
             let pb = indicatif::ProgressBar::new(total);
             pb.set_style(
                 indicatif::ProgressStyle::with_template(
@@ -840,7 +1000,7 @@ impl Trainer {
                     }));
                 }
             }
-            if let Some(h) = self.guard.estimate_horizon(self.step, self.wall_s, total) {
+            if let Some(h) = self.agreed_horizon(total)? {
                 self.cfg.lr_horizon = Some(h);
                 bar.println(format!(
                     "--time-budget: about {h} steps fit; the LR schedule now ends at step {h}"
@@ -857,7 +1017,7 @@ impl Trainer {
                 kept_sum += rec.kept_fraction;
             }
             time_sum += rec.step_time_s;
-            tokens_sum += self.cfg.tokens_per_step();
+            tokens_sum += self.tokens_per_step();
             if let (Some(acc), Some(k)) = (summary.kind_kept.as_mut(), rec.kind_kept) {
                 (0..3).for_each(|i| acc[i] += k[i]);
             }
@@ -885,13 +1045,16 @@ impl Trainer {
             {
                 self.checkpoint()?;
             }
-            if !done && self.stop.load(Ordering::SeqCst) {
-                summary.interrupted = true;
-                break;
-            }
-            if !done && self.guard.time_up(self.wall_s) {
-                summary.time_budget_reached = true;
-                break;
+            if !done {
+                let (interrupted, time_up) = self.stop_flags()?;
+                if interrupted {
+                    summary.interrupted = true;
+                    break;
+                }
+                if time_up {
+                    summary.time_budget_reached = true;
+                    break;
+                }
             }
         }
         bar.finish_and_clear();

@@ -168,6 +168,8 @@ fn resaving_a_step_keeps_a_complete_copy_at_every_moment() {
         policy: serde_json::Value::Null,
         vocab_size: 16,
         config: RunConfig::default(),
+        world_size: 1,
+        rank_policies: Vec::new(),
     };
     let first = save_checkpoint(out, &model, &state, 2).unwrap();
     let again = save_checkpoint(out, &model, &state, 2).unwrap();
@@ -284,6 +286,8 @@ fn a_failed_checkpoint_write_leaves_no_temporary_and_keeps_the_old_one() {
         policy: serde_json::Value::Null,
         vocab_size: 16,
         config: RunConfig::default(),
+        world_size: 1,
+        rank_policies: Vec::new(),
     };
     save_checkpoint(out, &BigramModel::new(16), &state, 1).unwrap();
     for step in [3, 4] {
