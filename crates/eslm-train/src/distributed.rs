@@ -70,17 +70,20 @@ pub fn collective_from_env() -> Result<Arc<dyn Collective>> {
 }
 
 /// `eslm-train train` as one rank of the job this process belongs to (see the module documentation). Returns
-/// the summary on rank 0 and `None` on the other ranks. With several ranks a failure never returns: the error
-/// is printed with the rank and every rank of the job is aborted (so none waits in a collective); a panic does
-/// the same.
-pub fn train_from_env(args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<Option<TrainSummary>> {
+/// the summary and whether this is the reporting rank (rank 0). With several ranks a failure never returns:
+/// the error is printed with the rank and every rank of the job is aborted (so none waits in a collective); a
+/// panic does the same.
+pub fn train_from_env(args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<RankOutcome> {
     let collective = collective_from_env()?;
     let (rank, world) = (collective.rank(), collective.world_size());
     if world > 1 {
         abort_on_panic();
     }
     match crate::run::run_training_on(args, stop, collective.clone()) {
-        Ok(summary) => Ok(collective.is_root().then_some(summary)),
+        Ok(summary) => Ok(RankOutcome {
+            summary,
+            root: collective.is_root(),
+        }),
         Err(e) if world > 1 => {
             eprintln!("eslm-train rank {rank}/{world}: error: {e}; aborting every rank");
             collective.abort(1);
@@ -88,6 +91,16 @@ pub fn train_from_env(args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<Option<
         }
         Err(e) => Err(e),
     }
+}
+
+/// What one rank's training returns: its summary (every rank's counters are the same, having been summed), and
+/// whether this rank is the one that reports (rank 0).
+#[derive(Debug, Clone)]
+pub struct RankOutcome {
+    /// The run's summary.
+    pub summary: TrainSummary,
+    /// Whether this rank prints it.
+    pub root: bool,
 }
 
 /// Makes a panic on this rank abort the whole job (after the usual panic message).

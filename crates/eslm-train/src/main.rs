@@ -126,12 +126,15 @@ fn install_stop() -> Result<Arc<AtomicBool>> {
 fn train(args: TrainArgs) -> Result<ExitCode> {
     let stop = install_stop()?;
     // One rank of `mpirun`/`srun` with --features mpi (rank 0 prints the summary); otherwise one process.
-    let Some(summary) = eslm_train::distributed::train_from_env(&args, stop)? else {
-        return Ok(ExitCode::SUCCESS);
-    };
-    print_summary(&summary);
-    if summary.interrupted {
-        eprintln!("interrupted: exit code 130 (resume with --resume)");
+    let outcome = eslm_train::distributed::train_from_env(&args, stop)?;
+    if outcome.root {
+        print_summary(&outcome.summary);
+    }
+    if outcome.summary.interrupted {
+        // Every rank exits 130 after an interrupt, as one process does.
+        if outcome.root {
+            eprintln!("interrupted: exit code 130 (resume with --resume)");
+        }
         return Ok(ExitCode::from(130));
     }
     Ok(ExitCode::SUCCESS)
