@@ -38,34 +38,7 @@ impl<'a, T: LogitElem> LogitsView<'a, T> {
     /// Requires `vocab ≥ 1`, `stride ≥ vocab` and `data.len() ≥ (rows − 1)·stride + vocab` (the last row's padding
     /// may be absent). `rows = 0` is allowed here; kernels that need rows report it themselves.
     pub fn new(data: &'a [T], rows: usize, vocab: usize, stride: usize) -> Result<Self> {
-        if vocab == 0 || stride < vocab {
-            return Err(KernelError::Shape {
-                what: "logits",
-                expected: "1 <= vocab <= stride".into(),
-                got: format!("vocab {vocab}, stride {stride}"),
-            });
-        }
-        let needed = if rows == 0 {
-            0
-        } else {
-            (rows - 1)
-                .checked_mul(stride)
-                .and_then(|x| x.checked_add(vocab))
-                .ok_or_else(|| KernelError::Shape {
-                    what: "logits",
-                    expected: "a size that fits in memory".into(),
-                    got: format!("{rows} rows of stride {stride}"),
-                })?
-        };
-        if data.len() < needed {
-            return Err(KernelError::Shape {
-                what: "logits",
-                expected: format!(
-                    "at least {needed} elements ({rows} rows, vocab {vocab}, stride {stride})"
-                ),
-                got: format!("{} elements", data.len()),
-            });
-        }
+        check_logits_shape(data.len(), rows, vocab, stride)?;
         Ok(Self {
             data,
             rows,
@@ -100,4 +73,47 @@ impl<'a, T: LogitElem> LogitsView<'a, T> {
     pub fn data(&self) -> &'a [T] {
         self.data
     }
+}
+
+/// Elements a `[rows, vocab]` matrix of row stride `stride` needs (the last row's padding may be absent).
+pub(crate) fn logits_len(rows: usize, vocab: usize, stride: usize) -> Result<usize> {
+    if vocab == 0 || stride < vocab {
+        return Err(KernelError::Shape {
+            what: "logits",
+            expected: "1 <= vocab <= stride".into(),
+            got: format!("vocab {vocab}, stride {stride}"),
+        });
+    }
+    if rows == 0 {
+        return Ok(0);
+    }
+    (rows - 1)
+        .checked_mul(stride)
+        .and_then(|x| x.checked_add(vocab))
+        .ok_or_else(|| KernelError::Shape {
+            what: "logits",
+            expected: "a size that fits in memory".into(),
+            got: format!("{rows} rows of stride {stride}"),
+        })
+}
+
+/// The one logits shape check, shared by the CPU view and the CUDA view: `1 ≤ vocab ≤ stride` and a buffer of
+/// `len` elements holding `rows` rows.
+pub(crate) fn check_logits_shape(
+    len: usize,
+    rows: usize,
+    vocab: usize,
+    stride: usize,
+) -> Result<()> {
+    let needed = logits_len(rows, vocab, stride)?;
+    if len < needed {
+        return Err(KernelError::Shape {
+            what: "logits",
+            expected: format!(
+                "at least {needed} elements ({rows} rows, vocab {vocab}, stride {stride})"
+            ),
+            got: format!("{len} elements"),
+        });
+    }
+    Ok(())
 }

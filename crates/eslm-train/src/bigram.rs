@@ -104,12 +104,7 @@ impl BigramModel {
                 inputs.len()
             )));
         }
-        if let Some(&id) = inputs.iter().find(|&&x| x as usize >= self.vocab) {
-            return Err(TrainError::TokenOutOfRange {
-                id,
-                vocab: self.vocab,
-            });
-        }
+        crate::error::check_tokens(inputs, self.vocab)?;
         Ok(())
     }
 

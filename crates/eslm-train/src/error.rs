@@ -96,3 +96,12 @@ impl TrainError {
 
 /// `Result` with [`TrainError`].
 pub type Result<T> = std::result::Result<T, TrainError>;
+
+/// The one token-range check of the trainer: every id in `ids` must be `< vocab`, else
+/// [`TrainError::TokenOutOfRange`] with the first offending id.
+pub fn check_tokens<'a>(ids: impl IntoIterator<Item = &'a u32>, vocab: usize) -> Result<()> {
+    match ids.into_iter().find(|&&x| x as usize >= vocab) {
+        Some(&id) => Err(TrainError::TokenOutOfRange { id, vocab }),
+        None => Ok(()),
+    }
+}

@@ -296,9 +296,7 @@ pub fn score_completion(
         })
         .collect();
     let vocab = model.vocab_size();
-    if let Some(&id) = all.iter().find(|&&x| x as usize >= vocab) {
-        return Err(TrainError::TokenOutOfRange { id, vocab });
-    }
+    crate::error::check_tokens(&all, vocab)?;
     stats.clone_from(model.forward_inference(inputs, &targets, 1, t, None)?);
     let mut logprob = 0.0;
     let mut greedy = true;

@@ -118,9 +118,7 @@ pub fn generate_with(
         )));
     }
     let vocab = model.vocab_size();
-    if let Some(&id) = prompt.iter().find(|&&x| x as usize >= vocab) {
-        return Err(TrainError::TokenOutOfRange { id, vocab });
-    }
+    crate::error::check_tokens(prompt, vocab)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut ids = prompt.to_vec();
     let max_t = model.max_seq_len().min(1 << 16);

@@ -449,14 +449,7 @@ impl Trainer {
     /// Filters the sequences of `batch` through the policy and returns the micro-batch to train on.
     fn filter(&mut self, batch: &Batch, acc: &mut StepAcc) -> Result<Micro> {
         let vocab = self.model.vocab_size();
-        if let Some(&id) = batch
-            .inputs
-            .iter()
-            .chain(&batch.targets)
-            .find(|&&x| x as usize >= vocab)
-        {
-            return Err(TrainError::TokenOutOfRange { id, vocab });
-        }
+        crate::error::check_tokens(batch.inputs.iter().chain(&batch.targets), vocab)?;
         let targets = to_i32(&batch.targets);
         let kinds = batch_kinds(self.data.train.kinds.as_ref(), batch)?;
         let (b, t) = (batch.b, batch.t);
@@ -1103,14 +1096,7 @@ pub fn evaluate(
     };
     for batch in val.loader.iter().take(limit) {
         let batch = batch?;
-        if let Some(&id) = batch
-            .inputs
-            .iter()
-            .chain(&batch.targets)
-            .find(|&&x| x as usize >= vocab)
-        {
-            return Err(TrainError::TokenOutOfRange { id, vocab });
-        }
+        crate::error::check_tokens(batch.inputs.iter().chain(&batch.targets), vocab)?;
         let targets = to_i32(&batch.targets);
         let stats = model.forward_inference(&batch.inputs, &targets, batch.b, batch.t, None)?;
         let kinds = batch_kinds(val.kinds.as_ref(), &batch)?;

@@ -133,16 +133,7 @@ impl<'a, T> DeviceLogits<'a, T> {
     /// # Errors
     /// [`KernelError::Shape`] if the rules above are broken.
     pub fn new(data: CudaView<'a, T>, rows: usize, vocab: usize, stride: usize) -> Result<Self> {
-        let needed = logits_len(rows, vocab, stride)?;
-        if data.len() < needed {
-            return Err(KernelError::Shape {
-                what: "logits",
-                expected: format!(
-                    "at least {needed} elements ({rows} rows, vocab {vocab}, stride {stride})"
-                ),
-                got: format!("{} elements", data.len()),
-            });
-        }
+        crate::layout::check_logits_shape(data.len(), rows, vocab, stride)?;
         Ok(Self {
             data,
             rows,
@@ -172,27 +163,7 @@ impl<'a, T> DeviceLogits<'a, T> {
     }
 }
 
-/// Elements a `[rows, vocab]` matrix of row stride `stride` needs (the last row's padding may be absent).
-pub(crate) fn logits_len(rows: usize, vocab: usize, stride: usize) -> Result<usize> {
-    if vocab == 0 || stride < vocab {
-        return Err(KernelError::Shape {
-            what: "logits",
-            expected: "1 <= vocab <= stride".into(),
-            got: format!("vocab {vocab}, stride {stride}"),
-        });
-    }
-    if rows == 0 {
-        return Ok(0);
-    }
-    (rows - 1)
-        .checked_mul(stride)
-        .and_then(|x| x.checked_add(vocab))
-        .ok_or_else(|| KernelError::Shape {
-            what: "logits",
-            expected: "a size that fits in memory".into(),
-            got: format!("{rows} rows of stride {stride}"),
-        })
-}
+pub(crate) use crate::layout::logits_len;
 
 /// The loaded kernels.
 #[derive(Debug)]
