@@ -167,26 +167,8 @@ impl<B: Backend> Gpt2<B> {
         let sel = &mut head.selection;
         match keep {
             Keep::Rule(rule) => self.backend.select(scores, valid, rule, sel)?,
-            Keep::AllValid | Keep::AtLeast(_) => {
-                let threshold = match keep {
-                    Keep::AtLeast(th) => th,
-                    _ => f32::NEG_INFINITY,
-                };
-                if let Some(row) = (0..n).find(|&i| valid[i] && scores[i].is_nan()) {
-                    return Err(eslm_kernels::KernelError::NanScore { row }.into());
-                }
-                sel.keep.clear();
-                sel.keep
-                    .extend((0..n).map(|i| valid[i] && scores[i] >= threshold));
-                sel.indices.clear();
-                sel.indices
-                    .extend((0..n).filter(|&i| sel.keep[i]).map(|i| i as u32));
-                sel.k = sel.indices.len();
-                sel.threshold = match keep {
-                    Keep::AtLeast(th) => th,
-                    _ => f32::NAN,
-                };
-            }
+            Keep::AllValid => keep_at_least(scores, valid, None, sel)?,
+            Keep::AtLeast(th) => keep_at_least(scores, valid, Some(th), sel)?,
         }
         Ok(&self.head.selection)
     }
@@ -332,4 +314,29 @@ impl<B: Backend> Gpt2<B> {
             .download(B::slice(logits.z, row * vp..row * vp + v), &mut out);
         Ok(out)
     }
+}
+
+/// The selection of the valid rows whose score is ≥ `threshold` (every valid row for `None`, reported with a NaN
+/// threshold), on host per-row vectors; NaN in a valid row's score is an error. Shared by the engine's
+/// [`Keep::AllValid`] / [`Keep::AtLeast`] and by test doubles.
+pub fn keep_at_least(
+    scores: &[f32],
+    valid: &[bool],
+    threshold: Option<f32>,
+    sel: &mut Selection,
+) -> Result<()> {
+    check_len("valid", valid.len(), scores.len())?;
+    if let Some(row) = (0..scores.len()).find(|&i| valid[i] && scores[i].is_nan()) {
+        return Err(eslm_kernels::KernelError::NanScore { row }.into());
+    }
+    let th = threshold.unwrap_or(f32::NEG_INFINITY);
+    sel.keep.clear();
+    sel.keep
+        .extend(scores.iter().zip(valid).map(|(&s, &v)| v && s >= th));
+    sel.indices.clear();
+    sel.indices
+        .extend((0..scores.len() as u32).filter(|&i| sel.keep[i as usize]));
+    sel.k = sel.indices.len();
+    sel.threshold = threshold.unwrap_or(f32::NAN);
+    Ok(())
 }

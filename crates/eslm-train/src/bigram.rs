@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use eslm_collective::Collective;
+use eslm_gpt2::loss_head::keep_at_least;
 use eslm_gpt2::optim::{adamw_update_slice, clip_coefficient, slice_norm, AdamWStep};
 use eslm_kernels::kd::kd_row;
 use eslm_kernels::select::select;
@@ -395,38 +396,12 @@ impl LanguageModel for BigramModel {
     }
 }
 
-/// The CPU selection rule shared by test doubles: [`Keep`] over `scores` among `valid` rows.
-pub fn select_rows(scores: &[f32], valid: &[bool], keep: Keep, out: &mut Selection) -> Result<()> {
-    if scores.len() != valid.len() {
-        return Err(TrainError::Model(format!(
-            "{} scores for {} rows",
-            scores.len(),
-            valid.len()
-        )));
-    }
+/// [`Keep`] over `scores` among `valid` rows, on the host.
+fn select_rows(scores: &[f32], valid: &[bool], keep: Keep, out: &mut Selection) -> Result<()> {
     match keep {
         Keep::Rule(rule) => select(scores, Some(valid), rule, out)?,
-        Keep::AllValid | Keep::AtLeast(_) => {
-            let th = match keep {
-                Keep::AtLeast(th) => th,
-                _ => f32::NEG_INFINITY,
-            };
-            if let Some(row) = (0..scores.len()).find(|&i| valid[i] && scores[i].is_nan()) {
-                return Err(eslm_kernels::KernelError::NanScore { row }.into());
-            }
-            out.keep.clear();
-            out.keep
-                .extend(scores.iter().zip(valid).map(|(&s, &v)| v && s >= th));
-            out.indices.clear();
-            out.indices
-                .extend((0..scores.len() as u32).filter(|&i| out.keep[i as usize]));
-            out.k = out.indices.len();
-            out.threshold = if th == f32::NEG_INFINITY {
-                f32::NAN
-            } else {
-                th
-            };
-        }
+        Keep::AllValid => keep_at_least(scores, valid, None, out)?,
+        Keep::AtLeast(th) => keep_at_least(scores, valid, Some(th), out)?,
     }
     Ok(())
 }

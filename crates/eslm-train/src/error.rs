@@ -105,3 +105,12 @@ pub fn check_tokens<'a>(ids: impl IntoIterator<Item = &'a u32>, vocab: usize) ->
         None => Ok(()),
     }
 }
+
+impl From<eslm_gpt2::Gpt2Error> for TrainError {
+    fn from(e: eslm_gpt2::Gpt2Error) -> Self {
+        match e {
+            eslm_gpt2::Gpt2Error::Kernel(k) => TrainError::Kernel(k),
+            other => TrainError::Model(other.to_string()),
+        }
+    }
+}
