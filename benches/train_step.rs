@@ -6,7 +6,10 @@
 //! - config S: GPT-2 124M (L=12, H=12, C=768), B=4, T=64
 //!
 //! inputs `(i·7919 + 13) mod V`, targets `(i·104729 + 5) mod V` over the flat batch; AdamW (β = 0.9/0.95,
-//! decay 0.1 on matrices and embeddings). CLM and ESLM steps alternate so that load changes on a shared machine hit
+//! decay 0.1 on matrices and embeddings, clip 1.0). The step is the trainer's own sequence of engine calls
+//! (`eslm_train::engine::Gpt2Model` through `LanguageModel`: forward + statistics → selection → CE gradient of
+//! the kept rows → row-sparse backward → gradient reduction → norm, clip and AdamW), so it measures what
+//! `eslm-train` runs. CLM and ESLM steps alternate so that load changes on a shared machine hit
 //! both alike; the median step time of each is reported, with tokens/s and the ESLM/CLM step-time ratio.
 //!
 //! `cargo bench --bench train_step -- [--configs T,S] [--steps 5] [--warmup 2] [--threads 2] [--keep 0.3]`
@@ -14,8 +17,11 @@
 
 use std::time::Instant;
 
-use eslm_gpt2::{AdamW, AdamWConfig, Gpt2, GptConfig, Selector, StepWorkspace, TokenScore};
+use eslm_collective::SingleProcess;
+use eslm_gpt2::GptConfig;
 use eslm_kernels::select::SelectRule;
+use eslm_train::engine::Gpt2Model;
+use eslm_train::model::{Keep, LanguageModel, LossSpec, OptimStep, ScoreSource};
 
 struct Args {
     configs: Vec<String>,
@@ -87,20 +93,23 @@ fn bench_config(name: &str, a: &Args) -> BenchResult<(usize, ModeResult, ModeRes
         other => return Err(format!("unknown config `{other}` (T or S)").into()),
     };
     let n = b * t;
-    let mut model = Gpt2::new(cfg, b, t, 0)?;
-    let mut opt = AdamW::new(AdamWConfig::default(), model.params())?;
-    let mut ws = StepWorkspace::new();
+    let mut model = Gpt2Model::new(cfg, b, t, 0)?;
     let inputs: Vec<u32> = (0..n)
         .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32)
         .collect();
     let targets: Vec<i32> = (0..n)
         .map(|i| ((i * 104729 + 5) % cfg.vocab_size) as i32)
         .collect();
-    let eslm = Selector::Select {
-        score: TokenScore::Loss,
-        rule: SelectRule::Var {
-            alpha: 1.0 - a.keep,
-        },
+    let eslm = Keep::Rule(SelectRule::Var {
+        alpha: 1.0 - a.keep,
+    });
+    let opt = OptimStep {
+        lr: 1e-4,
+        weight_decay: 0.1,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        grad_clip: 1.0,
     };
     let mut results: Vec<ModeResult> = (0..2)
         .map(|_| ModeResult {
@@ -111,18 +120,22 @@ fn bench_config(name: &str, a: &Args) -> BenchResult<(usize, ModeResult, ModeRes
         })
         .collect();
     for i in 0..a.warmup + a.steps {
-        for (r, sel) in results.iter_mut().zip([Selector::All, eslm]) {
+        for (r, keep) in results.iter_mut().zip([Keep::AllValid, eslm]) {
+            let flops_before = model.realized_flops();
             let t0 = Instant::now();
             model.zero_grad();
-            let rep = model.loss_and_backward(&mut ws, &inputs, &targets, b, t, sel)?;
-            let (p, g) = model.params_and_grads_mut();
-            opt.update(p, g, 1e-4)?;
+            model.forward(&inputs, &targets, b, t)?;
+            let k = model.select(ScoreSource::Loss, keep)?.indices.len();
+            model.loss_grad(LossSpec::CrossEntropy, 1.0 / k as f32)?;
+            model.backward()?;
+            model.reduce_grads(&SingleProcess)?;
+            model.optimizer_step(&opt)?;
             let dt = t0.elapsed().as_secs_f64();
             if i >= a.warmup {
                 r.times_s.push(dt);
             }
-            r.kept = rep.kept;
-            r.gflop = model.realized_flops().total() / 1e9;
+            r.kept = k;
+            r.gflop = (model.realized_flops() - flops_before) as f64 / 1e9;
         }
     }
     for r in &mut results {
