@@ -106,7 +106,7 @@ impl SelectionPolicy for Importance {
                 mean
             };
             a[i] = self.floor * mean + (1.0 - self.floor) * s;
-            if !(a[i] > 0.0) {
+            if a[i].is_nan() || a[i] <= 0.0 {
                 a[i] = f64::MIN_POSITIVE; // an all-zero batch still samples uniformly
             }
         }
