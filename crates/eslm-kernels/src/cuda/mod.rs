@@ -59,16 +59,46 @@ const FATBIN_SPARSE_CE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sparse
 /// (`eslm_gpt2::backend::cuda`): `(family, fatbin)`. Load one with
 /// `ctx.load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))`.
 pub const ENGINE_FATBINS: [(&str, &[u8]); 10] = [
-    ("encoder", include_bytes!(concat!(env!("OUT_DIR"), "/encoder.fatbin"))),
-    ("layernorm", include_bytes!(concat!(env!("OUT_DIR"), "/layernorm.fatbin"))),
-    ("gelu", include_bytes!(concat!(env!("OUT_DIR"), "/gelu.fatbin"))),
-    ("residual", include_bytes!(concat!(env!("OUT_DIR"), "/residual.fatbin"))),
-    ("rows", include_bytes!(concat!(env!("OUT_DIR"), "/rows.fatbin"))),
-    ("attention", include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin"))),
-    ("adamw", include_bytes!(concat!(env!("OUT_DIR"), "/adamw.fatbin"))),
-    ("global_norm", include_bytes!(concat!(env!("OUT_DIR"), "/global_norm.fatbin"))),
-    ("scale", include_bytes!(concat!(env!("OUT_DIR"), "/scale.fatbin"))),
-    ("linear", include_bytes!(concat!(env!("OUT_DIR"), "/linear.fatbin"))),
+    (
+        "encoder",
+        include_bytes!(concat!(env!("OUT_DIR"), "/encoder.fatbin")),
+    ),
+    (
+        "layernorm",
+        include_bytes!(concat!(env!("OUT_DIR"), "/layernorm.fatbin")),
+    ),
+    (
+        "gelu",
+        include_bytes!(concat!(env!("OUT_DIR"), "/gelu.fatbin")),
+    ),
+    (
+        "residual",
+        include_bytes!(concat!(env!("OUT_DIR"), "/residual.fatbin")),
+    ),
+    (
+        "rows",
+        include_bytes!(concat!(env!("OUT_DIR"), "/rows.fatbin")),
+    ),
+    (
+        "attention",
+        include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin")),
+    ),
+    (
+        "adamw",
+        include_bytes!(concat!(env!("OUT_DIR"), "/adamw.fatbin")),
+    ),
+    (
+        "global_norm",
+        include_bytes!(concat!(env!("OUT_DIR"), "/global_norm.fatbin")),
+    ),
+    (
+        "scale",
+        include_bytes!(concat!(env!("OUT_DIR"), "/scale.fatbin")),
+    ),
+    (
+        "linear",
+        include_bytes!(concat!(env!("OUT_DIR"), "/linear.fatbin")),
+    ),
 ];
 
 /// Block sizes of the engine's kernel families (`kernels/eslm_kernels.h`, the one definition; each kernel traps on
