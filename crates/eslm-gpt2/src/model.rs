@@ -718,6 +718,14 @@ impl<B: Backend> Gpt2<B> {
         host
     }
 
+    /// A host copy of the accumulated gradients (tests, debugging; the step never needs it).
+    pub fn grads_to_host(&self) -> ParamSet {
+        let mut host = ParamSet::zeros(&self.config);
+        self.backend
+            .download(B::view(self.grads.buf()), host.as_mut_slice());
+        host
+    }
+
     /// Replaces the parameters by the host set `params` (same config). Invalidates pending activations.
     pub fn load_params(&mut self, params: &ParamSet) -> Result<()> {
         if params.layout() != self.params.layout() {
