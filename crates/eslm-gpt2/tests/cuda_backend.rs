@@ -1,5 +1,5 @@
 //! The CUDA backend against the CPU backend (feature `cuda`). Every test opens GPU 0 and **skips with a printed
-//! message** where no CUDA driver loads (CI, the development machine); `scripts/gpu-check.sh` runs them on a GPU.
+//! message** (`skipping: no CUDA device for <test> (...)`; shown with `--nocapture`) where no CUDA driver loads (CI, the development machine); `scripts/gpu-check.sh` runs them on a GPU.
 //!
 //! Each op runs through one generic function on both backends ([`Backend`] is the seam) on random inputs, and the
 //! results are compared element by element with `|gpu − cpu| ≤ abs + rel·|cpu|`. Stated tolerances (f32 on both
@@ -32,7 +32,7 @@ fn gpu(test: &str) -> Option<Cuda> {
     match Cuda::new(0) {
         Ok(g) => Some(g),
         Err(e) => {
-            eprintln!("SKIPPED {test}: no usable CUDA device ({e})");
+            println!("skipping: no CUDA device for {test} ({e})");
             None
         }
     }
