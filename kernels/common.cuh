@@ -65,4 +65,39 @@ __device__ __forceinline__ uint64_t head_elems(const T* p) {
     return ((16u - ((uint64_t)p & 15u)) & 15u) / sizeof(T);
 }
 
+
+/* ---- helpers of the engine's kernels (encoder.cu ... global_norm.cu) ---- */
+
+/* Sum over the 32 lanes of a warp (every lane gets the result; fixed butterfly order: deterministic). */
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* Max over the 32 lanes of a warp. */
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Dense row of compact row j: rows[j], or j when rows is null (RowSet::All). */
+__device__ __forceinline__ uint64_t dense_row(const uint32_t* rows, uint64_t j) {
+    return rows ? (uint64_t)rows[j] : j;
+}
+
+/* First index and stride of a 1-D grid-stride loop. */
+__device__ __forceinline__ uint64_t gs_start() { return (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ uint64_t gs_stride() { return (uint64_t)gridDim.x * blockDim.x; }
+
+/* dst[col] += sum over chunks c (in order) of partial[c * width + col]: the second half of a deterministic
+ * column sum (a grid-stride loop over columns). */
+__device__ __forceinline__ void column_reduce_add_body(float* dst, const float* partial, uint64_t chunks,
+                                                       uint64_t width) {
+    for (uint64_t col = gs_start(); col < width; col += gs_stride()) {
+        float acc = 0.0f;
+        for (uint64_t c = 0; c < chunks; ++c) acc += partial[c * width + col];
+        dst[col] += acc;
+    }
+}
+
 #endif /* ESLM_COMMON_CUH */

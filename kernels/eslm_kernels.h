@@ -46,6 +46,25 @@
 /* select_tile_scan: one block. */
 #define ESLM_SEL_SCAN_THREADS 512
 
+/* ---- the engine's CUDA backend (crates/eslm-gpt2/src/backend/cuda.rs), one family per .cu file ---- */
+/* encoder.cu: encoder_forward (grid-stride over n * C), encoder_backward_buckets (one block per bucket). */
+#define ESLM_ENC_THREADS 256
+/* layernorm.cu: one warp per row (forward and dx); layernorm_backward_params: one thread per column. */
+#define ESLM_LN_THREADS 256
+/* gelu.cu, residual.cu, rows.cu, scale.cu, linear.cu (bias): elementwise grid-stride kernels. */
+#define ESLM_EW_THREADS 256
+/* attention.cu: one warp per row of P (softmax forward and backward). */
+#define ESLM_ATT_THREADS 256
+/* adamw.cu: elementwise. */
+#define ESLM_ADAMW_THREADS 256
+/* global_norm.cu: fixed grid of ESLM_NORM_BLOCKS blocks (f64 partial per block), then one block sums them in
+ * order: the result does not depend on timing. */
+#define ESLM_NORM_THREADS 256
+#define ESLM_NORM_BLOCKS 512
+/* layernorm.cu, linear.cu: column sums (weight / bias gradients) are taken over chunks of this many rows into a
+ * [chunks, width] partial buffer, then the chunks are added in order (deterministic). */
+#define ESLM_COLSUM_ROWS 64
+
 /* ---- selection ---- */
 /* Radix digits of the 32-bit keys, most significant first: 11 + 11 + 10 bits. */
 #define ESLM_SELECT_DIGIT_BITS 11

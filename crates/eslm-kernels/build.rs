@@ -29,8 +29,23 @@ mod cuda {
     use std::path::{Path, PathBuf};
     use std::process::{Command, Output};
 
-    /// The kernel families compiled into fatbins (one `.cu` each); the Rust side embeds exactly these.
-    const KERNELS: [&str; 3] = ["token_stats", "select", "sparse_ce"];
+    /// The kernel families compiled into fatbins (one `.cu` each); the Rust side embeds exactly these: the loss
+    /// head's three (`src/cuda/`), then the engine's (`ENGINE_FATBINS`, launched by eslm-gpt2's CUDA backend).
+    const KERNELS: [&str; 13] = [
+        "token_stats",
+        "select",
+        "sparse_ce",
+        "encoder",
+        "layernorm",
+        "gelu",
+        "residual",
+        "rows",
+        "attention",
+        "adamw",
+        "global_norm",
+        "scale",
+        "linear",
+    ];
     /// SASS for Ampere and Hopper plus PTX that newer GPUs JIT.
     const GENCODE: [&str; 6] = [
         "-gencode",

@@ -55,6 +55,9 @@ pub enum Gpt2Error {
     /// An error from an `eslm-kernels` kernel (statistics, selection, sparse CE).
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    /// The backend does not implement this operation (e.g. KD on the CUDA backend, for now).
+    #[error("unsupported on this backend: {0}")]
+    Unsupported(String),
     /// A collective operation across ranks failed.
     #[error("collective: {0}")]
     Collective(String),

@@ -26,6 +26,8 @@ pub mod params;
 pub mod step;
 pub mod update;
 
+#[cfg(feature = "cuda")]
+pub use backend::Cuda;
 pub use backend::{Backend, Cpu};
 pub use config::GptConfig;
 pub use error::{Gpt2Error, Result};

@@ -666,11 +666,17 @@ impl<B: Backend> Gpt2<B> {
         }
         let n_max = b_max * t_max;
         let grads = ParamSet::zeros_on(&mut backend, &config);
+        let acts = Activations::new(&mut backend, &config, b_max, t_max);
+        let gbuf = GradBuffers::new(&mut backend, &config, n_max);
+        let inputs = backend.alloc_tokens(n_max);
+        let head = LossHead::new(&mut backend, n_max);
+        // A device backend reports a failed allocation or upload here (the CPU's cannot fail).
+        backend.status()?;
         Ok(Self {
-            acts: Activations::new(&mut backend, &config, b_max, t_max),
-            gbuf: GradBuffers::new(&mut backend, &config, n_max),
-            inputs: backend.alloc_tokens(n_max),
-            head: LossHead::new(&mut backend, n_max),
+            acts,
+            gbuf,
+            inputs,
+            head,
             config,
             params,
             grads,
@@ -709,6 +715,14 @@ impl<B: Backend> Gpt2<B> {
         let mut host = ParamSet::zeros(&self.config);
         self.backend
             .download(B::view(self.params.buf()), host.as_mut_slice());
+        host
+    }
+
+    /// A host copy of the accumulated gradients (tests, debugging; the step never needs it).
+    pub fn grads_to_host(&self) -> ParamSet {
+        let mut host = ParamSet::zeros(&self.config);
+        self.backend
+            .download(B::view(self.grads.buf()), host.as_mut_slice());
         host
     }
 

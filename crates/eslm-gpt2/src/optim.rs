@@ -124,6 +124,21 @@ pub struct AdamWStep {
 }
 
 impl AdamWStep {
+    /// The kernel arguments of one tensor's update: `(β₁, β₂, eps, step_size, 1/√(1 − β₂ˢ), decay factor)`, the
+    /// decay factor `1 − lr·wd` when `decays`, else 1 (device backends pass these to their AdamW kernel).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn kernel_args(&self, decays: bool) -> [f32; 6] {
+        let decay = if decays { self.decay } else { 1.0 };
+        [
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.step_size,
+            self.inv_sqrt_bc2,
+            decay,
+        ]
+    }
+
     /// The constants of step `step` (1-based) at learning rate `lr`.
     pub fn new(config: &AdamWConfig, lr: f32, step: u64) -> Self {
         let t = step.min(i32::MAX as u64) as i32;

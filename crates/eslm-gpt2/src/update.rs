@@ -94,6 +94,8 @@ impl<B: Backend> Gpt2<B> {
         }
         self.optimizer = Some(opt);
         self.invalidate_forward();
+        // A device backend reports a failed launch of this step here (the one wait per optimizer step).
+        self.backend.status()?;
         Ok(norm)
     }
 

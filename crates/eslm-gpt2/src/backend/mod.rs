@@ -25,8 +25,12 @@
 //! differences). A CUDA backend implements the same methods with kernels on a stream.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 pub use cpu::Cpu;
+#[cfg(feature = "cuda")]
+pub use cuda::Cuda;
 
 use std::fmt::Debug;
 use std::ops::Range;
@@ -408,4 +412,11 @@ pub trait Backend: Sized + Send {
     fn scale_rows(&mut self, x: Self::ViewMut<'_>, width: usize, weights: &[f32]);
     /// Sums `x` over the ranks of `collective` in place (the CPU passes the slice; a GPU backend uses NCCL).
     fn all_reduce_sum(&mut self, x: Self::ViewMut<'_>, collective: &dyn Collective) -> Result<()>;
+
+    /// The first error an op without a `Result` (allocation, upload, a kernel launch) met since the backend was
+    /// made; device backends keep it (sticky, like CUDA's own errors) and skip later launches. Waits for queued
+    /// work. The CPU backend has none (its ops cannot fail).
+    fn status(&self) -> Result<()> {
+        Ok(())
+    }
 }

@@ -55,8 +55,63 @@ const FATBIN_TOKEN_STATS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/toke
 const FATBIN_SELECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/select.fatbin"));
 const FATBIN_SPARSE_CE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sparse_ce.fatbin"));
 
+/// The engine's kernel families (`kernels/<name>.cu`, one fatbin each), launched by the CUDA backend of eslm-gpt2
+/// (`eslm_gpt2::backend::cuda`): `(family, fatbin)`. Load one with
+/// `ctx.load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))`.
+pub const ENGINE_FATBINS: [(&str, &[u8]); 10] = [
+    (
+        "encoder",
+        include_bytes!(concat!(env!("OUT_DIR"), "/encoder.fatbin")),
+    ),
+    (
+        "layernorm",
+        include_bytes!(concat!(env!("OUT_DIR"), "/layernorm.fatbin")),
+    ),
+    (
+        "gelu",
+        include_bytes!(concat!(env!("OUT_DIR"), "/gelu.fatbin")),
+    ),
+    (
+        "residual",
+        include_bytes!(concat!(env!("OUT_DIR"), "/residual.fatbin")),
+    ),
+    (
+        "rows",
+        include_bytes!(concat!(env!("OUT_DIR"), "/rows.fatbin")),
+    ),
+    (
+        "attention",
+        include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin")),
+    ),
+    (
+        "adamw",
+        include_bytes!(concat!(env!("OUT_DIR"), "/adamw.fatbin")),
+    ),
+    (
+        "global_norm",
+        include_bytes!(concat!(env!("OUT_DIR"), "/global_norm.fatbin")),
+    ),
+    (
+        "scale",
+        include_bytes!(concat!(env!("OUT_DIR"), "/scale.fatbin")),
+    ),
+    (
+        "linear",
+        include_bytes!(concat!(env!("OUT_DIR"), "/linear.fatbin")),
+    ),
+];
+
+/// Block sizes of the engine's kernel families (`kernels/eslm_kernels.h`, the one definition; each kernel traps on
+/// a launch with another block size), for the launchers in eslm-gpt2.
+pub mod engine_block_sizes {
+    pub use super::params::{
+        ESLM_ADAMW_THREADS, ESLM_ATT_THREADS, ESLM_COLSUM_ROWS, ESLM_ENC_THREADS, ESLM_EW_THREADS,
+        ESLM_LN_THREADS, ESLM_NORM_BLOCKS, ESLM_NORM_THREADS,
+    };
+}
+
 /// The `nvcc -Xptxas -v` report (registers, shared memory, spills per kernel, for sm_80 and sm_90) of the build.
-pub const PTXAS_REPORT: [(&str, &str); 3] = [
+pub const PTXAS_REPORT: [(&str, &str); 13] = [
     (
         "token_stats.cu",
         include_str!(concat!(env!("OUT_DIR"), "/token_stats.ptxas.txt")),
@@ -68,6 +123,46 @@ pub const PTXAS_REPORT: [(&str, &str); 3] = [
     (
         "sparse_ce.cu",
         include_str!(concat!(env!("OUT_DIR"), "/sparse_ce.ptxas.txt")),
+    ),
+    (
+        "encoder.cu",
+        include_str!(concat!(env!("OUT_DIR"), "/encoder.ptxas.txt")),
+    ),
+    (
+        "layernorm.cu",
+        include_str!(concat!(env!("OUT_DIR"), "/layernorm.ptxas.txt")),
+    ),
+    (
+        "gelu.cu",
+        include_str!(concat!(env!("OUT_DIR"), "/gelu.ptxas.txt")),
+    ),
+    (
+        "residual.cu",
+        include_str!(concat!(env!("OUT_DIR"), "/residual.ptxas.txt")),
+    ),
+    (
+        "rows.cu",
+        include_str!(concat!(env!("OUT_DIR"), "/rows.ptxas.txt")),
+    ),
+    (
+        "attention.cu",
+        include_str!(concat!(env!("OUT_DIR"), "/attention.ptxas.txt")),
+    ),
+    (
+        "adamw.cu",
+        include_str!(concat!(env!("OUT_DIR"), "/adamw.ptxas.txt")),
+    ),
+    (
+        "global_norm.cu",
+        include_str!(concat!(env!("OUT_DIR"), "/global_norm.ptxas.txt")),
+    ),
+    (
+        "scale.cu",
+        include_str!(concat!(env!("OUT_DIR"), "/scale.ptxas.txt")),
+    ),
+    (
+        "linear.cu",
+        include_str!(concat!(env!("OUT_DIR"), "/linear.ptxas.txt")),
     ),
 ];
 
@@ -350,7 +445,7 @@ mod tests {
         // No block size typed as a literal in a kernel: every `#define *_THREADS` in kernels/*.cu is an alias of an
         // ESLM_* constant from eslm_kernels.h.
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../kernels");
-        for name in ["token_stats.cu", "select.cu", "sparse_ce.cu"] {
+        for (name, _) in PTXAS_REPORT {
             let src = std::fs::read_to_string(format!("{dir}/{name}")).unwrap();
             for line in src.lines().filter(|l| l.starts_with("#define")) {
                 let mut words = line.split_whitespace().skip(1);

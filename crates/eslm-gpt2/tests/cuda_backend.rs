@@ -1,0 +1,827 @@
+//! The CUDA backend against the CPU backend (feature `cuda`). Every test opens GPU 0 and **skips with a printed
+//! message** (`skipping: no CUDA device for <test> (...)`; shown with `--nocapture`) where no CUDA driver loads (CI, the development machine); `scripts/gpu-check.sh` runs them on a GPU.
+//!
+//! Each op runs through one generic function on both backends ([`Backend`] is the seam) on random inputs, and the
+//! results are compared element by element with `|gpu − cpu| ≤ abs + rel·|cpu|`. Stated tolerances (f32 on both
+//! sides; the GPU sums in other orders, uses FMA and `tanhf`/`expf` instead of the CPU's approximations):
+//! - elementwise and row-wise ops (encoder, GELU, residual, rows, scale, AdamW): abs 1e-6, rel 1e-5;
+//! - reductions over a row or a column (layer norm, softmax, bias gradients): abs 1e-5, rel 1e-4;
+//! - GEMM-based ops (linear, LM head, attention): abs 1e-4, rel 1e-3 (sums of up to a few hundred products);
+//! - the loss head (token statistics, sparse CE): abs 1e-5, rel 1e-4; selection: identical;
+//! - a whole training step (loss, kept rows, gradients, updated parameters): abs 1e-4, rel 1e-3, kept rows
+//!   identical.
+//!
+//! Ragged sizes: V = 50257 in the padded stride Vp = 50304, N = 1, and row sets with K = 0, 1, a random subset,
+//! and every row (as `Rows` and as `All`). Seeds are fixed (override with `ESLM_TEST_SEED`) and printed on failure.
+#![cfg(feature = "cuda")]
+
+use eslm_gpt2::backend::{
+    AdamWSlices, Affine, Embeddings, HeadDims, KeptTargets, LinearDims, LnSaved, LnStats, Logits,
+    RowGrad,
+};
+use eslm_gpt2::ops::attention::AttnDims;
+use eslm_gpt2::optim::{AdamWConfig, AdamWStep};
+use eslm_gpt2::{Backend, Cpu, Cuda, Gpt2, GptConfig, Keep, RowSet, ScoreSource};
+use eslm_kernels::select::{SelectRule, Selection};
+use eslm_kernels::token_stats::TokenStats;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// GPU 0, or `None` with a printed reason (no driver, no GPU): the test then passes without checking anything.
+fn gpu(test: &str) -> Option<Cuda> {
+    match Cuda::new(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            println!("skipping: no CUDA device for {test} ({e})");
+            None
+        }
+    }
+}
+
+fn seed() -> u64 {
+    std::env::var("ESLM_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_240_601)
+}
+
+fn rng(salt: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed() ^ salt)
+}
+
+fn randn(r: &mut ChaCha8Rng, len: usize, scale: f32) -> Vec<f32> {
+    (0..len)
+        .map(|_| (r.gen::<f32>() * 2.0 - 1.0) * scale)
+        .collect()
+}
+
+#[track_caller]
+fn close(what: &str, gpu: &[f32], cpu: &[f32], abs: f32, rel: f32) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
+    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
+        assert!(
+            (g - c).abs() <= abs + rel * c.abs() || (g.is_nan() && c.is_nan()),
+            "{what}[{i}]: gpu {g} vs cpu {c} (abs {abs}, rel {rel}; seed {}, ESLM_TEST_SEED overrides)",
+            seed()
+        );
+    }
+}
+
+fn up<B: Backend>(be: &mut B, x: &[f32]) -> B::Buf {
+    let mut b = be.alloc(x.len());
+    be.upload(B::view_mut(&mut b), x);
+    b
+}
+
+fn down<B: Backend>(be: &B, b: &B::Buf) -> Vec<f32> {
+    let mut v = vec![0.0; B::len(b)];
+    be.download(B::view(b), &mut v);
+    v
+}
+
+/// The row sets every row-sparse op is checked on (over `n` rows).
+fn row_sets(n: usize, r: &mut ChaCha8Rng) -> Vec<RowSet> {
+    let mut some: Vec<u32> = (0..n as u32).filter(|_| r.gen_bool(0.4)).collect();
+    if some.is_empty() {
+        some.push((n / 2) as u32);
+    }
+    vec![
+        RowSet::All,
+        RowSet::Rows(vec![]),
+        RowSet::Rows(vec![(n - 1) as u32]),
+        RowSet::Rows(some),
+        RowSet::Rows((0..n as u32).collect()),
+    ]
+}
+
+// ---- generic runners: one op on any backend, host in, host out ----
+
+#[allow(clippy::too_many_arguments)]
+fn run_encoder<B: Backend>(
+    be: &mut B,
+    tokens: &[u32],
+    wte: &[f32],
+    wpe: &[f32],
+    dout: &[f32],
+    rows: &RowSet,
+    t: usize,
+    c: usize,
+) -> [Vec<f32>; 3] {
+    let n = tokens.len();
+    let mut tok = be.alloc_tokens(n);
+    be.upload_tokens(&mut tok, tokens);
+    let (wte_b, wpe_b) = (up(be, wte), up(be, wpe));
+    let mut out = be.alloc(n * c);
+    let emb = Embeddings {
+        wte: B::view(&wte_b),
+        wpe: B::view(&wpe_b),
+    };
+    be.encoder_forward(B::view_mut(&mut out), &tok, emb, n, t, c);
+    let (mut dwte, mut dwpe) = (up(be, &vec![0.5; wte.len()]), be.alloc(wpe.len()));
+    let g = up(be, dout);
+    be.encoder_backward(
+        Embeddings {
+            wte: B::view_mut(&mut dwte),
+            wpe: B::view_mut(&mut dwpe),
+        },
+        RowGrad {
+            g: B::view(&g),
+            rows,
+            n,
+        },
+        &tok,
+        t,
+        c,
+    );
+    [down(be, &out), down(be, &dwte), down(be, &dwpe)]
+}
+
+#[test]
+fn encoder_matches_cpu() {
+    let Some(mut gpu) = gpu("encoder_matches_cpu") else {
+        return;
+    };
+    let mut r = rng(1);
+    let (b, t, c, v) = (3, 7, 12, 13);
+    let n = b * t;
+    let tokens: Vec<u32> = (0..n).map(|_| r.gen_range(0..v as u32)).collect();
+    let (wte, wpe) = (randn(&mut r, v * c, 1.0), randn(&mut r, t * c, 1.0));
+    for rows in row_sets(n, &mut r) {
+        let dout = randn(&mut r, rows.count(n) * c, 1.0);
+        let want = run_encoder(&mut Cpu::new(), &tokens, &wte, &wpe, &dout, &rows, t, c);
+        let got = run_encoder(&mut gpu, &tokens, &wte, &wpe, &dout, &rows, t, c);
+        for (i, name) in ["out", "dwte", "dwpe"].iter().enumerate() {
+            close(name, &got[i], &want[i], 1e-6, 1e-5);
+        }
+    }
+    gpu.status().unwrap();
+}
+
+fn run_layernorm<B: Backend>(
+    be: &mut B,
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    dy: &[f32],
+    rows: &RowSet,
+    c: usize,
+) -> [Vec<f32>; 6] {
+    let n = x.len() / c;
+    let (xb, wb, bb) = (up(be, x), up(be, w), up(be, bias));
+    let (mut y, mut mean, mut rstd) = (be.alloc(n * c), be.alloc(n), be.alloc(n));
+    be.layernorm_forward(
+        B::view_mut(&mut y),
+        LnStats {
+            mean: B::view_mut(&mut mean),
+            rstd: B::view_mut(&mut rstd),
+        },
+        B::view(&xb),
+        Affine {
+            w: B::view(&wb),
+            b: B::view(&bb),
+        },
+        n,
+        c,
+    );
+    let k = rows.count(n);
+    let (mut dx, mut dw, mut db) = (be.alloc(k * c), up(be, &vec![0.25; c]), be.alloc(c));
+    let g = up(be, dy);
+    be.layernorm_backward(
+        B::view_mut(&mut dx),
+        Affine {
+            w: B::view_mut(&mut dw),
+            b: B::view_mut(&mut db),
+        },
+        RowGrad {
+            g: B::view(&g),
+            rows,
+            n,
+        },
+        LnSaved {
+            x: B::view(&xb),
+            stats: LnStats {
+                mean: B::view(&mean),
+                rstd: B::view(&rstd),
+            },
+            w: B::view(&wb),
+        },
+        c,
+    );
+    [
+        down(be, &y),
+        down(be, &mean),
+        down(be, &rstd),
+        down(be, &dx),
+        down(be, &dw),
+        down(be, &db),
+    ]
+}
+
+#[test]
+fn layernorm_matches_cpu() {
+    let Some(mut gpu) = gpu("layernorm_matches_cpu") else {
+        return;
+    };
+    let mut r = rng(2);
+    for (n, c) in [(1, 8), (37, 48), (130, 768)] {
+        let x = randn(&mut r, n * c, 2.0);
+        let (w, bias) = (randn(&mut r, c, 1.0), randn(&mut r, c, 0.5));
+        for rows in row_sets(n, &mut r) {
+            let dy = randn(&mut r, rows.count(n) * c, 1.0);
+            let want = run_layernorm(&mut Cpu::new(), &x, &w, &bias, &dy, &rows, c);
+            let got = run_layernorm(&mut gpu, &x, &w, &bias, &dy, &rows, c);
+            for (i, name) in ["y", "mean", "rstd", "dx", "dw", "db"].iter().enumerate() {
+                close(name, &got[i], &want[i], 1e-5, 1e-4);
+            }
+        }
+    }
+    gpu.status().unwrap();
+}
+
+fn run_linear<B: Backend>(
+    be: &mut B,
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    dy: &[f32],
+    rows: &RowSet,
+    d: LinearDims,
+) -> [Vec<f32>; 4] {
+    let n = x.len() / d.d_in;
+    let (xb, wb, bb) = (up(be, x), up(be, w), up(be, bias));
+    let mut y = be.alloc(n * d.d_out);
+    be.linear_forward(
+        B::view_mut(&mut y),
+        B::view(&xb),
+        Affine {
+            w: B::view(&wb),
+            b: B::view(&bb),
+        },
+        n,
+        d,
+    );
+    let k = rows.count(n);
+    let mut dx = be.alloc(k * d.d_in);
+    let (mut dw, mut db) = (up(be, &vec![0.125; w.len()]), be.alloc(d.d_out));
+    let g = up(be, dy);
+    be.linear_backward(
+        Some(B::view_mut(&mut dx)),
+        Affine {
+            w: B::view_mut(&mut dw),
+            b: B::view_mut(&mut db),
+        },
+        RowGrad {
+            g: B::view(&g),
+            rows,
+            n,
+        },
+        B::view(&xb),
+        B::view(&wb),
+        d,
+    );
+    [down(be, &y), down(be, &dx), down(be, &dw), down(be, &db)]
+}
+
+#[test]
+fn linear_matches_cpu() {
+    let Some(mut gpu) = gpu("linear_matches_cpu") else {
+        return;
+    };
+    let mut r = rng(3);
+    for (n, d_in, d_out) in [(1, 5, 3), (29, 16, 48), (70, 64, 33)] {
+        let d = LinearDims { d_in, d_out };
+        let x = randn(&mut r, n * d_in, 1.0);
+        let (w, bias) = (randn(&mut r, d_out * d_in, 0.3), randn(&mut r, d_out, 0.3));
+        for rows in row_sets(n, &mut r) {
+            let dy = randn(&mut r, rows.count(n) * d_out, 1.0);
+            let want = run_linear(&mut Cpu::new(), &x, &w, &bias, &dy, &rows, d);
+            let got = run_linear(&mut gpu, &x, &w, &bias, &dy, &rows, d);
+            for (i, name) in ["y", "dx", "dw", "db"].iter().enumerate() {
+                close(name, &got[i], &want[i], 1e-4, 1e-3);
+            }
+        }
+    }
+    gpu.status().unwrap();
+}
+
+fn run_lm_head<B: Backend>(
+    be: &mut B,
+    h: &[f32],
+    wte: &[f32],
+    dz: &[f32],
+    rows: &RowSet,
+    d: HeadDims,
+) -> [Vec<f32>; 3] {
+    let n = h.len() / d.c;
+    let (hb, wb) = (up(be, h), up(be, wte));
+    let mut z = up(be, &vec![7.0; n * d.vp]); // padded columns must stay untouched
+    be.lm_head_forward(B::view_mut(&mut z), B::view(&hb), B::view(&wb), n, d);
+    let k = rows.count(n);
+    let (mut dh, mut dwte, g) = (be.alloc(k * d.c), be.alloc(wte.len()), up(be, dz));
+    be.lm_head_backward(
+        B::view_mut(&mut dh),
+        B::view_mut(&mut dwte),
+        RowGrad {
+            g: B::view(&g),
+            rows,
+            n,
+        },
+        B::view(&hb),
+        B::view(&wb),
+        d,
+    );
+    [down(be, &z), down(be, &dh), down(be, &dwte)]
+}
+
+#[test]
+fn lm_head_matches_cpu_with_the_gpt2_vocabulary() {
+    let Some(mut gpu) = gpu("lm_head_matches_cpu_with_the_gpt2_vocabulary") else {
+        return;
+    };
+    let mut r = rng(4);
+    let d = HeadDims {
+        c: 16,
+        v: 50257,
+        vp: 50304,
+    };
+    let mut wte = randn(&mut r, d.vp * d.c, 0.1);
+    wte[d.v * d.c..].iter_mut().for_each(|x| *x = 0.0);
+    for n in [1usize, 5] {
+        let h = randn(&mut r, n * d.c, 1.0);
+        for rows in row_sets(n, &mut r) {
+            let mut dz = randn(&mut r, rows.count(n) * d.vp, 1e-3);
+            for row in dz.chunks_mut(d.vp) {
+                row[d.v..].iter_mut().for_each(|x| *x = 0.0);
+            }
+            let want = run_lm_head(&mut Cpu::new(), &h, &wte, &dz, &rows, d);
+            let got = run_lm_head(&mut gpu, &h, &wte, &dz, &rows, d);
+            for (i, name) in ["z", "dh", "dwte"].iter().enumerate() {
+                close(name, &got[i], &want[i], 1e-4, 1e-3);
+            }
+        }
+    }
+    gpu.status().unwrap();
+}
+
+fn run_gelu<B: Backend>(
+    be: &mut B,
+    x: &[f32],
+    dy: &[f32],
+    rows: &RowSet,
+    width: usize,
+) -> [Vec<f32>; 2] {
+    let n = x.len() / width;
+    let xb = up(be, x);
+    let mut y = be.alloc(x.len());
+    be.gelu_forward(B::view_mut(&mut y), B::view(&xb));
+    let mut dx = be.alloc(rows.count(n) * width);
+    let g = up(be, dy);
+    be.gelu_backward(
+        B::view_mut(&mut dx),
+        RowGrad {
+            g: B::view(&g),
+            rows,
+            n,
+        },
+        B::view(&xb),
+        width,
+    );
+    [down(be, &y), down(be, &dx)]
+}
+
+#[test]
+fn gelu_matches_cpu() {
+    let Some(mut gpu) = gpu("gelu_matches_cpu") else {
+        return;
+    };
+    let mut r = rng(5);
+    let (n, width) = (23, 40);
+    let x = randn(&mut r, n * width, 6.0);
+    for rows in row_sets(n, &mut r) {
+        let dy = randn(&mut r, rows.count(n) * width, 1.0);
+        let want = run_gelu(&mut Cpu::new(), &x, &dy, &rows, width);
+        let got = run_gelu(&mut gpu, &x, &dy, &rows, width);
+        // The CPU's rational tanh differs from tanhf by < 1e-6 (absolute).
+        close("gelu y", &got[0], &want[0], 1e-5, 1e-5);
+        close("gelu dx", &got[1], &want[1], 1e-5, 1e-5);
+    }
+    gpu.status().unwrap();
+}
+
+fn run_attention<B: Backend>(
+    be: &mut B,
+    qkv: &[f32],
+    dy: &[f32],
+    rows: &RowSet,
+    d: AttnDims,
+) -> [Vec<f32>; 3] {
+    let AttnDims { b, t, c, nh } = d;
+    let qb = up(be, qkv);
+    let (mut y, mut att) = (be.alloc(b * t * c), be.alloc(b * nh * t * t));
+    be.attention_forward(B::view_mut(&mut y), B::view_mut(&mut att), B::view(&qb), d);
+    let mut dqkv = up(be, &vec![3.0; b * t * 3 * c]); // must be overwritten entirely
+    let g = up(be, dy);
+    be.attention_backward(
+        B::view_mut(&mut dqkv),
+        RowGrad {
+            g: B::view(&g),
+            rows,
+            n: b * t,
+        },
+        B::view(&qb),
+        B::view(&att),
+        d,
+    );
+    [down(be, &y), down(be, &att), down(be, &dqkv)]
+}
+
+#[test]
+fn attention_matches_cpu() {
+    let Some(mut gpu) = gpu("attention_matches_cpu") else {
+        return;
+    };
+    let mut r = rng(6);
+    for d in [
+        AttnDims {
+            b: 1,
+            t: 1,
+            c: 8,
+            nh: 2,
+        },
+        AttnDims {
+            b: 2,
+            t: 37,
+            c: 24,
+            nh: 3,
+        },
+        AttnDims {
+            b: 3,
+            t: 64,
+            c: 32,
+            nh: 4,
+        },
+    ] {
+        let n = d.b * d.t;
+        let qkv = randn(&mut r, n * 3 * d.c, 1.0);
+        for rows in row_sets(n, &mut r) {
+            let dy = randn(&mut r, rows.count(n) * d.c, 1.0);
+            let want = run_attention(&mut Cpu::new(), &qkv, &dy, &rows, d);
+            let got = run_attention(&mut gpu, &qkv, &dy, &rows, d);
+            for (i, name) in ["y", "att", "dqkv"].iter().enumerate() {
+                close(name, &got[i], &want[i], 1e-4, 1e-3);
+            }
+        }
+    }
+    gpu.status().unwrap();
+}
+
+fn run_rows<B: Backend>(
+    be: &mut B,
+    a: &[f32],
+    b: &[f32],
+    ga: (&RowSet, &[f32]),
+    gb: (&RowSet, &[f32]),
+    n: usize,
+    width: usize,
+) -> (Vec<Vec<f32>>, RowSet) {
+    let (ab, bb) = (up(be, a), up(be, b));
+    let mut out = be.alloc(a.len());
+    be.residual_forward(B::view_mut(&mut out), B::view(&ab), B::view(&bb));
+    let (gab, gbb) = (up(be, ga.1), up(be, gb.1));
+    let mut merged = be.alloc(n * width);
+    let union = be.residual_merge(
+        B::view_mut(&mut merged),
+        RowGrad {
+            g: B::view(&gab),
+            rows: ga.0,
+            n,
+        },
+        RowGrad {
+            g: B::view(&gbb),
+            rows: gb.0,
+            n,
+        },
+        width,
+    );
+    let k = union.count(n);
+    let merged = down(be, &merged)[..k * width].to_vec();
+    let mut gathered = be.alloc(ga.0.count(n) * width);
+    be.gather_rows(B::view_mut(&mut gathered), B::view(&ab), ga.0, width);
+    let mut scattered = up(be, b);
+    be.scatter_add_rows(
+        B::view_mut(&mut scattered),
+        RowGrad {
+            g: B::view(&gab),
+            rows: ga.0,
+            n,
+        },
+        width,
+    );
+    let mut scaled = up(be, a);
+    be.scale(B::view_mut(&mut scaled), -0.37);
+    let weights: Vec<f32> = (0..ga.0.count(n)).map(|i| 0.5 + i as f32).collect();
+    let mut rows_scaled = up(be, ga.1);
+    be.scale_rows(B::view_mut(&mut rows_scaled), width, &weights);
+    (
+        vec![
+            down(be, &out),
+            merged,
+            down(be, &gathered),
+            down(be, &scattered),
+            down(be, &scaled),
+            down(be, &rows_scaled),
+        ],
+        union,
+    )
+}
+
+#[test]
+fn residual_rows_and_scale_match_cpu() {
+    let Some(mut gpu) = gpu("residual_rows_and_scale_match_cpu") else {
+        return;
+    };
+    let mut r = rng(7);
+    let (n, width) = (19, 12);
+    let (a, b) = (randn(&mut r, n * width, 1.0), randn(&mut r, n * width, 1.0));
+    let sets = row_sets(n, &mut r);
+    for ra in &sets {
+        for rb in &sets {
+            let ga = randn(&mut r, ra.count(n) * width, 1.0);
+            let gb = randn(&mut r, rb.count(n) * width, 1.0);
+            let (want, wu) = run_rows(&mut Cpu::new(), &a, &b, (ra, &ga), (rb, &gb), n, width);
+            let (got, gu) = run_rows(&mut gpu, &a, &b, (ra, &ga), (rb, &gb), n, width);
+            assert_eq!(gu, wu, "union of {ra:?} and {rb:?}");
+            let names = [
+                "residual",
+                "merge",
+                "gather",
+                "scatter_add",
+                "scale",
+                "scale_rows",
+            ];
+            for (i, name) in names.iter().enumerate() {
+                close(name, &got[i], &want[i], 1e-6, 1e-5);
+            }
+        }
+    }
+    gpu.status().unwrap();
+}
+
+fn run_optimizer<B: Backend>(
+    be: &mut B,
+    p: &[f32],
+    g: &[f32],
+    decays: bool,
+) -> ([Vec<f32>; 3], f64) {
+    let (mut pb, gb) = (up(be, p), up(be, g));
+    let (mut m, mut v) = (up(be, &vec![0.01; p.len()]), up(be, &vec![0.02; p.len()]));
+    let cfg = AdamWConfig::default();
+    for step in 1..=3 {
+        let s = AdamWStep::new(&cfg, 3e-3, step);
+        be.adamw(
+            AdamWSlices {
+                p: B::view_mut(&mut pb),
+                g: B::view(&gb),
+                m: B::view_mut(&mut m),
+                v: B::view_mut(&mut v),
+            },
+            decays,
+            &s,
+        );
+    }
+    let ss = be.sum_squares(B::view(&gb));
+    ([down(be, &pb), down(be, &m), down(be, &v)], ss)
+}
+
+#[test]
+fn adamw_and_sum_squares_match_cpu() {
+    let Some(mut gpu) = gpu("adamw_and_sum_squares_match_cpu") else {
+        return;
+    };
+    let mut r = rng(8);
+    for len in [1usize, 1000, 300_001] {
+        let (p, g) = (randn(&mut r, len, 1.0), randn(&mut r, len, 1e-2));
+        for decays in [false, true] {
+            let (want, ss_cpu) = run_optimizer(&mut Cpu::new(), &p, &g, decays);
+            let (got, ss_gpu) = run_optimizer(&mut gpu, &p, &g, decays);
+            for (i, name) in ["p", "m", "v"].iter().enumerate() {
+                close(name, &got[i], &want[i], 1e-6, 1e-5);
+            }
+            assert!(
+                (ss_gpu - ss_cpu).abs() <= 1e-12 * ss_cpu.abs().max(1e-30),
+                "sum of squares {ss_gpu} vs {ss_cpu}"
+            );
+            // Reproducible: the same buffer twice gives the same bits.
+            let gb = up(&mut gpu, &g);
+            assert_eq!(
+                gpu.sum_squares(Cuda::view(&gb)).to_bits(),
+                gpu.sum_squares(Cuda::view(&gb)).to_bits()
+            );
+        }
+    }
+    gpu.status().unwrap();
+}
+
+/// Token statistics, selection and sparse CE of one logits matrix.
+fn run_loss_head<B: Backend>(
+    be: &mut B,
+    z: &[f32],
+    targets: &[i32],
+    d: HeadDims,
+    rule: SelectRule,
+) -> (TokenStats, Selection, Vec<f32>, f32) {
+    let n = targets.len();
+    let zb = up(be, z);
+    let mut tg = be.alloc_targets(n);
+    be.upload_targets(&mut tg, targets);
+    let logits = Logits {
+        z: B::view(&zb),
+        rows: n,
+        dims: d,
+    };
+    let mut stats = TokenStats::default();
+    be.token_stats(logits, &tg, &mut stats).unwrap();
+    let mut sel = Selection::default();
+    be.select(&stats.loss, &stats.valid, rule, &mut sel)
+        .unwrap();
+    let k = sel.indices.len();
+    let mut dz = up(be, &vec![9.0; k * d.vp]);
+    let rows = KeptTargets {
+        targets: &tg,
+        kept: &sel.indices,
+    };
+    let loss = be
+        .sparse_ce(
+            logits,
+            rows,
+            &stats.lse,
+            1.0 / k.max(1) as f32,
+            B::view_mut(&mut dz),
+        )
+        .unwrap();
+    let dz = down(be, &dz);
+    (stats, sel, dz, loss)
+}
+
+#[test]
+fn loss_head_matches_cpu_with_the_gpt2_vocabulary() {
+    let Some(mut gpu) = gpu("loss_head_matches_cpu_with_the_gpt2_vocabulary") else {
+        return;
+    };
+    let mut r = rng(9);
+    let d = HeadDims {
+        c: 1,
+        v: 50257,
+        vp: 50304,
+    };
+    for n in [1usize, 9] {
+        let z = randn(&mut r, n * d.vp, 8.0);
+        let targets: Vec<i32> = (0..n)
+            .map(|i| {
+                if i % 4 == 3 {
+                    -100
+                } else {
+                    r.gen_range(0..d.v as i32)
+                }
+            })
+            .collect();
+        for rule in [SelectRule::Var { alpha: 0.5 }, SelectRule::TopK { k: 1 }] {
+            let (ws, wsel, wdz, wl) = run_loss_head(&mut Cpu::new(), &z, &targets, d, rule);
+            let (gs, gsel, gdz, gl) = run_loss_head(&mut gpu, &z, &targets, d, rule);
+            close("lse", &gs.lse, &ws.lse, 1e-5, 1e-4);
+            close("loss", &gs.loss, &ws.loss, 1e-5, 1e-4);
+            close("entropy", &gs.entropy, &ws.entropy, 1e-5, 1e-4);
+            assert_eq!(gs.valid, ws.valid);
+            assert_eq!(gsel.indices, wsel.indices, "kept rows");
+            close("dlogits", &gdz, &wdz, 1e-7, 1e-4);
+            close("ce loss", &[gl], &[wl], 1e-5, 1e-4);
+        }
+    }
+    gpu.status().unwrap();
+}
+
+#[test]
+fn kd_is_a_typed_unsupported_error() {
+    let Some(mut gpu) = gpu("kd_is_a_typed_unsupported_error") else {
+        return;
+    };
+    let d = HeadDims { c: 1, v: 3, vp: 4 };
+    let z = up(&mut gpu, &[0.0; 4]);
+    let mut tg = gpu.alloc_targets(1);
+    gpu.upload_targets(&mut tg, &[1]);
+    let mut dz = gpu.alloc(4);
+    let logits = Logits {
+        z: Cuda::view(&z),
+        rows: 1,
+        dims: d,
+    };
+    let rows = KeptTargets {
+        targets: &tg,
+        kept: &[0],
+    };
+    let err = gpu
+        .kd_grad(
+            logits,
+            logits,
+            rows,
+            eslm_kernels::kd::KdParams {
+                kd_weight: 0.5,
+                temperature: 1.0,
+            },
+            1.0,
+            Cuda::view_mut(&mut dz),
+        )
+        .unwrap_err();
+    assert!(matches!(err, eslm_gpt2::Gpt2Error::Unsupported(_)), "{err}");
+}
+
+/// One selective training step on a model: (loss, kept rows, gradients, parameters after the update).
+fn train_step<B: Backend>(
+    model: &mut Gpt2<B>,
+    inputs: &[u32],
+    targets: &[i32],
+    b: usize,
+    t: usize,
+    keep: Keep,
+) -> (f32, Vec<u32>, Vec<f32>, Vec<f32>, f64) {
+    model.zero_grad();
+    model.forward_stats(inputs, targets, b, t).unwrap();
+    let kept = model
+        .select(ScoreSource::Loss, keep)
+        .unwrap()
+        .indices
+        .clone();
+    let loss = model.ce_grad(1.0 / kept.len().max(1) as f32).unwrap();
+    model.backward_selected().unwrap();
+    let grads = model.grads_to_host().as_slice().to_vec();
+    let norm = model
+        .clip_and_update(AdamWConfig::default(), 1e-3, 1.0)
+        .unwrap();
+    (
+        loss,
+        kept,
+        grads,
+        model.params_to_host().as_slice().to_vec(),
+        norm,
+    )
+}
+
+#[test]
+fn a_training_step_matches_cpu() {
+    let Some(gpu) = gpu("a_training_step_matches_cpu") else {
+        return;
+    };
+    let cfg = GptConfig::tiny();
+    let (b, t) = (2, 16);
+    let mut r = rng(10);
+    let inputs: Vec<u32> = (0..b * t)
+        .map(|_| r.gen_range(0..cfg.vocab_size as u32))
+        .collect();
+    let targets: Vec<i32> = (0..b * t)
+        .map(|i| {
+            if i == 5 {
+                -100
+            } else {
+                r.gen_range(0..cfg.vocab_size as i32)
+            }
+        })
+        .collect();
+    let mut on_gpu = Gpt2::new_on(gpu, cfg, b, t, 7).unwrap();
+    let mut on_cpu = Gpt2::new_on(Cpu::new(), cfg, b, t, 7).unwrap();
+    for keep in [
+        Keep::AllValid,
+        Keep::Rule(SelectRule::Var { alpha: 0.5 }),
+        Keep::Rule(SelectRule::Var { alpha: 0.7 }),
+        Keep::Rule(SelectRule::TopK { k: 1 }),
+    ] {
+        let (wl, wk, wg, wp, wn) = train_step(&mut on_cpu, &inputs, &targets, b, t, keep);
+        let (gl, gk, gg, gp, gn) = train_step(&mut on_gpu, &inputs, &targets, b, t, keep);
+        assert_eq!(gk, wk, "kept rows ({keep:?})");
+        close("loss", &[gl], &[wl], 1e-5, 1e-4);
+        close("gradients", &gg, &wg, 1e-4, 1e-3);
+        assert!((gn - wn).abs() <= 1e-4 * wn, "grad norm {gn} vs {wn}");
+        close("parameters after AdamW", &gp, &wp, 1e-4, 1e-3);
+    }
+}
+
+#[test]
+fn a_step_of_the_gpt2_head_matches_cpu() {
+    // V = 50257 in Vp = 50304 through the whole model, N = 1.
+    let Some(gpu) = gpu("a_step_of_the_gpt2_head_matches_cpu") else {
+        return;
+    };
+    let cfg = GptConfig {
+        vocab_size: 50257,
+        padded_vocab_size: 50304,
+        ..GptConfig::tiny()
+    };
+    let (inputs, targets) = ([50256u32], [17i32]);
+    let mut on_gpu = Gpt2::new_on(gpu, cfg, 1, 1, 3).unwrap();
+    let mut on_cpu = Gpt2::new_on(Cpu::new(), cfg, 1, 1, 3).unwrap();
+    let (wl, wk, wg, wp, _) = train_step(&mut on_cpu, &inputs, &targets, 1, 1, Keep::AllValid);
+    let (gl, gk, gg, gp, _) = train_step(&mut on_gpu, &inputs, &targets, 1, 1, Keep::AllValid);
+    assert_eq!(gk, wk);
+    close("loss", &[gl], &[wl], 1e-5, 1e-4);
+    close("gradients", &gg, &wg, 1e-4, 1e-3);
+    close("parameters", &gp, &wp, 1e-4, 1e-3);
+}
