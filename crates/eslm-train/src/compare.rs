@@ -304,10 +304,12 @@ pub fn time_to_loss(evals: &[(f64, f64)], target: f64) -> Option<f64> {
     })
 }
 
-/// The validation loss at wall-clock second `t`, linearly interpolated (`None` when the run ended before `t`).
+/// The validation loss at wall-clock second `t`, linearly interpolated; a run that ended less than 2 % before
+/// `t` (rounding of an equal budget into steps) gives its last value; `None` when it ended sooner.
 pub fn loss_at_time(evals: &[(f64, f64)], t: f64) -> Option<f64> {
-    if evals.last()?.0 < t {
-        return None;
+    let last = *evals.last()?;
+    if last.0 < t {
+        return (last.0 >= 0.98 * t).then_some(last.1);
     }
     if evals[0].0 >= t {
         return Some(evals[0].1);
@@ -414,8 +416,8 @@ pub fn write_report(spec: &Spec, out: &Path) -> Result<PathBuf> {
     let mut md = format!(
         "# {}\n\nSeeds: {:?}. Baseline: `{}`. Values are the mean ± half the range over the seeds that finished; \
          {time_note}.\n\n\
-         | run | seeds | kept | final val loss | step time vs {b} | val loss at {b}'s end | time to {b}'s final loss (s) | ood ppl | HellaSwag acc_norm | LAMBADA acc | ARC-Easy acc |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+         | run | seeds | kept | final val loss | step time vs {b} | val loss at {b}'s end | time to {b}'s final loss (s) | time to {b}'s half-time loss ÷ {b}'s | ood ppl | HellaSwag acc_norm | LAMBADA acc | ARC-Easy acc |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
         spec.name,
         spec.seeds,
         spec.baseline,
@@ -423,14 +425,21 @@ pub fn write_report(spec: &Spec, out: &Path) -> Result<PathBuf> {
     );
     for run in &spec.runs {
         let Some(rows) = finished.get(run.name.as_str()) else {
-            md += &format!("| {} | 0 | – | – | – | – | – | – | – | – | – |\n", run.name);
+            md += &format!(
+                "| {} | 0 | – | – | – | – | – | – | – | – | – | – |\n",
+                run.name
+            );
             continue;
         };
         let col = |f: &dyn Fn(u64, &Finished) -> Option<f64>| {
             rows.iter().map(|(s, r)| f(*s, r)).collect::<Vec<_>>()
         };
         let final_loss = col(&|_, r| r.evals.last().map(|e| e.val_loss));
-        let ratio = col(&|s, r| base_of(s).map(|b| r.step_time_s / b.step_time_s));
+        // The ratio the budget used (measured beforehand) on the calibrated axis, else this run's measurement.
+        let ratio = col(&|s, r| match (calibrated, ratio_of(&run.name)) {
+            (true, Some(x)) => Some(x),
+            _ => base_of(s).map(|b| r.step_time_s / b.step_time_s),
+        });
         let base_curve = |s: u64| Some(curve(&base_of(s)?.evals, axis(&spec.baseline, s)));
         let at_end = col(&|s, r| {
             let end = base_curve(s)?.last()?.0;
@@ -440,8 +449,15 @@ pub fn write_report(spec: &Spec, out: &Path) -> Result<PathBuf> {
             let target = base_of(s)?.evals.last()?.val_loss;
             time_to_loss(&curve(&r.evals, axis(&run.name, s)), target)
         });
+        // The loss the baseline had at half its time, and how long this run takes to reach it, relative.
+        let half = col(&|s, r| {
+            let bc = base_curve(s)?;
+            let t_half = bc.last()?.0 / 2.0;
+            let target = loss_at_time(&bc, t_half)?;
+            Some(time_to_loss(&curve(&r.evals, axis(&run.name, s)), target)? / t_half)
+        });
         md += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             run.name,
             rows.len(),
             summarise(&col(&|_, r| Some(r.kept_fraction)), 2, "–"),
@@ -449,6 +465,7 @@ pub fn write_report(spec: &Spec, out: &Path) -> Result<PathBuf> {
             summarise(&ratio, 2, "–"),
             summarise(&at_end, 3, "ended sooner"),
             summarise(&ttq, 0, "never"),
+            summarise(&half, 2, "never"),
             summarise(&col(&|_, r| eval_number(&r.eval, "val", "ppl")), 1, "–"),
             summarise(
                 &col(&|_, r| eval_number(&r.eval, "hellaswag", "acc_norm")),
@@ -491,6 +508,7 @@ mod tests {
         assert_eq!(time_to_loss(&c, 3.9), None);
         assert_eq!(loss_at_time(&c, 5.0), Some(8.0));
         assert_eq!(loss_at_time(&c, 25.0), None);
+        assert_eq!(loss_at_time(&c, 20.3), Some(4.0), "within 2 % of the end");
     }
 
     #[test]
