@@ -10,7 +10,8 @@
 #   1. the GPU: nvidia-smi (name, driver, memory, clocks);
 #   2. every parity test binary in gpu-bin/tests with CUDA_LAUNCH_BLOCKING=1 (a kernel fault is reported at the
 #      launch that caused it): cuda_parity (eslm-kernels: token stats, select, sparse CE) and cuda_backend
-#      (eslm-gpt2's CUDA backend: every op and whole training steps against the CPU backend; never run yet);
+#      (eslm-gpt2's CUDA backend: every op and whole training steps against the CPU backend; never run yet) and
+#      cuda_device (eslm-train: CLM / ESLM runs on --device cuda vs cpu, a CUDA checkpoint resumed on the CPU);
 #   3. the same binaries under compute-sanitizer: memcheck, racecheck, synccheck, with ESLM_TEST_QUICK=1 (reduced
 #      sizes; the sanitizer slows kernels 10-100x). compute-sanitizer comes from gpu-bin/sanitizer/*.whl (the PyPI
 #      wheel nvidia-cuda-sanitizer-api, unpacked here into a temporary folder), else from PATH; without either the

@@ -58,14 +58,69 @@ pub enum Schedule {
     Constant,
 }
 
-/// The compute device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+/// The compute device: `cpu`, or `cuda` / `cuda:N` (GPU ordinal N; `cuda` is `cuda:0`). In TOML / JSON it is
+/// the same string (`"cpu"`, `"cuda"`, `"cuda:1"`); it is written back as `"cpu"` or `"cuda:N"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Device {
     /// CPU (always available).
+    #[default]
     Cpu,
-    /// CUDA (needs the `cuda` build and a GPU).
-    Cuda,
+    /// The CUDA GPU of this ordinal (needs a build with `--features cuda`, a driver and the GPU).
+    Cuda(usize),
+}
+
+impl Device {
+    /// Whether this is a CUDA device.
+    pub fn is_cuda(self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let err = || {
+            format!("`{s}` is not a device (expected cpu, cuda, or cuda:N with N a GPU ordinal, e.g. cuda:1)")
+        };
+        match s.trim() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            t => {
+                let n = t.strip_prefix("cuda:").ok_or_else(err)?;
+                if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(err());
+                }
+                n.parse().map(Device::Cuda).map_err(|_| err())
+            }
+        }
+    }
+}
+
+impl Serialize for Device {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Device {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// clap value parser of `--device` (see [`Device`]).
+pub fn parse_device(s: &str) -> std::result::Result<Device, String> {
+    s.parse()
 }
 
 /// Everything that defines a training run. `Default` is the no-argument run: a tiny GPT-2 trained with ESLM
@@ -419,8 +474,8 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
-    /// Device: cpu or cuda.
-    #[arg(long, value_enum)]
+    /// Device: cpu, cuda or cuda:N (GPU ordinal N; cuda = cuda:0). CUDA needs a build with --features cuda.
+    #[arg(long, value_parser = parse_device)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<Device>,
     /// Output directory.
@@ -628,6 +683,13 @@ impl RunConfig {
         if self.keep_last == 0 {
             return bad("--keep-last must be at least 1".into());
         }
+        if self.model == "bigram" && self.device.is_cuda() {
+            return bad(format!(
+                "--model bigram is a CPU-only test double and cannot run on --device {}; use --device cpu, or a \
+                 GPT-2 preset (synth-tiny, tiny, t, 124m, ...) on the GPU",
+                self.device
+            ));
+        }
         if self.token_budget == Some(0) {
             return bad(
                 "--token-budget must be at least 1 token (omit it to train for --steps)".into(),
@@ -743,5 +805,83 @@ impl RunConfig {
                 Schedule::Constant => eslm_gpt2::Decay::Constant,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_strings_parse() {
+        assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
+        assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda(0)));
+        assert_eq!("cuda:0".parse::<Device>(), Ok(Device::Cuda(0)));
+        assert_eq!("cuda:1".parse::<Device>(), Ok(Device::Cuda(1)));
+        assert_eq!(parse_device("cuda:12"), Ok(Device::Cuda(12)));
+        for bad in [
+            "gpu", "CUDA", "cuda:", "cuda:x", "cuda:-1", "cuda:+1", "cuda1", "cuda:1:2", "",
+        ] {
+            let err = bad.parse::<Device>().unwrap_err();
+            assert!(err.contains(&format!("`{bad}`")), "{err}");
+            assert!(err.contains("cpu, cuda, or cuda:N"), "{err}");
+        }
+        assert_eq!(Device::Cpu.to_string(), "cpu");
+        assert_eq!(Device::Cuda(0).to_string(), "cuda:0");
+        assert_eq!(Device::Cuda(3).to_string(), "cuda:3");
+    }
+
+    #[test]
+    fn device_config_format_is_backward_compatible() {
+        // The strings of the old `Device { Cpu, Cuda }` enum still parse, in TOML and JSON.
+        for (text, want) in [
+            ("cpu", Device::Cpu),
+            ("cuda", Device::Cuda(0)),
+            ("cuda:2", Device::Cuda(2)),
+        ] {
+            let toml_cfg: RunConfig = toml::from_str(&format!("device = \"{text}\"")).unwrap();
+            assert_eq!(toml_cfg.device, want);
+            let json: Device = serde_json::from_str(&format!("\"{text}\"")).unwrap();
+            assert_eq!(json, want);
+        }
+        // Round trip through the written config.
+        let cfg = RunConfig {
+            device: Device::Cuda(1),
+            ..RunConfig::default()
+        };
+        let text = toml::to_string(&cfg).unwrap();
+        assert!(text.contains("device = \"cuda:1\""), "{text}");
+        assert_eq!(toml::from_str::<RunConfig>(&text).unwrap(), cfg);
+        assert!(toml::to_string(&RunConfig::default())
+            .unwrap()
+            .contains("device = \"cpu\""));
+        let err = toml::from_str::<RunConfig>("device = \"tpu\"").unwrap_err();
+        assert!(err.to_string().contains("`tpu` is not a device"), "{err}");
+    }
+
+    #[test]
+    fn device_flag_overrides_the_file() {
+        let args = TrainArgs {
+            device: Some(Device::Cuda(1)),
+            ..TrainArgs::default()
+        };
+        let cfg = RunConfig::default()
+            .with_overrides(&args.overrides().unwrap())
+            .unwrap();
+        assert_eq!(cfg.device, Device::Cuda(1));
+    }
+
+    #[test]
+    fn bigram_on_cuda_is_refused() {
+        let cfg = RunConfig {
+            model: "bigram".into(),
+            device: Device::Cuda(0),
+            ..RunConfig::default()
+        };
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("--model bigram") && err.contains("--device cpu"),
+            "{err}"
+        );
     }
 }

@@ -1,8 +1,11 @@
-//! [`LanguageModel`] for the eslm-gpt2 engine: [`Gpt2Model`] wraps a `Gpt2` with its AdamW state.
+//! [`LanguageModel`] for the eslm-gpt2 engine: [`Gpt2Model`] wraps a `Gpt2<B>` with its AdamW state, on the
+//! CPU backend (`Gpt2Model<Cpu>`, the default) or any other `eslm_gpt2::Backend` (`Gpt2Model<Cuda>` with the
+//! `cuda` feature).
 //!
 //! - Training forward → `Gpt2::forward_stats`; no-grad forward → `Gpt2::forward_scores` (exit layer E or full
 //!   depth); selection, CE/KD gradient and the row-sparse backward → the engine's loss head
-//!   (`eslm_gpt2::loss_head`); a KD teacher must be another `Gpt2Model` (its logits stay in the engine).
+//!   (`eslm_gpt2::loss_head`); a KD teacher must be another `Gpt2Model` on the same backend (its logits stay in
+//!   the engine).
 //! - Optimizer: `Gpt2::reduce_grads`, then `Gpt2::clip_and_update`: global norm (f64) → if not finite, no update
 //!   (the trainer then stops or skips) → clip to `grad_clip` → AdamW (decoupled decay on matrices and embeddings).
 //! - Realized FLOPs: the engine's counter covers the ops since its last full forward, so the adapter folds it
@@ -10,13 +13,14 @@
 //!   (`forward_shallow_flops`). Optimizer work is not counted (O(P) per step, not FLOP-comparable).
 //! - Checkpoints: `config.json` + `model.safetensors` with HuggingFace GPT-2 names (eslm-gpt2's `hf` module;
 //!   loadable by `transformers`), the AdamW moments as checksummed flat f32 files ([`crate::tensor_file`])
-//!   and `optimizer.json` (step count).
+//!   and `optimizer.json` (step count). The format is the same on every backend (parameters and moments go
+//!   through host copies), so a checkpoint written on a GPU resumes on the CPU and the other way round.
 
 use std::path::Path;
 
 use eslm_collective::Collective;
 use eslm_gpt2::checkpoint::hf;
-use eslm_gpt2::{Gpt2, GptConfig, OptimizerSnapshot};
+use eslm_gpt2::{Backend, Cpu, Gpt2, GptConfig, OptimizerSnapshot, ParamSet};
 
 use crate::checkpoint::write_atomic;
 use crate::error::{Result, TrainError};
@@ -27,39 +31,65 @@ fn engine_err(e: impl std::fmt::Display) -> TrainError {
     TrainError::Model(e.to_string())
 }
 
-/// A GPT-2 model from eslm-gpt2 (its optimizer state lives in the engine).
+/// A GPT-2 model from eslm-gpt2 on backend `B` (the CPU by default); its optimizer state lives in the engine.
 #[derive(Debug)]
-pub struct Gpt2Model {
-    model: Gpt2,
+pub struct Gpt2Model<B: Backend = Cpu> {
+    model: Gpt2<B>,
     flops_done: f64,
 }
 
-impl Gpt2Model {
-    /// A GPT-2-initialised model for batches up to `b_max × t_max`.
+fn load_checkpoint_params(dir: &Path) -> Result<ParamSet> {
+    hf::load_pretrained(dir).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))
+}
+
+impl Gpt2Model<Cpu> {
+    /// A GPT-2-initialised model on the CPU for batches up to `b_max × t_max`.
     pub fn new(config: GptConfig, b_max: usize, t_max: usize, seed: u64) -> Result<Self> {
         let model = Gpt2::new(config, b_max, t_max, seed).map_err(engine_err)?;
         Self::wrap(model)
     }
 
-    fn wrap(model: Gpt2) -> Result<Self> {
+    /// Opens a checkpoint directory (`config.json` + `model.safetensors`, ours or transformers') on the CPU with
+    /// buffers for batches up to `b_max × t_max` (`t_max` is capped at the model's maximum sequence length).
+    pub fn open(dir: &Path, b_max: usize, t_max: usize) -> Result<Self> {
+        let params = load_checkpoint_params(dir)?;
+        let t_max = t_max.min(params.config().max_seq_len).max(1);
+        let model = Gpt2::from_params(params, b_max.max(1), t_max).map_err(engine_err)?;
+        Self::wrap(model)
+    }
+}
+
+impl<B: Backend + 'static> Gpt2Model<B> {
+    /// A GPT-2-initialised model on `backend` (the same initial parameters as [`Gpt2Model::new`] for a seed).
+    pub fn new_on(
+        backend: B,
+        config: GptConfig,
+        b_max: usize,
+        t_max: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        let model = Gpt2::new_on(backend, config, b_max, t_max, seed).map_err(engine_err)?;
+        Self::wrap(model)
+    }
+
+    /// [`Gpt2Model::open`] on `backend`: the checkpoint's parameters are uploaded to it.
+    pub fn open_on(backend: B, dir: &Path, b_max: usize, t_max: usize) -> Result<Self> {
+        let params = load_checkpoint_params(dir)?;
+        let t_max = t_max.min(params.config().max_seq_len).max(1);
+        let model =
+            Gpt2::from_host_params(backend, &params, b_max.max(1), t_max).map_err(engine_err)?;
+        Self::wrap(model)
+    }
+
+    fn wrap(model: Gpt2<B>) -> Result<Self> {
         Ok(Gpt2Model {
             model,
             flops_done: 0.0,
         })
     }
 
-    /// Opens a checkpoint directory (`config.json` + `model.safetensors`, ours or transformers') with buffers
-    /// for batches up to `b_max × t_max` (`t_max` is capped at the model's maximum sequence length).
-    pub fn open(dir: &Path, b_max: usize, t_max: usize) -> Result<Self> {
-        let params = hf::load_pretrained(dir)
-            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))?;
-        let t_max = t_max.min(params.config().max_seq_len).max(1);
-        let model = Gpt2::from_params(params, b_max.max(1), t_max).map_err(engine_err)?;
-        Self::wrap(model)
-    }
-
     /// The engine model.
-    pub fn inner(&self) -> &Gpt2 {
+    pub fn inner(&self) -> &Gpt2<B> {
         &self.model
     }
 
@@ -69,7 +99,7 @@ impl Gpt2Model {
     }
 }
 
-impl LanguageModel for Gpt2Model {
+impl<B: Backend + 'static> LanguageModel for Gpt2Model<B> {
     fn vocab_size(&self) -> usize {
         self.model.config().vocab_size
     }
@@ -139,12 +169,13 @@ impl LanguageModel for Gpt2Model {
             LossSpec::Distill { teacher, params } => {
                 let teacher = teacher
                     .as_any()
-                    .downcast_ref::<Gpt2Model>()
+                    .downcast_ref::<Gpt2Model<B>>()
                     .ok_or_else(|| {
-                        TrainError::Config(
-                            "eslm-kd: the teacher must be a GPT-2 model on the same engine as the student"
-                                .into(),
-                        )
+                        TrainError::Config(format!(
+                            "eslm-kd: the teacher must be a GPT-2 model on the same engine and device as the \
+                             student (a `{}` model)",
+                            std::any::type_name::<B>()
+                        ))
                     })?;
                 self.model
                     .kd_grad(&teacher.model, params, scale)
@@ -182,8 +213,17 @@ impl LanguageModel for Gpt2Model {
         }
     }
     fn save_model(&self, dir: &Path) -> Result<()> {
-        hf::save_pretrained(self.model.params(), dir)
-            .map_err(|e| TrainError::Checkpoint(e.to_string()))
+        // The CPU model's parameters are written in place; another backend's go through a host copy.
+        let any: &dyn std::any::Any = &self.model;
+        let host;
+        let params = match any.downcast_ref::<Gpt2<Cpu>>() {
+            Some(cpu) => cpu.params(),
+            None => {
+                host = self.model.params_to_host();
+                &host
+            }
+        };
+        hf::save_pretrained(params, dir).map_err(|e| TrainError::Checkpoint(e.to_string()))
     }
     fn load_model(&mut self, dir: &Path) -> Result<()> {
         let params = hf::load_pretrained(dir)
@@ -197,10 +237,8 @@ impl LanguageModel for Gpt2Model {
             )));
         }
         self.model
-            .params_mut()
-            .as_mut_slice()
-            .copy_from_slice(params.as_slice());
-        Ok(())
+            .load_params(&params)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))
     }
     fn save_optimizer(&self, dir: &Path) -> Result<()> {
         let snap = self.model.optimizer_snapshot();

@@ -62,9 +62,15 @@ pub enum TrainError {
         /// What to resume from and what to change.
         hint: String,
     },
-    /// The CUDA backend was requested but is not available.
-    #[error("CUDA backend not available in this build/device; use --device cpu")]
+    /// `--device cuda` was asked of a build without the `cuda` feature.
+    #[error(
+        "--device cuda: this eslm-train was built without CUDA support; rebuild with `cargo build --release \
+         --features cuda` (see README, \"Building the CUDA feature\"), or use --device cpu"
+    )]
     CudaUnavailable,
+    /// The requested device cannot be used (no CUDA driver, no such GPU, ...); the message says what to do.
+    #[error("device error: {0}")]
+    Device(String),
     /// An evaluation file is malformed.
     #[error("eval format error in {}: {message}", path.display())]
     EvalFormat {

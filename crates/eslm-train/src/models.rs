@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::bigram::BigramModel;
-use crate::config::{PolicyKind, RunConfig};
+use crate::config::{Device, PolicyKind, RunConfig};
 use crate::error::{Result, TrainError};
 use eslm_gpt2::GptConfig;
 
@@ -58,11 +58,115 @@ pub fn gpt_config(cfg: &RunConfig, vocab: usize) -> Result<Option<GptConfig>> {
         .map_err(|e| TrainError::Config(e.to_string()))
 }
 
-/// Builds the model of `cfg` for a vocabulary of `vocab` ids: randomly initialised from `cfg.seed`, or loaded
-/// from `cfg.init_from`.
+/// The CUDA side of model building: with the `cuda` feature, `Gpt2Model<Cuda>` on GPU `ordinal`; without it,
+/// [`TrainError::CudaUnavailable`] ("rebuild with --features cuda").
+#[cfg(feature = "cuda")]
+mod on_cuda {
+    use std::path::Path;
+
+    use eslm_gpt2::{Cuda, GptConfig};
+
+    use crate::engine::Gpt2Model;
+    use crate::error::{Result, TrainError};
+    use crate::model::LanguageModel;
+
+    /// Checks that a CUDA driver loads and that GPU `ordinal` exists, without opening it (so that a run fails
+    /// before it touches its output directory).
+    pub fn probe(ordinal: usize) -> Result<()> {
+        let count = eslm_kernels::cuda::cuda_probe()
+            .map_err(|e| TrainError::Device(format!("--device cuda:{ordinal}: {e}")))?;
+        if ordinal >= count {
+            return Err(TrainError::Device(format!(
+                "--device cuda:{ordinal}: this machine has {count} GPU(s) (ordinals 0..{count}); pass one of \
+                 them, or use --device cpu"
+            )));
+        }
+        Ok(())
+    }
+
+    fn backend(ordinal: usize) -> Result<Cuda> {
+        Cuda::new(ordinal).map_err(|e| TrainError::Device(format!("--device cuda:{ordinal}: {e}")))
+    }
+
+    pub fn new_model(
+        ordinal: usize,
+        config: GptConfig,
+        b_max: usize,
+        t_max: usize,
+        seed: u64,
+    ) -> Result<Box<dyn LanguageModel>> {
+        Ok(Box::new(Gpt2Model::new_on(
+            backend(ordinal)?,
+            config,
+            b_max,
+            t_max,
+            seed,
+        )?))
+    }
+
+    pub fn open_model(
+        ordinal: usize,
+        dir: &Path,
+        b_max: usize,
+        t_max: usize,
+    ) -> Result<Box<dyn LanguageModel>> {
+        Ok(Box::new(Gpt2Model::open_on(
+            backend(ordinal)?,
+            dir,
+            b_max,
+            t_max,
+        )?))
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod on_cuda {
+    use std::path::Path;
+
+    use eslm_gpt2::GptConfig;
+
+    use crate::error::{Result, TrainError};
+    use crate::model::LanguageModel;
+
+    pub fn probe(_ordinal: usize) -> Result<()> {
+        Err(TrainError::CudaUnavailable)
+    }
+
+    pub fn new_model(
+        _ordinal: usize,
+        _config: GptConfig,
+        _b_max: usize,
+        _t_max: usize,
+        _seed: u64,
+    ) -> Result<Box<dyn LanguageModel>> {
+        Err(TrainError::CudaUnavailable)
+    }
+
+    pub fn open_model(
+        _ordinal: usize,
+        _dir: &Path,
+        _b_max: usize,
+        _t_max: usize,
+    ) -> Result<Box<dyn LanguageModel>> {
+        Err(TrainError::CudaUnavailable)
+    }
+}
+
+/// Checks that `device` can be used by this build on this machine: always for the CPU; for `cuda:N`, a build
+/// with the `cuda` feature ([`TrainError::CudaUnavailable`] otherwise), a loadable driver ("no CUDA driver
+/// found; use --device cpu") and GPU N. Opens nothing.
+pub fn check_device(device: Device) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        Device::Cuda(n) => on_cuda::probe(n),
+    }
+}
+
+/// Builds the model of `cfg` for a vocabulary of `vocab` ids on `cfg.device`: randomly initialised from
+/// `cfg.seed` (the same parameters on every device), or loaded from `cfg.init_from`.
 pub fn build_model(cfg: &RunConfig, vocab: usize) -> Result<Box<dyn LanguageModel>> {
     if let Some(dir) = &cfg.init_from {
-        let model = open_model(dir, cfg.batch_size, cfg.seq_len)?;
+        let model = open_model_on(dir, cfg.batch_size, cfg.seq_len, cfg.device)?;
         if model.vocab_size() != vocab {
             return Err(TrainError::Config(format!(
                 "--init-from {}: model vocabulary {} differs from the data's {vocab}",
@@ -72,23 +176,46 @@ pub fn build_model(cfg: &RunConfig, vocab: usize) -> Result<Box<dyn LanguageMode
         }
         return Ok(model);
     }
-    match gpt_config(cfg, vocab)? {
-        None => Ok(Box::new(BigramModel::new(vocab))),
-        Some(gc) => Ok(Box::new(Gpt2Model::new(
+    match (gpt_config(cfg, vocab)?, cfg.device) {
+        (None, Device::Cpu) => Ok(Box::new(BigramModel::new(vocab))),
+        (None, device) => Err(bigram_on_cuda(device)),
+        (Some(gc), Device::Cpu) => Ok(Box::new(Gpt2Model::new(
             gc,
             cfg.batch_size,
             cfg.seq_len,
             cfg.seed,
         )?)),
+        (Some(gc), Device::Cuda(n)) => {
+            on_cuda::new_model(n, gc, cfg.batch_size, cfg.seq_len, cfg.seed)
+        }
     }
 }
 
-/// Opens the model stored in checkpoint directory `dir` (a trainer checkpoint or an HF GPT-2 directory) with
-/// buffers for batches up to `b_max × t_max`.
+fn bigram_on_cuda(device: Device) -> TrainError {
+    TrainError::Config(format!(
+        "the bigram model is a CPU-only test double and cannot run on --device {device}; use --device cpu"
+    ))
+}
+
+/// Opens the model stored in checkpoint directory `dir` (a trainer checkpoint or an HF GPT-2 directory) on the
+/// CPU with buffers for batches up to `b_max × t_max`.
 pub fn open_model(dir: &Path, b_max: usize, t_max: usize) -> Result<Box<dyn LanguageModel>> {
+    open_model_on(dir, b_max, t_max, Device::Cpu)
+}
+
+/// [`open_model`] on `device` (checkpoints have one format on every device).
+pub fn open_model_on(
+    dir: &Path,
+    b_max: usize,
+    t_max: usize,
+    device: Device,
+) -> Result<Box<dyn LanguageModel>> {
     crate::checkpoint::verify_checkpoint(dir)?;
     let bigram = dir.join("bigram.bin");
     if bigram.is_file() {
+        if device.is_cuda() {
+            return Err(bigram_on_cuda(device));
+        }
         let w = crate::tensor_file::read_f32(&bigram)?;
         let vocab = (1..=65536usize)
             .find(|&v| v * v.div_ceil(8) * 8 == w.len())
@@ -105,18 +232,22 @@ pub fn open_model(dir: &Path, b_max: usize, t_max: usize) -> Result<Box<dyn Lang
             dir.display()
         )));
     }
-    Ok(Box::new(Gpt2Model::open(dir, b_max, t_max)?))
+    match device {
+        Device::Cpu => Ok(Box::new(Gpt2Model::open(dir, b_max, t_max)?)),
+        Device::Cuda(n) => on_cuda::open_model(n, dir, b_max, t_max),
+    }
 }
 
 /// Opens the reference (rho1) or teacher (eslm-kd) model at `path` and checks that it can score the run's
-/// batches: the same vocabulary as the trained model (`vocab`) and a context of at least `--seq-len`.
+/// batches: the same vocabulary as the trained model (`vocab`) and a context of at least `--seq-len`. It runs on
+/// the run's device (`cfg.device`), like the trained model.
 fn open_scorer(
     cfg: &RunConfig,
     path: &Path,
     flag: &str,
     vocab: usize,
 ) -> Result<Box<dyn LanguageModel>> {
-    let m = open_model(path, cfg.batch_size, cfg.seq_len)?;
+    let m = open_model_on(path, cfg.batch_size, cfg.seq_len, cfg.device)?;
     if m.vocab_size() != vocab {
         return Err(TrainError::Config(format!(
             "{flag} {}: its vocabulary has {} ids but the trained model's has {vocab}; its token scores would \

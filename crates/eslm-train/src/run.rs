@@ -7,11 +7,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::checkpoint::{latest_checkpoint, load_trainer_state, recover_checkpoints};
-use crate::config::{Device, PolicyKind, RunConfig, TrainArgs};
+use crate::config::{PolicyKind, RunConfig, TrainArgs};
 use crate::data::open_run_data_for_rank;
 use crate::error::{Result, TrainError};
 use crate::metrics::MetricsWriter;
-use crate::models::{build_model, build_policy};
+use crate::models::{build_model, build_policy, check_device};
 use crate::outdir::{claim_fresh, RunDirLock};
 use crate::trainer::{TrainSummary, Trainer};
 
@@ -168,9 +168,8 @@ pub fn run_training_on(
     collective: Arc<dyn eslm_collective::Collective>,
 ) -> Result<TrainSummary> {
     let pre = RunConfig::resolve(args)?;
-    if pre.device == Device::Cuda {
-        return Err(TrainError::CudaUnavailable);
-    }
+    // Before the run directory is touched: a CUDA device needs the `cuda` build, a driver and the GPU.
+    check_device(pre.device)?;
     if args.overwrite && args.resume {
         return Err(TrainError::Config(
             "--overwrite and --resume contradict each other (replace the run, or continue it?)"
@@ -195,6 +194,10 @@ pub fn run_training_on(
     };
     collective.barrier()?;
     let (cfg, resumed_from) = resolve_config_from(args)?;
+    if cfg.device != pre.device {
+        // A resumed run keeps its checkpoint's device unless --device is given.
+        check_device(cfg.device)?;
+    }
     if collective.is_root() {
         for w in inapplicable_flags(&cfg, args)? {
             eprintln!("{w}");

@@ -228,15 +228,18 @@ fn non_finite_loss_stops_without_checkpointing_broken_weights_or_is_skipped() {
 }
 
 #[test]
-fn cuda_device_is_a_clear_error() {
+fn bigram_on_cuda_is_a_clear_error() {
+    // The bigram test double is CPU-only, with or without the `cuda` feature (see tests/device.rs for GPT-2).
     let dir = tempfile::tempdir().unwrap();
-    let mut a = args(dir.path(), PolicyKind::Clm, 1);
-    a.device = Some(eslm_train::config::Device::Cuda);
-    let err = run_training(&a, no_stop()).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "CUDA backend not available in this build/device; use --device cpu"
+    let out = dir.path().join("run");
+    let mut a = args(&out, PolicyKind::Clm, 1);
+    a.device = Some(eslm_train::config::Device::Cuda(0));
+    let err = run_training(&a, no_stop()).unwrap_err().to_string();
+    assert!(
+        err.contains("--model bigram") && err.contains("--device cpu"),
+        "{err}"
     );
+    assert!(!out.exists(), "the refused run created {}", out.display());
 }
 
 #[test]

@@ -1,0 +1,146 @@
+//! On a GPU (`--features cuda`; skipped with a printed message where no CUDA driver loads): the trainer's CLM and
+//! ESLM runs on `--device cuda` against the same runs on the CPU from the same seed, and a CUDA checkpoint resumed
+//! on the CPU. Named `cuda_*` so that `scripts/build-gpu-bin.sh` builds it for `scripts/gpu-check.sh`; with
+//! `ESLM_TEST_QUICK=1` (the compute-sanitizer passes) only one CLM step is compared and the resume is skipped.
+#![cfg(feature = "cuda")]
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use eslm_train::checkpoint::list_checkpoints;
+use eslm_train::config::{Device, PolicyKind, TrainArgs};
+use eslm_train::metrics::{read_metrics, StepRecord};
+use eslm_train::run::run_training;
+
+fn no_stop() -> Arc<AtomicBool> {
+    Arc::new(AtomicBool::new(false))
+}
+
+fn quick() -> bool {
+    std::env::var("ESLM_TEST_QUICK").is_ok_and(|v| v == "1")
+}
+
+/// A small GPT-2 run on the synthetic corpus.
+fn small(out: &Path, select: PolicyKind, steps: u64, device: Device) -> TrainArgs {
+    TrainArgs {
+        model: Some("synth-tiny".into()),
+        n_layer: Some(2),
+        n_embd: Some(32),
+        n_head: Some(2),
+        synthetic_documents: Some(256),
+        select: Some(select),
+        steps: Some(steps),
+        batch_size: Some(4),
+        seq_len: Some(32),
+        lr: Some(3e-3),
+        warmup_steps: Some(2),
+        eval_every: Some(0),
+        eval_batches: Some(2),
+        device: Some(device),
+        out: Some(out.to_path_buf()),
+        no_progress: true,
+        ..Default::default()
+    }
+}
+
+const TOL: f32 = 1e-3;
+
+fn gpu_or_skip(test: &str) -> bool {
+    if eslm_kernels::cuda::cuda_available() {
+        true
+    } else {
+        println!("skipping: no CUDA device for {test}");
+        false
+    }
+}
+
+fn steps_of(out: &Path) -> Vec<StepRecord> {
+    read_metrics(&out.join("metrics.jsonl")).unwrap().0
+}
+
+fn assert_close(what: &str, a: &[StepRecord], b: &[StepRecord]) {
+    assert_eq!(a.len(), b.len(), "{what}: step counts");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.step, y.step, "{what}");
+        for (name, p, q) in [
+            ("loss", x.loss, y.loss),
+            ("loss_kept", x.loss_kept, y.loss_kept),
+        ] {
+            assert!(
+                p.is_finite() && (p - q).abs() <= TOL,
+                "{what} step {} {name}: {p} vs {q}",
+                x.step
+            );
+        }
+        println!(
+            "{what} step {}: loss {} vs {} (|d| = {:.2e})",
+            x.step,
+            x.loss,
+            y.loss,
+            (x.loss - y.loss).abs()
+        );
+    }
+}
+
+/// 3 steps of CLM and of ESLM from the same seed on CUDA and on the CPU: the per-step losses agree within
+/// 1e-3 (f32 on both; the GPU's summation order differs).
+#[test]
+fn clm_and_eslm_on_cuda_match_the_cpu() {
+    if !gpu_or_skip("clm_and_eslm_on_cuda_match_the_cpu") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (policies, steps): (&[PolicyKind], u64) = if quick() {
+        (&[PolicyKind::Clm], 1)
+    } else {
+        (&[PolicyKind::Clm, PolicyKind::Eslm], 3)
+    };
+    for &select in policies {
+        let (gpu, cpu) = (
+            dir.path().join(format!("{select:?}-cuda")),
+            dir.path().join(format!("{select:?}-cpu")),
+        );
+        run_training(&small(&gpu, select, steps, Device::Cuda(0)), no_stop())
+            .unwrap_or_else(|e| panic!("{select:?} on cuda: {e}"));
+        run_training(&small(&cpu, select, steps, Device::Cpu), no_stop()).unwrap();
+        assert_close(&format!("{select:?}"), &steps_of(&gpu), &steps_of(&cpu));
+    }
+}
+
+/// A checkpoint written on CUDA at step 3 resumes on the CPU; steps 4..6 match the CUDA run's.
+#[test]
+fn cuda_checkpoint_resumes_on_the_cpu() {
+    if !gpu_or_skip("cuda_checkpoint_resumes_on_the_cpu") {
+        return;
+    }
+    if quick() {
+        println!("skipping cuda_checkpoint_resumes_on_the_cpu under ESLM_TEST_QUICK=1");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("cuda");
+    let mut a = small(&full, PolicyKind::Eslm, 6, Device::Cuda(0));
+    a.checkpoint_every = Some(3);
+    a.keep_last = Some(3);
+    run_training(&a, no_stop()).unwrap();
+    let full_steps = steps_of(&full);
+
+    let part = dir.path().join("cpu");
+    let (_, three) = list_checkpoints(&full)
+        .unwrap()
+        .into_iter()
+        .find(|(s, _)| *s == 3)
+        .unwrap();
+    let dst = part.join("checkpoints").join(three.file_name().unwrap());
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&three).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    let mut b = small(&part, PolicyKind::Eslm, 6, Device::Cpu);
+    b.checkpoint_every = Some(3);
+    b.resume = true;
+    run_training(&b, no_stop()).unwrap();
+    assert_close("resume cuda -> cpu", &full_steps[3..], &steps_of(&part));
+}

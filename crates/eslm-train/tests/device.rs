@@ -1,0 +1,121 @@
+//! `--device cpu | cuda | cuda:N` without a GPU: the flag's parsing (through the binary), the error of a build
+//! without the `cuda` feature, and the no-driver error of a `cuda` build on a machine without a GPU (never a
+//! panic; the output directory untouched). Where a GPU is usable these checks skip with a message; the training
+//! runs on the GPU are in `cuda_device.rs`.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use eslm_train::config::{Device, PolicyKind, TrainArgs};
+use eslm_train::run::run_training;
+
+fn no_stop() -> Arc<AtomicBool> {
+    Arc::new(AtomicBool::new(false))
+}
+
+/// A small GPT-2 run on the synthetic corpus.
+fn small(out: &Path, select: PolicyKind, steps: u64, device: Device) -> TrainArgs {
+    TrainArgs {
+        model: Some("synth-tiny".into()),
+        n_layer: Some(2),
+        n_embd: Some(32),
+        n_head: Some(2),
+        synthetic_documents: Some(256),
+        select: Some(select),
+        steps: Some(steps),
+        batch_size: Some(4),
+        seq_len: Some(32),
+        lr: Some(3e-3),
+        warmup_steps: Some(2),
+        eval_every: Some(0),
+        eval_batches: Some(2),
+        device: Some(device),
+        out: Some(out.to_path_buf()),
+        no_progress: true,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn bad_device_values_are_named_by_the_cli() {
+    for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_eslm-train"))
+            .args(["train", "--device", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--device {bad} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("`{bad}` is not a device")), "{err}");
+        assert!(err.contains("cuda:N"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+/// What `--device cuda` answers on a machine where the GPU test cannot run: without the feature, "rebuild with
+/// --features cuda"; with it and no driver, the backend's "no CUDA driver found; use --device cpu". The output
+/// directory is not touched. Returns `false` where a GPU is usable (nothing to check).
+fn cuda_refusal_checked(device: Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if eslm_kernels::cuda::cuda_available() {
+        return false;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let err = run_training(&small(&out, PolicyKind::Clm, 1, device), no_stop())
+        .unwrap_err()
+        .to_string();
+    if cfg!(feature = "cuda") {
+        assert!(
+            err.contains("no CUDA driver found; use --device cpu"),
+            "{err}"
+        );
+        assert!(err.contains(&format!("--device {device}")), "{err}");
+    } else {
+        assert!(err.contains("built without CUDA support"), "{err}");
+        assert!(err.contains("--features cuda"), "{err}");
+        assert!(err.contains("--device cpu"), "{err}");
+    }
+    assert!(!out.exists(), "the refused run created {}", out.display());
+    true
+}
+
+#[test]
+fn cuda_without_a_usable_gpu_is_a_clear_error() {
+    for device in [Device::Cuda(0), Device::Cuda(1)] {
+        if !cuda_refusal_checked(device) {
+            println!(
+                "skipping cuda_without_a_usable_gpu_is_a_clear_error: a CUDA device is present"
+            );
+            return;
+        }
+    }
+}
+
+#[test]
+fn cuda_refusal_through_the_binary_is_not_a_panic() {
+    #[cfg(feature = "cuda")]
+    if eslm_kernels::cuda::cuda_available() {
+        println!(
+            "skipping cuda_refusal_through_the_binary_is_not_a_panic: a CUDA device is present"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_eslm-train"))
+        .args(["train", "--device", "cuda:0", "--no-progress", "--out"])
+        .arg(dir.path().join("run"))
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let want = if cfg!(feature = "cuda") {
+        "no CUDA driver found; use --device cpu"
+    } else {
+        "--features cuda"
+    };
+    assert!(err.contains(want), "{err}");
+}
