@@ -159,7 +159,17 @@ pub fn run_compare(args: &CompareArgs, stop: Arc<AtomicBool>) -> Result<PathBuf>
                 if stop.load(std::sync::atomic::Ordering::SeqCst) {
                     return Err(TrainError::Config("compare: interrupted".into()));
                 }
-                train_and_eval(&spec, run, seed, &out, stop.clone())?;
+                // One failed run (a diverged policy, say) does not end the experiment: it is recorded in
+                // RUN/seedS/failed.txt, reported, and tried again by the next `compare`.
+                if let Err(e) = train_and_eval(&spec, run, seed, &out, stop.clone()) {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        return Err(e);
+                    }
+                    eprintln!("compare: {} seed {seed} failed: {e}", run.name);
+                    let failed = run_dir(&out, &run.name, seed).join("failed.txt");
+                    std::fs::write(&failed, format!("{e}\n"))
+                        .map_err(|io| TrainError::io(&failed, io))?;
+                }
             }
         }
     }
@@ -170,6 +180,25 @@ pub fn run_compare(args: &CompareArgs, stop: Arc<AtomicBool>) -> Result<PathBuf>
 
 fn run_dir(out: &Path, run: &str, seed: u64) -> PathBuf {
     out.join(run).join(format!("seed{seed}"))
+}
+
+/// ` (seed S failed: reason)` for each seed of `run` whose last attempt failed (`failed.txt`, no `done.json`).
+fn failures(out: &Path, run: &str, seeds: &[u64]) -> String {
+    seeds
+        .iter()
+        .filter_map(|&s| {
+            let dir = run_dir(out, run, s);
+            let text = std::fs::read_to_string(dir.join("failed.txt")).ok()?;
+            let first: String = text
+                .lines()
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take(120)
+                .collect();
+            (!dir.join("done.json").is_file()).then(|| format!(" (seed {s} failed: {first})"))
+        })
+        .collect()
 }
 
 /// Trains one run for one seed (resuming an interrupted one) and evaluates its final checkpoint.
@@ -208,9 +237,12 @@ fn train_and_eval(
         run.name,
         dir.display()
     );
+    // Resume an interrupted run from its checkpoint; replace a failed one that left no checkpoint.
+    let resume = latest_checkpoint(&dir)?.is_some();
     let args = TrainArgs {
         config: Some(cfg_path),
-        resume: latest_checkpoint(&dir)?.is_some(),
+        resume,
+        overwrite: !resume,
         ..Default::default()
     };
     let summary = crate::run::run_training(&args, stop)?;
@@ -425,8 +457,9 @@ pub fn write_report(spec: &Spec, out: &Path) -> Result<PathBuf> {
     );
     for run in &spec.runs {
         let Some(rows) = finished.get(run.name.as_str()) else {
+            let failed = failures(out, &run.name, &spec.seeds);
             md += &format!(
-                "| {} | 0 | – | – | – | – | – | – | – | – | – | – |\n",
+                "| {} | 0{failed} | – | – | – | – | – | – | – | – | – | – |\n",
                 run.name
             );
             continue;

@@ -9,7 +9,11 @@
 //! - **loss spike**: with at least [`MIN_HISTORY`] earlier accepted steps, the loss exceeds `F ×` the median loss
 //!   of the last [`WINDOW`] accepted steps;
 //! - **gradient spike**: with at least [`MIN_HISTORY`] earlier accepted steps, the gradient norm (before clipping)
-//!   exceeds `G ×` the median of the last [`WINDOW`] accepted norms.
+//!   exceeds `G ×` the median of the last [`WINDOW`] accepted norms. With gradient clipping on (`--grad-clip`
+//!   > 0, the default) such a step is applied at the clipped norm, so a spike alone is not a divergence: it marks
+//!   the run *elevated* (checkpoints protected, a warning printed) and only a loss rule stops it. Without
+//!   clipping a spike is applied in full and stops the run. (Measured: an ada-eslm run on Gutenberg had one
+//!   step at 115× its median norm while its loss kept falling; stopping it was a false alarm.)
 //!
 //! Non-finite losses and gradient norms are caught by the step itself (the engine never applies a non-finite
 //! update) and handled the same way unless `--skip-nonfinite` is set. A flagged step does not enter the history.
@@ -53,6 +57,8 @@ pub struct DivergenceGuard {
     losses: VecDeque<f64>,
     norms: VecDeque<f64>,
     elevated: bool,
+    /// Gradients are clipped: a norm spike is not applied in full (see the module docs).
+    clipped: bool,
 }
 
 fn median(v: &VecDeque<f64>) -> f64 {
@@ -77,7 +83,14 @@ impl DivergenceGuard {
             losses: VecDeque::new(),
             norms: VecDeque::new(),
             elevated: false,
+            clipped: false,
         }
+    }
+
+    /// Declares that gradients are clipped: a gradient spike then marks the run elevated instead of stopping it.
+    pub fn with_clipping(mut self, clipped: bool) -> Self {
+        self.clipped = clipped;
+        self
     }
 
     /// Whether the last observed step was elevated (or diverged).
@@ -108,6 +121,8 @@ impl DivergenceGuard {
                      {ml:.4} of the last {} steps",
                     self.losses.len()
                 ));
+            } else if g > 0.0 && grad_norm > g * mg && self.clipped {
+                verdict = Verdict::Elevated;
             } else if g > 0.0 && grad_norm > g * mg {
                 verdict = Verdict::Diverged(format!(
                     "gradient norm {grad_norm:.4e} at step {step} is above --grad-spike-factor {g} × the running \
@@ -192,7 +207,8 @@ impl RunGuard {
     /// The guard of a run with config `cfg` and vocabulary `vocab`.
     pub fn new(cfg: &crate::config::RunConfig, vocab: usize) -> Self {
         RunGuard {
-            rules: DivergenceGuard::new(cfg.divergence_factor, cfg.grad_spike_factor, vocab),
+            rules: DivergenceGuard::new(cfg.divergence_factor, cfg.grad_spike_factor, vocab)
+                .with_clipping(cfg.grad_clip > 0.0),
             clean_checkpoint: None,
             budget_s: cfg.time_budget_s(),
             wall_at_start: None,
@@ -246,5 +262,33 @@ impl RunGuard {
         }
         let est = step + ((budget - wall_s).max(0.0) / mean).floor() as u64;
         (est < total).then_some(est.max(step))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn warmed(clipped: bool) -> DivergenceGuard {
+        let mut g = DivergenceGuard::new(3.0, 100.0, 50257).with_clipping(clipped);
+        for s in 0..(MIN_HISTORY as u64 + 2) {
+            assert_eq!(g.observe(s, 6.0, 1.0), Verdict::Ok);
+        }
+        g
+    }
+
+    #[test]
+    fn a_gradient_spike_stops_an_unclipped_run_and_only_flags_a_clipped_one() {
+        let spike = |g: &mut DivergenceGuard| g.observe(20, 5.9, 150.0);
+        assert!(
+            matches!(spike(&mut warmed(false)), Verdict::Diverged(m) if m.contains("--grad-spike-factor"))
+        );
+        let mut clipped = warmed(true);
+        assert_eq!(spike(&mut clipped), Verdict::Elevated);
+        assert!(clipped.is_elevated());
+        // A loss spike stops the run whatever the clipping.
+        assert!(
+            matches!(clipped.observe(21, 25.0, 1.0), Verdict::Diverged(m) if m.contains("median loss"))
+        );
     }
 }
