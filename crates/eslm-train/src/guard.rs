@@ -9,9 +9,9 @@
 //! - **loss spike**: with at least [`MIN_HISTORY`] earlier accepted steps, the loss exceeds `F ×` the median loss
 //!   of the last [`WINDOW`] accepted steps;
 //! - **gradient spike**: with at least [`MIN_HISTORY`] earlier accepted steps, the gradient norm (before clipping)
-//!   exceeds `G ×` the median of the last [`WINDOW`] accepted norms. With gradient clipping on (`--grad-clip`
-//!   > 0, the default) such a step is applied at the clipped norm, so a spike alone is not a divergence: it marks
-//!   the run *elevated* (checkpoints protected, a warning printed) and only a loss rule stops it. Without
+//!   exceeds `G ×` the median of the last [`WINDOW`] accepted norms. With gradient clipping on (a positive
+//!   `--grad-clip`, the default) such a step is applied at the clipped norm, so a spike alone is not a
+//!   divergence: it marks the run *elevated* (checkpoints protected) and only a loss rule stops it. Without
 //!   clipping a spike is applied in full and stops the run. (Measured: an ada-eslm run on Gutenberg had one
 //!   step at 115× its median norm while its loss kept falling; stopping it was a false alarm.)
 //!
