@@ -16,6 +16,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod init;
 pub mod loss_head;
@@ -30,6 +31,7 @@ pub mod update;
 pub use backend::Cuda;
 pub use backend::{Backend, Cpu};
 pub use config::GptConfig;
+pub use decode::KvCache;
 pub use error::{Gpt2Error, Result};
 pub use loss_head::{Keep, ScoreSource};
 pub use model::Gpt2;

@@ -20,7 +20,7 @@ use std::path::Path;
 
 use eslm_collective::Collective;
 use eslm_gpt2::checkpoint::hf;
-use eslm_gpt2::{Backend, Cpu, Gpt2, GptConfig, OptimizerSnapshot, ParamSet};
+use eslm_gpt2::{Backend, Cpu, Gpt2, GptConfig, KvCache, OptimizerSnapshot, ParamSet};
 
 use crate::checkpoint::write_atomic;
 use crate::error::{Result, TrainError};
@@ -36,6 +36,8 @@ fn engine_err(e: impl std::fmt::Display) -> TrainError {
 pub struct Gpt2Model<B: Backend = Cpu> {
     model: Gpt2<B>,
     flops_done: f64,
+    /// Generation on the CPU backend: the key/value cache and the ids it holds.
+    decoder: Option<(KvCache, Vec<u32>)>,
 }
 
 fn load_checkpoint_params(dir: &Path) -> Result<ParamSet> {
@@ -85,6 +87,7 @@ impl<B: Backend + 'static> Gpt2Model<B> {
         Ok(Gpt2Model {
             model,
             flops_done: 0.0,
+            decoder: None,
         })
     }
 
@@ -153,6 +156,20 @@ impl<B: Backend + 'static> LanguageModel for Gpt2Model<B> {
             .forward_scores(inputs, targets, b, t, Some(exit))
             .map_err(engine_err)
     }
+    fn next_token_logits(&mut self, context: &[u32]) -> Result<Vec<f32>> {
+        let any: &mut dyn std::any::Any = self;
+        match any.downcast_mut::<Gpt2Model<Cpu>>() {
+            Some(cpu) => cpu.decode_cached(context),
+            None => {
+                // Other backends: the full-context forward (no device KV cache yet).
+                let start = context.len().saturating_sub(self.max_seq_len());
+                let ctx = &context[start..];
+                let targets = vec![eslm_kernels::token_stats::DEFAULT_IGNORE_INDEX; ctx.len()];
+                self.forward_inference(ctx, &targets, 1, ctx.len(), None)?;
+                self.row_logits(ctx.len().saturating_sub(1))
+            }
+        }
+    }
     fn row_logits(&self, row: usize) -> Result<Vec<f32>> {
         self.model.row_logits(row).map_err(engine_err)
     }
@@ -193,6 +210,7 @@ impl<B: Backend + 'static> LanguageModel for Gpt2Model<B> {
         self.model.reduce_grads(collective).map_err(engine_err)
     }
     fn optimizer_step(&mut self, s: &OptimStep) -> Result<f32> {
+        self.decoder = None; // cached keys and values belong to the old weights
         let norm = self
             .model
             .clip_and_update(s.adamw(), s.lr, s.grad_clip as f64)
@@ -226,6 +244,7 @@ impl<B: Backend + 'static> LanguageModel for Gpt2Model<B> {
         hf::save_pretrained(params, dir).map_err(|e| TrainError::Checkpoint(e.to_string()))
     }
     fn load_model(&mut self, dir: &Path) -> Result<()> {
+        self.decoder = None;
         let params = hf::load_pretrained(dir)
             .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))?;
         if params.config() != self.model.config() {
@@ -266,5 +285,35 @@ impl<B: Backend + 'static> LanguageModel for Gpt2Model<B> {
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
+    }
+}
+
+impl Gpt2Model<Cpu> {
+    /// [`LanguageModel::next_token_logits`] with the engine's key/value cache: when `context` extends the ids
+    /// already cached by exactly one, only that token is fed; otherwise (a new prompt, or a window that slid past
+    /// the maximum context) the cache is rebuilt from the context's last `max_seq_len` ids.
+    fn decode_cached(&mut self, context: &[u32]) -> Result<Vec<f32>> {
+        let max_t = self.max_seq_len();
+        let start = context.len().saturating_sub(max_t);
+        let ctx = &context[start..];
+        let (cache, fed) = self
+            .decoder
+            .get_or_insert_with(|| (self.model.new_kv_cache(), Vec::new()));
+        let extends = start == 0 && ctx.len() == fed.len() + 1 && ctx[..fed.len()] == fed[..];
+        if !extends {
+            cache.clear();
+            fed.clear();
+        }
+        let mut logits = Vec::new();
+        for &id in &ctx[fed.len()..] {
+            logits = self.model.decode_step(cache, id).map_err(engine_err)?;
+            fed.push(id);
+        }
+        if logits.is_empty() {
+            return Err(TrainError::Config(
+                "generation needs a non-empty context".into(),
+            ));
+        }
+        Ok(logits)
     }
 }

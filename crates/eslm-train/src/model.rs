@@ -115,6 +115,17 @@ pub trait LanguageModel: Any {
     ) -> Result<&TokenStats>;
     /// The `V` logits of one row of the last forward (sampling, greedy checks): never a whole batch.
     fn row_logits(&self, row: usize) -> Result<Vec<f32>>;
+    /// The logits of the token after `context` (its last `max_seq_len` ids), for generation. The default runs a
+    /// no-grad forward over the whole context (O(t²) per token); an engine with a key/value cache overrides it and
+    /// feeds only the new token when `context` extends the previous call's by one.
+    fn next_token_logits(&mut self, context: &[u32]) -> Result<Vec<f32>> {
+        let start = context.len().saturating_sub(self.max_seq_len());
+        let ctx = &context[start..];
+        let t = ctx.len();
+        let no_targets = vec![eslm_kernels::token_stats::DEFAULT_IGNORE_INDEX; t];
+        self.forward_inference(ctx, &no_targets, 1, t, None)?;
+        self.row_logits(t.saturating_sub(1))
+    }
     /// Selects the rows that get gradient among the valid rows of the last forward.
     fn select(&mut self, score: ScoreSource<'_>, keep: Keep) -> Result<&Selection>;
     /// Writes the loss gradient of the selected rows times `scale` (inside the engine); returns the mean loss

@@ -8,7 +8,6 @@
 use std::path::PathBuf;
 
 use eslm_data::Tokenizer;
-use eslm_kernels::token_stats::DEFAULT_IGNORE_INDEX;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -121,14 +120,9 @@ pub fn generate_with(
     crate::error::check_tokens(prompt, vocab)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut ids = prompt.to_vec();
-    let max_t = model.max_seq_len().min(1 << 16);
     for i in 0..n {
-        let start = ids.len().saturating_sub(max_t);
-        let ctx = &ids[start..];
-        let t = ctx.len();
-        let no_targets = vec![DEFAULT_IGNORE_INDEX; t];
-        model.forward_inference(ctx, &no_targets, 1, t, None)?;
-        let row = model.row_logits(t - 1)?;
+        // The engine's KV cache makes each token O(t) while the context fits; the trait's default re-runs it.
+        let row = model.next_token_logits(&ids)?;
         if let Some(bad) = row.iter().find(|z| !z.is_finite()) {
             return Err(TrainError::Model(format!(
                 "the model's logits are not finite ({bad}) at generated token {}; its weights are broken \

@@ -203,3 +203,29 @@ fn lazy_head_random_trains_like_random_with_fewer_flops() {
         "{lazy_flops} vs {dense_flops}"
     );
 }
+
+/// Generation through the engine's KV cache picks the same tokens as re-running the whole (sliding) context for
+/// every token: greedy, past the model's maximum context so the window slides and the cache is rebuilt.
+#[test]
+fn kv_cache_generation_equals_full_context_generation() {
+    use eslm_gpt2::GptConfig;
+    use eslm_kernels::token_stats::DEFAULT_IGNORE_INDEX;
+    use eslm_train::engine::Gpt2Model;
+    use eslm_train::model::LanguageModel;
+    let cfg = GptConfig::new(2, 2, 16, 61, 8).unwrap();
+    let mut cached = Gpt2Model::new(cfg, 1, 8, 3).unwrap();
+    let prompt = [5u32, 17, 42];
+    let got = eslm_train::sample::generate(&mut cached, &prompt, 12, 0.0, 0, 1).unwrap();
+    let mut full = Gpt2Model::new(cfg, 1, 8, 3).unwrap();
+    let mut ids = prompt.to_vec();
+    for _ in 0..12 {
+        let ctx = &ids[ids.len().saturating_sub(8)..];
+        let t = ctx.len();
+        full.forward_inference(ctx, &vec![DEFAULT_IGNORE_INDEX; t], 1, t, None)
+            .unwrap();
+        let row = full.row_logits(t - 1).unwrap();
+        let best = (0..row.len()).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+        ids.push(best as u32);
+    }
+    assert_eq!(got, ids[prompt.len()..].to_vec());
+}
