@@ -2,6 +2,7 @@
  * adamw.cu: the fused AdamW update of one parameter tensor. CPU counterpart: crates/eslm-gpt2/src/optim.rs
  * (adamw_update_slice; the constants are its AdamWStep).
  *
+ *     g = grad_scale * g (global-norm clipping fused into the update)
  *     m = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2
  *     p = p * decay - step_size * m / (sqrt(v) * inv_sqrt_bc2 + eps)
  *
@@ -19,10 +20,11 @@
 
 extern "C" __global__ void __launch_bounds__(ADAMW_THREADS)
 adamw_update(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
-             uint64_t len, float beta1, float beta2, float eps, float step_size, float inv_sqrt_bc2, float decay) {
+             uint64_t len, float beta1, float beta2, float eps, float step_size, float inv_sqrt_bc2, float decay,
+             float grad_scale) {
     ESLM_REQUIRE_BLOCK(ADAMW_THREADS);
     for (uint64_t i = gs_start(); i < len; i += gs_stride()) {
-        const float gi = g[i];
+        const float gi = g[i] * grad_scale;
         const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
         const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
         m[i] = mi;

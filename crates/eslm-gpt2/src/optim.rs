@@ -121,13 +121,23 @@ pub struct AdamWStep {
     inv_sqrt_bc2: f32,
     /// `1 − lr·wd`, the decoupled decay factor of decaying tensors.
     decay: f32,
+    /// Factor applied to every gradient as it is read (global-norm clipping fused into the update; 1 = none).
+    grad_scale: f32,
 }
 
 impl AdamWStep {
-    /// The kernel arguments of one tensor's update: `(β₁, β₂, eps, step_size, 1/√(1 − β₂ˢ), decay factor)`, the
+    /// The same step with every gradient multiplied by `scale` as it is read: global-norm clipping without a
+    /// separate pass over the gradients (`g·scale` is computed in f32 exactly as a clipping pass would store it).
+    pub fn with_grad_scale(mut self, scale: f32) -> Self {
+        self.grad_scale = scale;
+        self
+    }
+
+    /// The kernel arguments of one tensor's update: `(β₁, β₂, eps, step_size, 1/√(1 − β₂ˢ), decay factor,
+    /// gradient scale)`, the
     /// decay factor `1 − lr·wd` when `decays`, else 1 (device backends pass these to their AdamW kernel).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) fn kernel_args(&self, decays: bool) -> [f32; 6] {
+    pub(crate) fn kernel_args(&self, decays: bool) -> [f32; 7] {
         let decay = if decays { self.decay } else { 1.0 };
         [
             self.beta1,
@@ -136,6 +146,7 @@ impl AdamWStep {
             self.step_size,
             self.inv_sqrt_bc2,
             decay,
+            self.grad_scale,
         ]
     }
 
@@ -151,6 +162,7 @@ impl AdamWStep {
             step_size: (lr as f64 / bc1) as f32,
             inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
             decay: 1.0 - lr * config.weight_decay,
+            grad_scale: 1.0,
         }
     }
 }
@@ -173,6 +185,7 @@ pub fn adamw_update_slice(
         eps,
         step_size,
         inv_sqrt_bc2,
+        grad_scale,
         ..
     } = *s;
     p.par_chunks_mut(CHUNK)
@@ -180,7 +193,7 @@ pub fn adamw_update_slice(
         .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
         .for_each(|((p, g), (m, v))| {
             for i in 0..p.len() {
-                let gi = g[i];
+                let gi = g[i] * grad_scale;
                 let mi = beta1 * m[i] + (1.0 - beta1) * gi;
                 let vi = beta2 * v[i] + (1.0 - beta2) * gi * gi;
                 m[i] = mi;

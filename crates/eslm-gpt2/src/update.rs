@@ -62,15 +62,14 @@ impl<B: Backend> Gpt2<B> {
                 "learning rate {lr}"
             )));
         }
-        if let Some(s) = clip_coefficient(norm, grad_clip) {
-            self.backend.scale(B::view_mut(self.grads.buf_mut()), s);
-        }
+        // Clipping is fused into the update: the gradients are scaled as AdamW reads them (no extra pass).
+        let clip = clip_coefficient(norm, grad_clip).unwrap_or(1.0);
         let mut opt = match self.optimizer.take() {
             Some(o) => o,
             None => self.zero_optimizer(),
         };
         opt.step += 1;
-        let constants = AdamWStep::new(&config, lr, opt.step);
+        let constants = AdamWStep::new(&config, lr, opt.step).with_grad_scale(clip);
         let layout = self.params.layout().clone();
         {
             let mut p = B::view_mut(self.params.buf_mut());

@@ -347,11 +347,9 @@ impl LanguageModel for BigramModel {
         if !norm.is_finite() {
             return Ok(norm as f32);
         }
-        if let Some(c) = clip_coefficient(norm, s.grad_clip as f64) {
-            self.grads.iter_mut().for_each(|g| *g *= c);
-        }
+        let clip = clip_coefficient(norm, s.grad_clip as f64).unwrap_or(1.0);
         self.adam_step += 1;
-        let constants = AdamWStep::new(&s.adamw(), s.lr, self.adam_step);
+        let constants = AdamWStep::new(&s.adamw(), s.lr, self.adam_step).with_grad_scale(clip);
         adamw_update_slice(
             &mut self.weights,
             &self.grads,

@@ -1917,7 +1917,8 @@ impl Backend for Cuda {
         {
             return;
         }
-        let [beta1, beta2, eps, step_size, inv_sqrt_bc2, decay] = step.kernel_args(decays);
+        let [beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale] =
+            step.kernel_args(decays);
         let len64 = len as u64;
         let mut l = self.stream().launch_builder(&self.f.adamw_update);
         l.arg(&t.p.ptr)
@@ -1930,7 +1931,8 @@ impl Backend for Cuda {
             .arg(&eps)
             .arg(&step_size)
             .arg(&inv_sqrt_bc2)
-            .arg(&decay);
+            .arg(&decay)
+            .arg(&grad_scale);
         // SAFETY: matches adamw_update (adamw.cu); all four hold len floats.
         let r = unsafe { l.launch(cfg(grid(len, ESLM_ADAMW_THREADS), ESLM_ADAMW_THREADS)) };
         self.check(r);
