@@ -601,7 +601,6 @@ impl Trainer {
         valid_here: usize,
         acc: &mut StepAcc,
     ) -> Result<()> {
-        let fwd_flops = self.model.paper_forward_flops_per_token(None);
         let (scores, keep, divisor) = match rule {
             KeepRule::Micro => {
                 let scores = self.scores_of_micro(micro)?.to_vec();
@@ -632,6 +631,12 @@ impl Trainer {
         let divisor = divisor.unwrap_or_else(|| {
             self.policy.normaliser(k, valid_here) * self.cfg.grad_accum as f64 * world
         });
+        self.backward_kept(k, divisor, acc)
+    }
+
+    /// The policy's loss gradient of the `k` selected rows divided by `divisor`, then the row-sparse backward;
+    /// a non-finite kept loss is recorded in `acc` instead (no backward).
+    fn backward_kept(&mut self, k: usize, divisor: f64, acc: &mut StepAcc) -> Result<()> {
         let scale = (1.0 / divisor.max(1e-30)) as f32;
         let kept_loss = self.model.loss_grad(self.policy.loss(), scale)?;
         if !kept_loss.is_finite() {
@@ -640,7 +645,7 @@ impl Trainer {
         }
         acc.kept_loss_sum += kept_loss as f64 * k as f64;
         acc.kept += k as u64;
-        acc.flops_paper += 2.0 * fwd_flops * k as f64;
+        acc.flops_paper += 2.0 * self.model.paper_forward_flops_per_token(None) * k as f64;
         self.model.backward()
     }
 
@@ -676,17 +681,7 @@ impl Trainer {
         }
         let world = self.collective.world_size() as f64;
         let divisor = self.policy.normaliser(k, valid_here) * self.cfg.grad_accum as f64 * world;
-        let kept_loss = self
-            .model
-            .loss_grad(self.policy.loss(), (1.0 / divisor.max(1e-30)) as f32)?;
-        if !kept_loss.is_finite() {
-            acc.nonfinite = Some(kept_loss);
-            return Ok(());
-        }
-        acc.kept_loss_sum += kept_loss as f64 * k as f64;
-        acc.kept += k as u64;
-        acc.flops_paper += 2.0 * fwd_flops * k as f64;
-        self.model.backward()
+        self.backward_kept(k, divisor, acc)
     }
 
     /// Micro scope: each micro-batch selects its own rows. Every micro-batch runs even after a non-finite one
