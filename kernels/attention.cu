@@ -3,7 +3,7 @@
  * crates/eslm-gpt2/src/ops/attention.rs.
  *
  * llm.c style: the products S = Q K^T, Y = P V and, backward, dP = dY V^T, dQ = dS K, dK = dS^T Q, dV = P^T dY
- * are cuBLAS strided-batched SGEMMs (crates/eslm-gpt2/src/backend/cuda.rs, batched over the heads of one
+ * are cuBLAS strided-batched SGEMMs (crates/eslm-gpt2/src/backend/cuda/mod.rs, batched over the heads of one
  * sequence); these kernels do the row-wise parts in place on the [B, H, T, T] buffer, one warp per row
  * (row r = ((b * H + h) * T + i), query position i = r mod T):
  *

@@ -1,6 +1,6 @@
 /*
  * linear.cu: the bias parts of a linear layer y = x W^T + b (the products are cuBLAS SGEMMs in
- * crates/eslm-gpt2/src/backend/cuda.rs). CPU counterpart: crates/eslm-gpt2/src/ops/linear.rs.
+ * crates/eslm-gpt2/src/backend/cuda/mod.rs). CPU counterpart: crates/eslm-gpt2/src/ops/linear.rs.
  *
  *     bias_forward:        y[i, :] = b                                  (then the GEMM adds x W^T with beta = 1)
  *     colsum_partial:      partial[q, col] = sum of dy[j, col] over the rows j of chunk q (ESLM_COLSUM_ROWS rows)

@@ -1,0 +1,191 @@
+//! Device memory of the CUDA backend: owned f32 buffers, the views the `Backend` trait hands around (pointer +
+//! length, so sub-ranges and disjoint mutable splits are plain arithmetic), integer index buffers, grow-only
+//! scratch, and borrowed views for the eslm-kernels launchers.
+
+use std::marker::PhantomData;
+use std::ops::Range;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use eslm_kernels::cuda::{alloc_len, cudarc};
+use eslm_kernels::KernelError;
+
+use crate::error::Gpt2Error;
+
+/// An owned f32 buffer in device memory (`len` floats). A failed allocation leaves no memory (`slice` `None`,
+/// pointer 0); the failure is recorded by the backend and any op given a view of it records a shape error.
+#[derive(Debug)]
+pub struct CudaBuf {
+    pub(super) slice: Option<CudaSlice<f32>>,
+    pub(super) ptr: u64,
+    pub(super) len: usize,
+}
+
+impl Clone for CudaBuf {
+    /// A device-to-device copy on the buffer's stream; on failure the copy holds no memory (see [`CudaBuf`]).
+    fn clone(&self) -> Self {
+        let slice = self.slice.as_ref().and_then(|s| s.try_clone().ok());
+        let ptr = slice.as_ref().map_or(0, raw_ptr);
+        Self {
+            slice,
+            ptr,
+            len: self.len,
+        }
+    }
+}
+
+/// A read-only range of a [`CudaBuf`]: device pointer and length in floats (pointer 0: no memory, or a range
+/// outside its buffer).
+#[derive(Debug, Clone, Copy)]
+pub struct DevView<'a> {
+    pub(super) ptr: u64,
+    pub(super) len: usize,
+    pub(super) _buf: PhantomData<&'a [f32]>,
+}
+
+/// A mutable range of a [`CudaBuf`] (see [`DevView`]).
+#[derive(Debug)]
+pub struct DevViewMut<'a> {
+    pub(super) ptr: u64,
+    pub(super) len: usize,
+    pub(super) _buf: PhantomData<&'a mut [f32]>,
+}
+
+impl DevView<'_> {
+    /// Length in floats.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether the view is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl DevViewMut<'_> {
+    /// Length in floats.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether the view is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Integers on the device (token ids, targets) with their host copy.
+#[derive(Debug)]
+pub struct DeviceInts<T: DeviceRepr> {
+    pub(super) dev: Option<CudaSlice<T>>,
+    pub(super) capacity: usize,
+    pub(super) host: Vec<T>,
+}
+
+impl<T: DeviceRepr + Clone> Clone for DeviceInts<T> {
+    fn clone(&self) -> Self {
+        Self {
+            dev: self.dev.as_ref().and_then(|s| s.try_clone().ok()),
+            capacity: self.capacity,
+            host: self.host.clone(),
+        }
+    }
+}
+
+impl<T: DeviceRepr> DeviceInts<T> {
+    /// Number of values held.
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+    /// The host copy.
+    pub fn host(&self) -> &[T] {
+        &self.host
+    }
+    pub(super) fn ptr(&self) -> u64 {
+        self.dev.as_ref().map_or(0, raw_ptr)
+    }
+}
+
+/// The device pointer of a slice (event tracking is off on the backend's context, so this records nothing).
+pub(super) fn raw_ptr<T>(s: &CudaSlice<T>) -> u64 {
+    let (ptr, _sync) = s.device_ptr(s.stream());
+    ptr
+}
+
+/// `(ptr, len)` of `range` within a view of `len` floats at `ptr`; pointer 0 when the range is outside.
+pub(super) fn sub(ptr: u64, len: usize, range: Range<usize>) -> (u64, usize) {
+    let n = range.end.saturating_sub(range.start);
+    if ptr == 0 || range.start > range.end || range.end > len {
+        return (0, n);
+    }
+    (ptr + 4 * range.start as u64, n)
+}
+
+/// A device buffer that grows on demand (scratch).
+#[derive(Debug)]
+pub(super) struct Grow<T: DeviceRepr> {
+    pub(super) slice: Option<CudaSlice<T>>,
+}
+
+impl<T: DeviceRepr + ValidAsZeroBits> Grow<T> {
+    pub(super) fn new() -> Self {
+        Self { slice: None }
+    }
+    /// At least `len` elements; `None` if the allocation failed.
+    pub(super) fn ensure(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        len: usize,
+    ) -> std::result::Result<&mut CudaSlice<T>, Gpt2Error> {
+        if self.slice.as_ref().is_none_or(|s| s.len() < len) {
+            self.slice = None;
+            let s = stream
+                .alloc_zeros::<T>(alloc_len(len))
+                .map_err(KernelError::from)?;
+            self.slice = Some(s);
+        }
+        self.slice
+            .as_mut()
+            .ok_or_else(|| Gpt2Error::Kernel(KernelError::Cuda("scratch allocation".into())))
+    }
+}
+
+/// A `CudaSlice` over memory the backend does not own (a view of a [`CudaBuf`]), for the eslm-kernels launchers
+/// that take cudarc views; forgotten (never freed) on drop.
+pub(super) struct Borrowed<T>(pub(super) std::mem::ManuallyDrop<CudaSlice<T>>);
+
+impl<T> Borrowed<T> {
+    /// # Safety
+    /// `ptr` must point to at least `len` live elements of `T` for the lifetime of the value, on `stream`'s
+    /// context.
+    pub(super) unsafe fn new(stream: &Arc<CudaStream>, ptr: u64, len: usize) -> Self {
+        // SAFETY: as the caller promises; event tracking is off on this context, so nothing else is created.
+        Self(std::mem::ManuallyDrop::new(unsafe {
+            stream.upgrade_device_ptr(ptr, len)
+        }))
+    }
+}
+
+impl<T> std::ops::Deref for Borrowed<T> {
+    type Target = CudaSlice<T>;
+    fn deref(&self) -> &CudaSlice<T> {
+        &self.0
+    }
+}
+
+impl<T> std::ops::DerefMut for Borrowed<T> {
+    fn deref_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.0
+    }
+}
+
+impl<T> Drop for Borrowed<T> {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here; `leak` hands the pointer back without freeing it (its owner frees it).
+        let slice = unsafe { std::mem::ManuallyDrop::take(&mut self.0) };
+        let _ = slice.leak();
+    }
+}
