@@ -160,14 +160,8 @@ impl<B: Backend + 'static> LanguageModel for Gpt2Model<B> {
         let any: &mut dyn std::any::Any = self;
         match any.downcast_mut::<Gpt2Model<Cpu>>() {
             Some(cpu) => cpu.decode_cached(context),
-            None => {
-                // Other backends: the full-context forward (no device KV cache yet).
-                let start = context.len().saturating_sub(self.max_seq_len());
-                let ctx = &context[start..];
-                let targets = vec![eslm_kernels::token_stats::DEFAULT_IGNORE_INDEX; ctx.len()];
-                self.forward_inference(ctx, &targets, 1, ctx.len(), None)?;
-                self.row_logits(ctx.len().saturating_sub(1))
-            }
+            // Other backends: the full-context forward (no device KV cache yet).
+            None => crate::model::full_context_logits(self, context),
         }
     }
     fn row_logits(&self, row: usize) -> Result<Vec<f32>> {

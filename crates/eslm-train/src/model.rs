@@ -119,12 +119,7 @@ pub trait LanguageModel: Any {
     /// no-grad forward over the whole context (O(t²) per token); an engine with a key/value cache overrides it and
     /// feeds only the new token when `context` extends the previous call's by one.
     fn next_token_logits(&mut self, context: &[u32]) -> Result<Vec<f32>> {
-        let start = context.len().saturating_sub(self.max_seq_len());
-        let ctx = &context[start..];
-        let t = ctx.len();
-        let no_targets = vec![eslm_kernels::token_stats::DEFAULT_IGNORE_INDEX; t];
-        self.forward_inference(ctx, &no_targets, 1, t, None)?;
-        self.row_logits(t.saturating_sub(1))
+        full_context_logits(self, context)
     }
     /// Selects the rows that get gradient among the valid rows of the last forward.
     fn select(&mut self, score: ScoreSource<'_>, keep: Keep) -> Result<&Selection>;
@@ -158,4 +153,18 @@ pub trait LanguageModel: Any {
     fn load_optimizer(&mut self, dir: &Path) -> Result<()>;
     /// The model as `Any`, so an engine can find its own kind among other models (a KD teacher).
     fn as_any(&self) -> &dyn Any;
+}
+
+/// The next token's logits from a no-grad forward over the last `max_seq_len` ids of `context` (O(t²) per
+/// token): [`LanguageModel::next_token_logits`] for engines without a key/value cache.
+pub fn full_context_logits<M: LanguageModel + ?Sized>(
+    model: &mut M,
+    context: &[u32],
+) -> Result<Vec<f32>> {
+    let start = context.len().saturating_sub(model.max_seq_len());
+    let ctx = &context[start..];
+    let t = ctx.len();
+    let no_targets = vec![eslm_kernels::token_stats::DEFAULT_IGNORE_INDEX; t];
+    model.forward_inference(ctx, &no_targets, 1, t, None)?;
+    model.row_logits(t.saturating_sub(1))
 }

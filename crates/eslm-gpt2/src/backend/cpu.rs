@@ -346,10 +346,6 @@ impl Backend for Cpu {
             .collect();
         partial.iter().sum::<f64>()
     }
-    fn scale(&mut self, x: &mut [f32], s: f32) {
-        x.par_chunks_mut(CHUNK)
-            .for_each(|c| c.iter_mut().for_each(|x| *x *= s));
-    }
     fn scale_rows(&mut self, x: &mut [f32], width: usize, weights: &[f32]) {
         x.par_chunks_mut(width)
             .zip(weights.par_iter())

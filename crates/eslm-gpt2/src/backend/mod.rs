@@ -405,8 +405,6 @@ pub trait Backend: Sized + Send {
     );
     /// `Σ x²` in f64, reproducibly (fixed chunking, chunk sums added in order).
     fn sum_squares(&self, x: Self::View<'_>) -> f64;
-    /// `x *= s`.
-    fn scale(&mut self, x: Self::ViewMut<'_>, s: f32);
     /// Row `i` of the compact `[K, width]` buffer `x` times `weights[i]` (`K = weights.len()`, a per-row host
     /// vector: importance weights of kept rows).
     fn scale_rows(&mut self, x: Self::ViewMut<'_>, width: usize, weights: &[f32]);

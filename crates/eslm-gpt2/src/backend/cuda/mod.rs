@@ -95,7 +95,6 @@ struct Functions {
     adamw_update: CudaFunction,
     sum_squares_partial: CudaFunction,
     sum_squares_final: CudaFunction,
-    scale_all: CudaFunction,
     scale_rows: CudaFunction,
     bias_forward: CudaFunction,
     colsum_partial: CudaFunction,
@@ -132,7 +131,6 @@ impl Functions {
             adamw_update: f("adamw", "adamw_update")?,
             sum_squares_partial: f("global_norm", "sum_squares_partial")?,
             sum_squares_final: f("global_norm", "sum_squares_final")?,
-            scale_all: f("scale", "scale_all")?,
             scale_rows: f("scale", "scale_rows")?,
             bias_forward: f("linear", "bias_forward")?,
             colsum_partial: f("linear", "colsum_partial")?,
@@ -1657,18 +1655,6 @@ impl Backend for Cuda {
         } else {
             f64::NAN
         }
-    }
-    fn scale(&mut self, x: DevViewMut<'_>, s: f32) {
-        let len = x.len;
-        if len == 0 || !self.ready(&[("scale x", len, len, x.ptr)]) {
-            return;
-        }
-        let len64 = len as u64;
-        let mut l = self.stream().launch_builder(&self.f.scale_all);
-        l.arg(&x.ptr).arg(&len64).arg(&s);
-        // SAFETY: matches scale_all (scale.cu).
-        let r = unsafe { l.launch(cfg(grid(len, ESLM_EW_THREADS), ESLM_EW_THREADS)) };
-        self.check(r);
     }
     fn scale_rows(&mut self, x: DevViewMut<'_>, width: usize, weights: &[f32]) {
         let k = weights.len();
