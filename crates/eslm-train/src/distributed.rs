@@ -83,6 +83,7 @@ pub fn train_from_env(args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<RankOut
         Ok(summary) => Ok(RankOutcome {
             summary,
             root: collective.is_root(),
+            collective,
         }),
         Err(e) if world > 1 => {
             eprintln!("eslm-train rank {rank}/{world}: error: {e}; aborting every rank");
@@ -94,13 +95,26 @@ pub fn train_from_env(args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<RankOut
 }
 
 /// What one rank's training returns: its summary (every rank's counters are the same, having been summed), and
-/// whether this rank is the one that reports (rank 0).
-#[derive(Debug, Clone)]
+/// whether this rank is the one that reports (rank 0). Call [`RankOutcome::finish`] after reporting.
+#[derive(Clone)]
 pub struct RankOutcome {
     /// The run's summary.
     pub summary: TrainSummary,
     /// Whether this rank prints it.
     pub root: bool,
+    collective: Arc<dyn Collective>,
+}
+
+impl RankOutcome {
+    /// Waits until every rank has reported (flushing this rank's output first). Without it a rank that exits
+    /// non-zero (130 after an interrupt) lets the launcher kill rank 0 before rank 0 has printed its summary:
+    /// Open MPI's `mpirun` ends the whole job as soon as one rank exits with an error code.
+    pub fn finish(&self) -> Result<()> {
+        use std::io::Write;
+        let _ = std::io::stdout().flush(); // a closed pipe is not a training error
+        let _ = std::io::stderr().flush();
+        self.collective.barrier().map_err(TrainError::from)
+    }
 }
 
 /// Makes a panic on this rank abort the whole job (after the usual panic message).

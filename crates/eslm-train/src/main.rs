@@ -130,11 +130,13 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
     if outcome.root {
         print_summary(&outcome.summary);
     }
+    if outcome.summary.interrupted && outcome.root {
+        eprintln!("interrupted: exit code 130 (resume with --resume)");
+    }
+    // No rank exits before rank 0 has reported (see `RankOutcome::finish`).
+    outcome.finish()?;
     if outcome.summary.interrupted {
         // Every rank exits 130 after an interrupt, as one process does.
-        if outcome.root {
-            eprintln!("interrupted: exit code 130 (resume with --resume)");
-        }
         return Ok(ExitCode::from(130));
     }
     Ok(ExitCode::SUCCESS)
