@@ -6,6 +6,7 @@
 #   3. 2 ranks × B/2 against 1 rank × B: per-step losses within 1e-5 and identical kept counts (clm, eslm loss and
 #      entropy, ada-eslm, a tiny GPT-2), and the meaningful properties of random (per-rank streams);
 #   4. resume from a checkpoint at 2 ranks is bitwise; resuming on another world size is refused;
+#   4b. the sharded optimizer (ZeRO-1) against the unsharded one, and its resume;
 #   5. SIGINT or SIGTERM to one rank stops every rank after the same step with a checkpoint (exit 130, as a
 #      single-process run does after an interrupt);
 #   6. SIGKILL of one rank ends the whole job with an error within a timeout (no rank hangs).
@@ -45,6 +46,9 @@ timeout "$TIMEOUT" "${MPIRUN[@]}" "$CHECK" parity "$WORK/parity"
 
 step "resume at 2 ranks is bitwise"
 timeout "$TIMEOUT" "${MPIRUN[@]}" "$CHECK" resume "$WORK/resume"
+
+step "sharded optimizer (ZeRO-1) == unsharded; its resume"
+timeout "$TIMEOUT" "${MPIRUN[@]}" "$CHECK" zero "$WORK/zero"
 
 # A small run of the real binary; extra flags are appended.
 TRAIN=(--model bigram --synthetic-documents 256 --batch-size 2 --seq-len 32 --no-progress --eval-every 0 --eval-batches 2)

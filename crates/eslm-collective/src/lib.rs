@@ -9,7 +9,9 @@
 //! - a few f64 statistics: the kept count `K` (the CVaR normaliser is `1/K` over *all* ranks), Ada-ESLM's mass
 //!   statistics, hierarchical's instance scores, metrics — [`Collective::all_reduce_sum_f64`];
 //!
-//! plus [`Collective::broadcast_bytes`] for start-up agreement (seeds, configs, a NCCL unique id).
+//! plus [`Collective::broadcast_bytes`] for start-up agreement (seeds, configs, a NCCL unique id), and for a
+//! sharded optimizer (ZeRO-1) [`Collective::reduce_scatter_sum_f32`] (each rank gets the summed gradients of its
+//! [`shard_range`]) and [`Collective::all_gather_f32`] (every rank gets every rank's updated shard).
 //!
 //! [`SingleProcess`] is the world of one rank: every reduction is the identity. Multi-rank implementations live
 //! behind cargo features so the default build needs neither: `MpiCollective` (feature `mpi`, CPU ranks over the
@@ -40,6 +42,31 @@ pub fn from_env() -> Result<std::sync::Arc<dyn Collective>> {
     {
         Ok(std::sync::Arc::new(SingleProcess))
     }
+}
+
+/// How a flat buffer of `len` elements is split over `world` ranks: contiguous shards, rank `r` holding
+/// `len / world` elements plus one when `r < len % world`. The counts sum to `len`.
+///
+/// ```
+/// assert_eq!(eslm_collective::shard_counts(10, 4), [3, 3, 2, 2]);
+/// ```
+pub fn shard_counts(len: usize, world: usize) -> Vec<usize> {
+    let world = world.max(1);
+    (0..world)
+        .map(|r| len / world + usize::from(r < len % world))
+        .collect()
+}
+
+/// The elements of a flat buffer of `len` elements that rank `rank` of `world` owns in a sharded optimizer
+/// (the [`shard_counts`] layout).
+///
+/// ```
+/// assert_eq!(eslm_collective::shard_range(10, 4, 2), 6..8);
+/// ```
+pub fn shard_range(len: usize, world: usize, rank: usize) -> std::ops::Range<usize> {
+    let counts = shard_counts(len, world);
+    let start: usize = counts[..rank.min(counts.len())].iter().sum();
+    start..start + counts.get(rank).copied().unwrap_or(0)
 }
 
 /// Errors of a collective operation.
@@ -79,6 +106,12 @@ pub trait Collective: Send + Sync {
     fn all_reduce_sum_u32(&self, buf: &mut [u32]) -> Result<()>;
     /// In-place element-wise sum over ranks (statistics).
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
+    /// Sums `buf` over ranks into this rank's [`shard_range`] of it (ZeRO-1's gradient reduction: half the traffic
+    /// of an all-reduce). The elements outside this rank's shard are left unspecified.
+    fn reduce_scatter_sum_f32(&self, buf: &mut [f32]) -> Result<()>;
+    /// Replaces every rank's [`shard_range`] of `buf` on every rank by that rank's values (ZeRO-1's parameter
+    /// gather after each rank updated its shard).
+    fn all_gather_f32(&self, buf: &mut [f32]) -> Result<()>;
     /// Replaces `buf` on every rank by `root`'s bytes (lengths may differ before the call).
     fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<()>;
     /// Blocks until every rank reaches this call.
@@ -122,6 +155,12 @@ impl Collective for SingleProcess {
     fn all_reduce_sum_f64(&self, _buf: &mut [f64]) -> Result<()> {
         Ok(())
     }
+    fn reduce_scatter_sum_f32(&self, _buf: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn all_gather_f32(&self, _buf: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
     fn broadcast_bytes(&self, _buf: &mut Vec<u8>, root: usize) -> Result<()> {
         if root != 0 {
             return Err(CollectiveError::Mismatch {
@@ -152,5 +191,26 @@ mod tests {
         assert_eq!(b, [1, 2]);
         assert!(c.broadcast_bytes(&mut b, 1).is_err());
         assert!(c.is_root() && c.world_size() == 1);
+        c.reduce_scatter_sum_f32(&mut f).unwrap();
+        c.all_gather_f32(&mut f).unwrap();
+        assert_eq!(f, [1.5, -2.0]);
+    }
+
+    #[test]
+    fn shards_cover_the_buffer_once_in_order() {
+        for len in [0, 1, 2, 7, 10, 124_439_808] {
+            for world in 1..=5 {
+                let counts = shard_counts(len, world);
+                assert_eq!(counts.iter().sum::<usize>(), len);
+                assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1);
+                let mut next = 0;
+                for rank in 0..world {
+                    let r = shard_range(len, world, rank);
+                    assert_eq!((r.start, r.len()), (next, counts[rank]));
+                    next = r.end;
+                }
+                assert_eq!(next, len);
+            }
+        }
     }
 }

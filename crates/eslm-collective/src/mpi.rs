@@ -16,6 +16,11 @@
 //!   all-reduce runs after the backward; overlapping it with the backward (per-layer buckets as in llm.c) is not
 //!   done.
 //!
+//! - **Sharded optimizer (ZeRO-1)**: `MPI_Reduce_scatter` and `MPI_Allgatherv` over the [`crate::shard_range`]
+//!   layout, also in buckets: bucket `j` carries elements `[j·b, (j+1)·b)` of every rank's shard, packed by rank
+//!   into a scratch buffer of `world × b` elements (`b` = [`BUCKET_BYTES`] / 4), so no call moves more than a
+//!   bucket per rank and no scratch copy of a whole shard is needed.
+//!
 //! For two ranks the sum `a + b` is commutative, so every rank gets the same bits; for more ranks Open MPI and
 //! MPICH reduce in one order and send the result, so the ranks agree as well (the trainer relies on identical
 //! parameters on every rank).
@@ -25,7 +30,7 @@ use std::sync::Mutex;
 
 use mpi::ffi;
 
-use crate::{Collective, CollectiveError, Result, SingleProcess};
+use crate::{shard_counts, Collective, CollectiveError, Result, SingleProcess};
 
 /// Bytes per `MPI_Allreduce` call of a long buffer (4 MiB: a million f32 gradients).
 pub const BUCKET_BYTES: usize = 4 << 20;
@@ -208,6 +213,67 @@ impl MpiCollective {
     }
 }
 
+/// The bucket `j` (elements `[j·b, j·b + b)` of every rank's shard) of the sharded layout of a buffer: per
+/// rank, the start of its piece in the flat buffer and its length, plus the packed displacements (by rank).
+struct ShardBucket {
+    starts: Vec<usize>,
+    lens: Vec<c_int>,
+    displs: Vec<c_int>,
+}
+
+impl ShardBucket {
+    fn new(shard_starts: &[usize], counts: &[usize], offset: usize, bucket: usize) -> Self {
+        let lens: Vec<c_int> = counts
+            .iter()
+            .map(|&c| c.saturating_sub(offset).min(bucket) as c_int)
+            .collect();
+        let displs = lens
+            .iter()
+            .scan(0, |acc, &l| {
+                let d = *acc;
+                *acc += l;
+                Some(d)
+            })
+            .collect();
+        ShardBucket {
+            starts: shard_starts.iter().map(|s| s + offset).collect(),
+            lens,
+            displs,
+        }
+    }
+    /// The flat range and the packed range of rank `r`'s piece.
+    fn piece(&self, r: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let (len, d) = (self.lens[r] as usize, self.displs[r] as usize);
+        (self.starts[r]..self.starts[r] + len, d..d + len)
+    }
+}
+
+impl MpiCollective {
+    /// Calls `f(bucket)` for each bucket of the sharded layout of a buffer of `len` f32 (see the module
+    /// documentation).
+    fn for_each_shard_bucket(
+        &self,
+        len: usize,
+        mut f: impl FnMut(&ShardBucket) -> Result<()>,
+    ) -> Result<()> {
+        let counts = shard_counts(len, self.world_size);
+        let starts: Vec<usize> = counts
+            .iter()
+            .scan(0, |acc, &c| {
+                let s = *acc;
+                *acc += c;
+                Some(s)
+            })
+            .collect();
+        let bucket = BUCKET_BYTES / std::mem::size_of::<f32>();
+        let largest = counts.iter().copied().max().unwrap_or(0);
+        for offset in (0..largest).step_by(bucket) {
+            f(&ShardBucket::new(&starts, &counts, offset, bucket))?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for MpiCollective {
     fn drop(&mut self) {
         let comm = self.comm.get_mut().unwrap_or_else(|p| p.into_inner());
@@ -234,6 +300,74 @@ impl Collective for MpiCollective {
     }
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
         self.all_reduce_sum("all_reduce_sum_f64", buf)
+    }
+    fn reduce_scatter_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
+        const OP: &str = "reduce_scatter_sum_f32";
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        let bucket = BUCKET_BYTES / std::mem::size_of::<f32>();
+        let mut send = vec![0f32; self.world_size * bucket];
+        let mut recv = vec![0f32; bucket];
+        self.with_comm(|comm| {
+            self.for_each_shard_bucket(buf.len(), |b| {
+                for r in 0..self.world_size {
+                    let (flat, packed) = b.piece(r);
+                    send[packed].copy_from_slice(&buf[flat]);
+                }
+                // SAFETY: `send` holds Σ lens packed f32 (≤ world × bucket), `recv` at least lens[rank]; `lens`
+                // has one entry per rank and is the same on every rank; valid communicator, serialised calls.
+                check(OP, unsafe {
+                    ffi::MPI_Reduce_scatter(
+                        send.as_ptr().cast::<c_void>(),
+                        recv.as_mut_ptr().cast::<c_void>(),
+                        b.lens.as_ptr(),
+                        ffi::RSMPI_FLOAT,
+                        ffi::RSMPI_SUM,
+                        comm,
+                    )
+                })?;
+                let (flat, _) = b.piece(self.rank);
+                let n = flat.len();
+                buf[flat].copy_from_slice(&recv[..n]);
+                Ok(())
+            })
+        })
+    }
+    fn all_gather_f32(&self, buf: &mut [f32]) -> Result<()> {
+        const OP: &str = "all_gather_f32";
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        let bucket = BUCKET_BYTES / std::mem::size_of::<f32>();
+        let mut send = vec![0f32; bucket];
+        let mut recv = vec![0f32; self.world_size * bucket];
+        self.with_comm(|comm| {
+            self.for_each_shard_bucket(buf.len(), |b| {
+                let (own, _) = b.piece(self.rank);
+                let n = own.len();
+                send[..n].copy_from_slice(&buf[own]);
+                // SAFETY: `send` holds lens[rank] f32, `recv` Σ lens at the packed displacements; `lens` and
+                // `displs` have one entry per rank and agree on every rank; valid communicator, serialised calls.
+                check(OP, unsafe {
+                    ffi::MPI_Allgatherv(
+                        send.as_ptr().cast::<c_void>(),
+                        n as c_int,
+                        ffi::RSMPI_FLOAT,
+                        recv.as_mut_ptr().cast::<c_void>(),
+                        b.lens.as_ptr(),
+                        b.displs.as_ptr(),
+                        ffi::RSMPI_FLOAT,
+                        comm,
+                    )
+                })?;
+                for r in 0..self.world_size {
+                    let (flat, packed) = b.piece(r);
+                    buf[flat].copy_from_slice(&recv[packed]);
+                }
+                Ok(())
+            })
+        })
     }
     fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
         const OP: &str = "broadcast_bytes";

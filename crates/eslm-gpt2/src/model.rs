@@ -17,7 +17,7 @@ use crate::loss_head::LossHead;
 use crate::ops::attention::{self, AttnDims};
 use crate::ops::{FlopCounter, RowSet};
 use crate::params::{LayerWeights, ParamSet};
-use crate::update::OptState;
+use crate::update::{OptShard, OptState};
 use eslm_kernels::LogitsView;
 
 /// The first `len` floats of `buf`, read-only.
@@ -495,6 +495,8 @@ pub struct Gpt2<B: Backend = Cpu> {
     pub(crate) head: LossHead<B>,
     /// AdamW state ([`crate::update`]); `None` until the first update or restore.
     pub(crate) optimizer: Option<OptState<B>>,
+    /// ZeRO-1: the ranks the optimizer state is sharded over ([`Gpt2::shard_optimizer`]); `None`: unsharded.
+    pub(crate) shard: Option<OptShard>,
 }
 
 impl Gpt2<Cpu> {
@@ -686,6 +688,7 @@ impl<B: Backend> Gpt2<B> {
             last_logits: None,
             flops: FlopCounter::default(),
             optimizer: None,
+            shard: None,
             backend,
         })
     }

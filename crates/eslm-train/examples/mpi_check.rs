@@ -12,6 +12,8 @@
 //! - `mpi_check resume DIR`: at 2 ranks, a run resumed from its step-4 checkpoint repeats the uninterrupted
 //!   run's steps 5–8 bitwise (losses, kept counts, grad norms), for random (per-rank policy state), ada-eslm and
 //!   eslm on a tiny GPT-2.
+//! - `mpi_check zero DIR`: ZeRO-1 (`--shard-optimizer`) against the unsharded optimizer at 2 ranks, resume of a
+//!   sharded run (bitwise) and of a sharded checkpoint without sharding, the refusal for the bigram model.
 //!
 //! Every rank checks; the ranks agree on the verdict (a failure anywhere fails every rank) and exit non-zero
 //! on failure.
@@ -509,6 +511,75 @@ fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Trains `a` for 8 steps with a checkpoint at step 4, resumes a copy of that checkpoint with `resume_with`
+/// (`a` itself, or `a` changed in what a resume may change), and returns both runs' step records.
+fn full_and_resumed(
+    c: &Arc<dyn Collective>,
+    dir: &Path,
+    a: &TrainArgs,
+    resume_with: impl FnOnce(&mut TrainArgs),
+) -> Result<(Vec<StepRecord>, Vec<StepRecord>)> {
+    let full = dir.join("full");
+    let mut a = a.clone();
+    a.out = Some(full.clone());
+    a.steps = Some(8);
+    a.checkpoint_every = Some(4);
+    a.keep_last = Some(3);
+    train(&a, c.clone())?;
+    let part = dir.join("part");
+    if c.is_root() {
+        let four = list_checkpoints(&full)?
+            .into_iter()
+            .find(|(s, _)| *s == 4)
+            .context("no step-4 checkpoint")?
+            .1;
+        copy_dir(&four, &part.join("checkpoints").join("step_00000004"))?;
+    }
+    c.barrier()?;
+    let mut b = a.clone();
+    b.out = Some(part.clone());
+    b.resume = true;
+    resume_with(&mut b);
+    train(&b, c.clone())?;
+    Ok((steps_of(&full)?, steps_of(&part)?))
+}
+
+/// Whether steps 5–8 of `full` and the resumed run agree: bitwise, or within `tol` (relative) where the runs
+/// may differ in rounding only.
+fn check_resumed(
+    name: &str,
+    full: &[StepRecord],
+    part: &[StepRecord],
+    tol: f32,
+    report: &mut Report,
+) {
+    report.check(full.len() == 8 && part.len() == 4, || {
+        format!("resume {name}: {} and {} records", full.len(), part.len())
+    });
+    let close = |x: f32, y: f32| {
+        if tol == 0.0 {
+            x.to_bits() == y.to_bits()
+        } else {
+            (x - y).abs() <= tol * x.abs().max(1.0)
+        }
+    };
+    for (p, q) in full[4.min(full.len())..].iter().zip(part) {
+        report.check(
+            p.step == q.step
+                && close(p.loss, q.loss)
+                && close(p.loss_kept, q.loss_kept)
+                && p.kept_tokens == q.kept_tokens
+                && close(p.grad_norm, q.grad_norm),
+            || {
+                format!(
+                    "resume {name} step {}: loss {} vs {}, kept {} vs {}, grad norm {} vs {}",
+                    p.step, p.loss, q.loss, p.kept_tokens, q.kept_tokens, p.grad_norm, q.grad_norm
+                )
+            },
+        );
+    }
+}
+
 fn check_resume(c: Arc<dyn Collective>, dir: &Path, report: &mut Report) -> Result<()> {
     let cases = [
         ("random", PolicyKind::Random, false),
@@ -516,49 +587,89 @@ fn check_resume(c: Arc<dyn Collective>, dir: &Path, report: &mut Report) -> Resu
         ("gpt2-eslm", PolicyKind::Eslm, true),
     ];
     for (name, select, gpt) in cases {
-        let full = dir.join(name).join("full");
-        let mut a = run_args(&full, select, 4, 8, gpt);
-        if gpt {
-            a.batch_size = Some(2);
-        }
+        let mut a = run_args(dir, select, if gpt { 2 } else { 4 }, 8, gpt);
         a.quantile_scope = Some(QuantileScope::Global);
-        a.checkpoint_every = Some(4);
-        a.keep_last = Some(3);
-        train(&a, c.clone())?;
-        let part = dir.join(name).join("part");
-        if c.is_root() {
-            let four = list_checkpoints(&full)?
-                .into_iter()
-                .find(|(s, _)| *s == 4)
-                .context("no step-4 checkpoint")?
-                .1;
-            copy_dir(&four, &part.join("checkpoints").join("step_00000004"))?;
-        }
-        c.barrier()?;
-        let mut b = a.clone();
-        b.out = Some(part.clone());
-        b.resume = true;
-        train(&b, c.clone())?;
-        let (x, y) = (steps_of(&full)?, steps_of(&part)?);
-        report.check(x.len() == 8 && y.len() == 4, || {
-            format!("resume {name}: {} and {} records", x.len(), y.len())
+        let (x, y) = full_and_resumed(&c, &dir.join(name), &a, |_| {})?;
+        check_resumed(name, &x, &y, 0.0, report);
+    }
+    Ok(())
+}
+
+/// ZeRO-1 (`--shard-optimizer`) on a tiny GPT-2 at 2 ranks: the same run as unsharded up to the norm's summation
+/// order (losses, kept counts, grad norms within 1e-6 relative; the same checkpoint format and moments within
+/// 1e-6), bitwise resume of a sharded run, a sharded checkpoint resumed unsharded, and a clear refusal for a
+/// model without a sharded optimizer.
+fn check_zero(c: Arc<dyn Collective>, dir: &Path, report: &mut Report) -> Result<()> {
+    for (name, select) in [("clm", PolicyKind::Clm), ("eslm", PolicyKind::Eslm)] {
+        let mut plain = run_args(&dir.join(name).join("plain"), select, 2, 8, true);
+        plain.quantile_scope = Some(QuantileScope::Global);
+        plain.checkpoint_every = Some(8);
+        let mut sharded = plain.clone();
+        sharded.shard_optimizer = true;
+        sharded.out = Some(dir.join(name).join("sharded"));
+        train(&plain, c.clone())?;
+        train(&sharded, c.clone())?;
+        let (x, y) = (
+            steps_of(plain.out.as_ref().unwrap())?,
+            steps_of(sharded.out.as_ref().unwrap())?,
+        );
+        report.check(x.len() == 8 && y.len() == 8, || {
+            format!("zero {name}: {} and {} records", x.len(), y.len())
         });
-        for (p, q) in x[4.min(x.len())..].iter().zip(&y) {
+        for (p, q) in x.iter().zip(&y) {
+            let close = |a: f32, b: f32| (a - b).abs() <= 1e-6 * a.abs().max(1.0);
             report.check(
-                p.step == q.step
-                    && p.loss.to_bits() == q.loss.to_bits()
-                    && p.loss_kept.to_bits() == q.loss_kept.to_bits()
-                    && p.kept_tokens == q.kept_tokens
-                    && p.grad_norm.to_bits() == q.grad_norm.to_bits(),
+                close(p.loss, q.loss) && close(p.grad_norm, q.grad_norm) && p.kept_tokens == q.kept_tokens,
                 || {
                     format!(
-                        "resume {name} step {}: loss {} vs {}, kept {} vs {}",
-                        p.step, p.loss, q.loss, p.kept_tokens, q.kept_tokens
+                        "zero {name} step {}: loss {} vs {}, grad norm {} vs {} (unsharded vs sharded)",
+                        p.step, p.loss, q.loss, p.grad_norm, q.grad_norm
                     )
                 },
             );
         }
+        let last = |out: &Path| -> Result<PathBuf> {
+            Ok(list_checkpoints(out)?.pop().context("no checkpoint")?.1)
+        };
+        for moment in ["optimizer_m.bin", "optimizer_v.bin"] {
+            let a = eslm_train::tensor_file::read_f32(
+                &last(plain.out.as_ref().unwrap())?.join(moment),
+            )?;
+            let b = eslm_train::tensor_file::read_f32(
+                &last(sharded.out.as_ref().unwrap())?.join(moment),
+            )?;
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs() / x.abs().max(1e-3))
+                .fold(0f32, f32::max);
+            report.check(a.len() == b.len() && worst <= 1e-5, || {
+                format!(
+                    "zero {name}: {moment} {} vs {} values, worst relative difference {worst}",
+                    a.len(),
+                    b.len()
+                )
+            });
+        }
     }
+    // Resume: sharded → sharded is bitwise; sharded → unsharded differs in the norm's rounding only.
+    let mut a = run_args(dir, PolicyKind::Eslm, 2, 8, true);
+    a.quantile_scope = Some(QuantileScope::Global);
+    a.shard_optimizer = true;
+    let (x, y) = full_and_resumed(&c, &dir.join("resume-sharded"), &a, |_| {})?;
+    check_resumed("zero sharded", &x, &y, 0.0, report);
+    let (x, y) = full_and_resumed(&c, &dir.join("resume-unsharded"), &a, |b| {
+        b.shard_optimizer = false
+    })?;
+    check_resumed("zero sharded then unsharded", &x, &y, 1e-6, report);
+    // A model without a sharded optimizer: the same clear error on every rank.
+    let mut bigram = run_args(&dir.join("bigram"), PolicyKind::Clm, 2, 2, false);
+    bigram.shard_optimizer = true;
+    let refused = train(&bigram, c.clone()).map_err(|e| format!("{e:#}"));
+    report.check(
+        matches!(&refused, Err(m) if m.contains("--shard-optimizer")),
+        || format!("zero: the bigram model with --shard-optimizer gave {refused:?}"),
+    );
     Ok(())
 }
 
@@ -569,14 +680,15 @@ fn main() -> Result<()> {
     let dir = || -> Result<PathBuf> {
         args.get(1)
             .map(PathBuf::from)
-            .context("usage: mpi_check parity|resume DIR")
+            .context("usage: mpi_check parity|resume|zero DIR")
     };
     let what = args.first().map(String::as_str).unwrap_or("");
     let outcome = match what {
         "threshold" => check_threshold(c.as_ref(), &mut report),
         "parity" => dir().and_then(|d| check_parity(c.clone(), &d, &mut report)),
         "resume" => dir().and_then(|d| check_resume(c.clone(), &d, &mut report)),
-        other => bail!("unknown check `{other}` (threshold, parity DIR, resume DIR)"),
+        "zero" => dir().and_then(|d| check_zero(c.clone(), &d, &mut report)),
+        other => bail!("unknown check `{other}` (threshold, parity DIR, resume DIR, zero DIR)"),
     };
     if let Err(e) = outcome {
         eprintln!("mpi_check {what}: rank {}: error: {e:#}", c.rank());

@@ -232,6 +232,8 @@ pub struct RunConfig {
     pub alpha_ramp: u64,
     /// Skip a step whose loss or gradient is not finite instead of stopping the run.
     pub skip_nonfinite: bool,
+    /// Data parallel: shard the AdamW state over the ranks (ZeRO-1; docs/distributed.md).
+    pub shard_optimizer: bool,
     /// Divergence rule F: stop when the loss exceeds F·ln V or F × its running median (0: off; see `guard`).
     pub divergence_factor: f64,
     /// Divergence rule G: stop when the gradient norm exceeds G × its running median (0: off).
@@ -300,6 +302,7 @@ impl Default for RunConfig {
             select_warmup: 0,
             alpha_ramp: 0,
             skip_nonfinite: false,
+            shard_optimizer: false,
             divergence_factor: 3.0,
             grad_spike_factor: 100.0,
             time_budget: None,
@@ -587,6 +590,11 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     pub skip_nonfinite: bool,
+    /// Data parallel: shard the AdamW moments over the ranks (ZeRO-1: reduce-scatter of gradients, all-gather
+    /// of parameters; 1/R of the optimizer memory per rank). Checkpoints keep the unsharded format.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    pub shard_optimizer: bool,
     /// Stop when the loss exceeds F·ln(vocab) or F × its running median (0: off).
     #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -38,6 +38,11 @@ pub struct Gpt2Model<B: Backend = Cpu> {
     flops_done: f64,
     /// Generation on the CPU backend: the key/value cache and the ids it holds.
     decoder: Option<(KvCache, Vec<u32>)>,
+    /// Whether the optimizer state is sharded over ranks (`--shard-optimizer`, ZeRO-1).
+    sharded: bool,
+    /// The gathered optimizer state of a sharded optimizer, between [`LanguageModel::gather_for_checkpoint`]
+    /// and the next update.
+    gathered: Option<OptimizerSnapshot>,
 }
 
 fn load_checkpoint_params(dir: &Path) -> Result<ParamSet> {
@@ -88,6 +93,8 @@ impl<B: Backend + 'static> Gpt2Model<B> {
             model,
             flops_done: 0.0,
             decoder: None,
+            sharded: false,
+            gathered: None,
         })
     }
 
@@ -203,8 +210,20 @@ impl<B: Backend + 'static> LanguageModel for Gpt2Model<B> {
     fn reduce_grads(&mut self, collective: &dyn Collective) -> Result<()> {
         self.model.reduce_grads(collective).map_err(engine_err)
     }
+    fn shard_optimizer(&mut self, collective: std::sync::Arc<dyn Collective>) -> Result<()> {
+        self.model.shard_optimizer(collective).map_err(engine_err)?;
+        self.sharded = true;
+        Ok(())
+    }
+    fn gather_for_checkpoint(&mut self) -> Result<()> {
+        if self.sharded {
+            self.gathered = Some(self.model.optimizer_snapshot().map_err(engine_err)?);
+        }
+        Ok(())
+    }
     fn optimizer_step(&mut self, s: &OptimStep) -> Result<f32> {
         self.decoder = None; // cached keys and values belong to the old weights
+        self.gathered = None;
         let norm = self
             .model
             .clip_and_update(s.adamw(), s.lr, s.grad_clip as f64)
@@ -254,7 +273,20 @@ impl<B: Backend + 'static> LanguageModel for Gpt2Model<B> {
             .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))
     }
     fn save_optimizer(&self, dir: &Path) -> Result<()> {
-        let snap = self.model.optimizer_snapshot();
+        let local;
+        let snap = match (&self.gathered, self.sharded) {
+            (Some(g), _) => g,
+            (None, false) => {
+                local = self.model.optimizer_snapshot().map_err(engine_err)?;
+                &local
+            }
+            // Gathering here would wait for ranks that do not write checkpoints.
+            (None, true) => {
+                return Err(TrainError::Checkpoint(
+                    "the sharded optimizer state was not gathered before the checkpoint".into(),
+                ))
+            }
+        };
         tensor_file::write_f32(&dir.join("optimizer_m.bin"), &snap.m)?;
         tensor_file::write_f32(&dir.join("optimizer_v.bin"), &snap.v)?;
         let meta = serde_json::json!({ "step": snap.step });
@@ -273,6 +305,7 @@ impl<B: Backend + 'static> LanguageModel for Gpt2Model<B> {
             .and_then(|s| s.as_u64())
             .ok_or_else(|| TrainError::Checkpoint(format!("{}: no step", path.display())))?;
         let snap = OptimizerSnapshot { m, v, step };
+        self.gathered = None;
         self.model
             .restore_optimizer(&snap)
             .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))

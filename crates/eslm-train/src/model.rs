@@ -133,6 +133,20 @@ pub trait LanguageModel: Any {
     fn zero_grad(&mut self);
     /// Sums the accumulated gradients over the ranks of `collective`.
     fn reduce_grads(&mut self, collective: &dyn Collective) -> Result<()>;
+    /// Shards the optimizer state over the ranks of `collective` (`--shard-optimizer`, ZeRO-1: gradients
+    /// reduce-scattered, each rank updating its shard, parameters all-gathered). Every rank calls it once,
+    /// before training. Engines without a sharded optimizer refuse.
+    fn shard_optimizer(&mut self, collective: std::sync::Arc<dyn Collective>) -> Result<()> {
+        let _ = collective;
+        Err(crate::error::TrainError::Config(
+            "--shard-optimizer: this model has no sharded optimizer (GPT-2 models have one)".into(),
+        ))
+    }
+    /// Collects what a checkpoint needs from other ranks (a sharded optimizer's moments); every rank calls it
+    /// before rank 0 writes a checkpoint. A no-op by default.
+    fn gather_for_checkpoint(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Global gradient norm, clipping to `step.grad_clip`, one AdamW update. Returns the norm before clipping;
     /// when it is not finite the parameters are left unchanged.
     fn optimizer_step(&mut self, step: &OptimStep) -> Result<f32>;

@@ -204,7 +204,10 @@ pub fn run_training_on(
         }
     }
     let data = open_run_data_for_rank(&cfg, rank, world)?;
-    let model = build_model(&cfg, data.vocab_size)?;
+    let mut model = build_model(&cfg, data.vocab_size)?;
+    if cfg.shard_optimizer {
+        model.shard_optimizer(collective.clone())?;
+    }
     let policy_cfg = crate::distributed::policy_config(&cfg, rank);
     let policy = build_policy(&policy_cfg, model.vocab_size())?;
     let mut trainer =

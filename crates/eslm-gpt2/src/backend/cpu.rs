@@ -12,10 +12,10 @@ use eslm_kernels::LogitsView;
 use rayon::prelude::*;
 
 use super::{
-    AdamWSlices, Affine, Backend, Embeddings, HeadDims, KeptTargets, LinearDims, LnSaved, LnStats,
-    Logits, RowGrad,
+    AdamWSlices, Affine, Backend, CollectiveOp, Embeddings, HeadDims, KeptTargets, LinearDims,
+    LnSaved, LnStats, Logits, RowGrad,
 };
-use crate::error::{Gpt2Error, Result};
+use crate::error::Result;
 use crate::ops::attention::{self, AttnDims};
 use crate::ops::{encoder, gather, gelu, layernorm, linear, residual, scatter_add, RowSet};
 use crate::optim::{adamw_update_slice, AdamWStep};
@@ -351,9 +351,12 @@ impl Backend for Cpu {
             .zip(weights.par_iter())
             .for_each(|(row, &w)| row.iter_mut().for_each(|g| *g *= w));
     }
-    fn all_reduce_sum(&mut self, x: &mut [f32], collective: &dyn Collective) -> Result<()> {
-        collective
-            .all_reduce_sum_f32(x)
-            .map_err(|e| Gpt2Error::Collective(e.to_string()))
+    fn collective(
+        &mut self,
+        op: CollectiveOp,
+        x: &mut [f32],
+        collective: &dyn Collective,
+    ) -> Result<()> {
+        op.run_on_host(collective, x)
     }
 }

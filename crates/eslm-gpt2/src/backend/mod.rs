@@ -408,13 +408,43 @@ pub trait Backend: Sized + Send {
     /// Row `i` of the compact `[K, width]` buffer `x` times `weights[i]` (`K = weights.len()`, a per-row host
     /// vector: importance weights of kept rows).
     fn scale_rows(&mut self, x: Self::ViewMut<'_>, width: usize, weights: &[f32]);
-    /// Sums `x` over the ranks of `collective` in place (the CPU passes the slice; a GPU backend uses NCCL).
-    fn all_reduce_sum(&mut self, x: Self::ViewMut<'_>, collective: &dyn Collective) -> Result<()>;
+    /// Runs `op` over the ranks of `collective` on `x` in place (the CPU passes the slice; the CUDA backend
+    /// stages through the host until its NCCL path exists).
+    fn collective(
+        &mut self,
+        op: CollectiveOp,
+        x: Self::ViewMut<'_>,
+        collective: &dyn Collective,
+    ) -> Result<()>;
 
     /// The first error an op without a `Result` (allocation, upload, a kernel launch) met since the backend was
     /// made; device backends keep it (sticky, like CUDA's own errors) and skip later launches. Waits for queued
     /// work. The CPU backend has none (its ops cannot fail).
     fn status(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+/// A collective operation on a flat f32 buffer ([`Backend::collective`]): the gradient all-reduce, or ZeRO-1's
+/// reduce-scatter of gradients and all-gather of parameters over the [`eslm_collective::shard_range`] layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CollectiveOp {
+    /// Element-wise sum over ranks, on every rank.
+    AllReduceSum,
+    /// Element-wise sum over ranks, into this rank's shard only.
+    ReduceScatterSum,
+    /// Every rank's shard, from its owner, on every rank.
+    AllGather,
+}
+
+impl CollectiveOp {
+    /// Runs the operation on a host buffer.
+    pub fn run_on_host(self, collective: &dyn Collective, x: &mut [f32]) -> Result<()> {
+        match self {
+            CollectiveOp::AllReduceSum => collective.all_reduce_sum_f32(x),
+            CollectiveOp::ReduceScatterSum => collective.reduce_scatter_sum_f32(x),
+            CollectiveOp::AllGather => collective.all_gather_f32(x),
+        }
+        .map_err(|e| crate::error::Gpt2Error::Collective(e.to_string()))
     }
 }

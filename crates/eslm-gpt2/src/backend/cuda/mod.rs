@@ -57,8 +57,8 @@ use cudarc::driver::{
 };
 
 use super::{
-    AdamWSlices, Affine, Backend, Embeddings, HeadDims, KeptTargets, LinearDims, LnSaved, LnStats,
-    Logits, RowGrad,
+    AdamWSlices, Affine, Backend, CollectiveOp, Embeddings, HeadDims, KeptTargets, LinearDims,
+    LnSaved, LnStats, Logits, RowGrad,
 };
 use crate::error::{Gpt2Error, Result};
 use crate::ops::attention::AttnDims;
@@ -1676,7 +1676,12 @@ impl Backend for Cuda {
         let r = unsafe { l.launch(cfg(grid(k * width, ESLM_EW_THREADS), ESLM_EW_THREADS)) };
         self.check(r);
     }
-    fn all_reduce_sum(&mut self, x: DevViewMut<'_>, collective: &dyn Collective) -> Result<()> {
+    fn collective(
+        &mut self,
+        op: CollectiveOp,
+        x: DevViewMut<'_>,
+        collective: &dyn Collective,
+    ) -> Result<()> {
         self.recorded()?;
         // Through the host for now (NCCL on the device buffer is not written yet).
         let mut host = vec![0.0f32; x.len];
@@ -1687,9 +1692,7 @@ impl Backend for Cuda {
         };
         self.download(view, &mut host);
         self.recorded()?;
-        collective
-            .all_reduce_sum_f32(&mut host)
-            .map_err(|e| Gpt2Error::Collective(e.to_string()))?;
+        op.run_on_host(collective, &mut host)?;
         self.upload(x, &host);
         self.recorded()
     }
