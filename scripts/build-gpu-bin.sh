@@ -9,7 +9,7 @@
 # Which binaries: every integration test target named cuda_* or *_cuda (any workspace crate) and every bench
 # target whose name contains "cuda", built with --features cuda in the release profile, stripped (the 64 MiB
 # carry limit). Today: tests cuda_parity (eslm-kernels), cuda_backend (eslm-gpt2's CUDA backend) and cuda_device
-# (eslm-train --device cuda vs cpu), bench kernels_cuda. Needs nvcc: CUDA_HOME, else scripts/install-cuda-toolchain.sh is run.
+# (eslm-train --device cuda vs cpu), benches kernels_cuda and train_step_cuda (124M train steps, NCCL). Needs nvcc: CUDA_HOME, else scripts/install-cuda-toolchain.sh is run.
 #
 # compute-sanitizer (memcheck, racecheck, synccheck in gpu-check.sh) is not part of the PyPI compiler wheels that
 # install-cuda-toolchain.sh installs: it ships in nvidia-cuda-sanitizer-api (pinned below to the same 13.0 release

@@ -16,8 +16,10 @@
 #      sizes; the sanitizer slows kernels 10-100x). compute-sanitizer comes from gpu-bin/sanitizer/*.whl (the PyPI
 #      wheel nvidia-cuda-sanitizer-api, unpacked here into a temporary folder), else from PATH; without either the
 #      three rows say "no compute-sanitizer";
-#   4. every benchmark binary in gpu-bin/benches (each prints a markdown table: per kernel, bandwidth as a fraction
-#      of a device-to-device copy measured in the same run);
+#   4. every benchmark binary in gpu-bin/benches, each printing a markdown table: kernels_cuda (per kernel,
+#      bandwidth as a fraction of a device-to-device copy measured in the same run) and train_step_cuda (GPT-2 124M,
+#      T=1024: CLM, ESLM loss keep 0.5 and 0.3, hierarchical; step / CLM ratios, device memory, and the one-rank
+#      NCCL all-reduce of the gradient buffer as a share of a CLM step);
 #   5. optional hooks for later issues: gpu-bin/extra/*.sh, in order, with the same $OUT.
 # Writes under $OUT: gpu.txt, tests.log, sanitizer-<tool>.log, bench.log, summary.md. The summary (one table of
 # every step, then the benchmark tables) is printed last, so it is in the reply's output tail. Seeds of failed
@@ -132,7 +134,7 @@ for tool in memcheck racecheck synccheck; do
   done
 done
 
-# 4. Kernel benchmarks.
+# 4. Benchmarks (kernels, train steps).
 for b in "$BIN"/benches/*; do
   [ -x "$b" ] || continue
   name=$(basename "$b")
@@ -193,7 +195,7 @@ fi
   echo "total $(($(date +%s) - start_all)) s of a ${BUDGET_S} s budget, failures: $fails"
   if [ -s "$benches_md" ]; then
     echo
-    echo "## Kernel benchmarks (fraction of a device-to-device copy in the same run)"
+    echo "## Benchmarks (kernels: fraction of a device-to-device copy in the same run; train steps: 124M, T=1024)"
     echo
     cat "$benches_md"
   fi

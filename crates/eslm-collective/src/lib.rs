@@ -204,9 +204,9 @@ mod tests {
                 assert_eq!(counts.iter().sum::<usize>(), len);
                 assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1);
                 let mut next = 0;
-                for rank in 0..world {
+                for (rank, &count) in counts.iter().enumerate() {
                     let r = shard_range(len, world, rank);
-                    assert_eq!((r.start, r.len()), (next, counts[rank]));
+                    assert_eq!((r.start, r.len()), (next, count));
                     next = r.end;
                 }
                 assert_eq!(next, len);

@@ -75,6 +75,12 @@ fn sub_view_mut<'a, B: Backend>(v: B::ViewMut<'a>, range: &Range<usize>) -> B::V
 }
 
 impl<B: Backend> Gpt2<B> {
+    /// Connects the backend to the ranks of `collective` for [`Gpt2::reduce_grads`] (the CUDA backend opens an
+    /// NCCL communicator; the CPU needs nothing). Every rank calls it once, before training.
+    pub fn connect(&mut self, collective: &dyn Collective) -> Result<()> {
+        self.backend.connect(collective)
+    }
+
     /// Shards the AdamW state over the ranks of `collective` (ZeRO-1, see the module documentation); existing
     /// moments (restored or trained) keep their values. Every rank must call it, with the same world.
     pub fn shard_optimizer(&mut self, collective: Arc<dyn Collective>) -> Result<()> {

@@ -15,6 +15,7 @@
 //! and every row (as `Rows` and as `All`). Seeds are fixed (override with `ESLM_TEST_SEED`) and printed on failure.
 #![cfg(feature = "cuda")]
 
+use eslm_gpt2::backend::CollectiveOp;
 use eslm_gpt2::backend::{
     AdamWSlices, Affine, Embeddings, HeadDims, KeptTargets, LinearDims, LnSaved, LnStats, Logits,
     RowGrad,
@@ -607,6 +608,34 @@ fn adamw_and_sum_squares_match_cpu() {
                 gpu.sum_squares(Cuda::view(&gb)).to_bits(),
                 gpu.sum_squares(Cuda::view(&gb)).to_bits()
             );
+        }
+    }
+    gpu.status().unwrap();
+}
+
+#[test]
+fn nccl_collectives_on_one_rank_keep_the_buffer() {
+    let Some(mut gpu) = gpu("nccl_collectives_on_one_rank_keep_the_buffer") else {
+        return;
+    };
+    let one = eslm_collective::SingleProcess;
+    if let Err(e) = gpu.connect_nccl(&one) {
+        println!(
+            "skipping: NCCL not available for nccl_collectives_on_one_rank_keep_the_buffer ({e})"
+        );
+        return;
+    }
+    let mut r = rng(11);
+    for len in [1usize, 1000, 300_001] {
+        let x = randn(&mut r, len, 1.0);
+        for op in [
+            CollectiveOp::AllReduceSum,
+            CollectiveOp::ReduceScatterSum,
+            CollectiveOp::AllGather,
+        ] {
+            let mut b = up(&mut gpu, &x);
+            gpu.collective(op, Cuda::view_mut(&mut b), &one).unwrap();
+            assert_eq!(down(&gpu, &b), x, "{op:?} over one rank, {len} values");
         }
     }
     gpu.status().unwrap();

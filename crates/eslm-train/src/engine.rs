@@ -210,6 +210,9 @@ impl<B: Backend + 'static> LanguageModel for Gpt2Model<B> {
     fn reduce_grads(&mut self, collective: &dyn Collective) -> Result<()> {
         self.model.reduce_grads(collective).map_err(engine_err)
     }
+    fn connect_ranks(&mut self, collective: &dyn Collective) -> Result<()> {
+        self.model.connect(collective).map_err(engine_err)
+    }
     fn shard_optimizer(&mut self, collective: std::sync::Arc<dyn Collective>) -> Result<()> {
         self.model.shard_optimizer(collective).map_err(engine_err)?;
         self.sharded = true;

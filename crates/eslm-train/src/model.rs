@@ -133,6 +133,12 @@ pub trait LanguageModel: Any {
     fn zero_grad(&mut self);
     /// Sums the accumulated gradients over the ranks of `collective`.
     fn reduce_grads(&mut self, collective: &dyn Collective) -> Result<()>;
+    /// Connects the engine to the ranks of `collective` before training (a GPU engine opens its NCCL
+    /// communicator); every rank calls it. A no-op by default.
+    fn connect_ranks(&mut self, collective: &dyn Collective) -> Result<()> {
+        let _ = collective;
+        Ok(())
+    }
     /// Shards the optimizer state over the ranks of `collective` (`--shard-optimizer`, ZeRO-1: gradients
     /// reduce-scattered, each rank updating its shard, parameters all-gathered). Every rank calls it once,
     /// before training. Engines without a sharded optimizer refuse.

@@ -205,6 +205,9 @@ pub fn run_training_on(
     }
     let data = open_run_data_for_rank(&cfg, rank, world)?;
     let mut model = build_model(&cfg, data.vocab_size)?;
+    if world > 1 {
+        model.connect_ranks(collective.as_ref())?;
+    }
     if cfg.shard_optimizer {
         model.shard_optimizer(collective.clone())?;
     }

@@ -408,8 +408,14 @@ pub trait Backend: Sized + Send {
     /// Row `i` of the compact `[K, width]` buffer `x` times `weights[i]` (`K = weights.len()`, a per-row host
     /// vector: importance weights of kept rows).
     fn scale_rows(&mut self, x: Self::ViewMut<'_>, width: usize, weights: &[f32]);
+    /// Prepares this backend for [`Backend::collective`] over the ranks of `collective` (every rank calls it
+    /// once, before training): the CUDA backend opens its NCCL communicator. A no-op by default.
+    fn connect(&mut self, collective: &dyn Collective) -> Result<()> {
+        let _ = collective;
+        Ok(())
+    }
     /// Runs `op` over the ranks of `collective` on `x` in place (the CPU passes the slice; the CUDA backend
-    /// stages through the host until its NCCL path exists).
+    /// uses NCCL after [`Backend::connect`], else stages through the host).
     fn collective(
         &mut self,
         op: CollectiveOp,

@@ -29,8 +29,8 @@
 //!
 //! Not done (see `docs/engine.md`): the bf16 mixed-precision recipe (bf16 weights and activations, f32 master
 //! weights), cuBLASLt epilogues (bias, GELU), a flash-attention kernel, KD on the device ([`Backend::kd_grad`]
-//! returns [`Gpt2Error::Unsupported`]), NCCL (the all-reduce goes through the host), the hierarchical step's reuse
-//! of the shallow pass.
+//! returns [`Gpt2Error::Unsupported`]), the hierarchical step's reuse of the shallow pass. Collectives of a
+//! multi-rank job use NCCL on the device buffers ([`nccl`]) when the library loads, else the host.
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -67,6 +67,7 @@ use crate::optim::AdamWStep;
 
 mod launch;
 mod memory;
+mod nccl;
 
 use launch::*;
 use memory::*;
@@ -170,6 +171,8 @@ pub struct Cuda {
     lse: Grow<f32>,
     stats: Option<DeviceTokenStats>,
     ce: Option<DeviceSparseCe>,
+    /// The NCCL communicator of a multi-rank job ([`Backend::connect`]); `None`: collectives through the host.
+    nccl: Option<nccl::Nccl>,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -227,12 +230,39 @@ impl Cuda {
             lse: Grow::new(),
             stats: None,
             ce: None,
+            nccl: None,
         })
     }
 
     /// The eslm-kernels handle (context, stream, loss-head kernels) this backend runs on.
     pub fn kernels(&self) -> &CudaKernels {
         &self.kernels
+    }
+
+    /// Opens an NCCL communicator over the ranks of `collective`, even for one rank ([`Backend::connect`] opens
+    /// one for several ranks only; `benches/train_step_cuda.rs` times the one-rank path on a single GPU).
+    ///
+    /// # Errors
+    /// NCCL missing (the message says how to install it) or failing.
+    pub fn connect_nccl(&mut self, collective: &dyn Collective) -> Result<()> {
+        self.kernels
+            .context()
+            .bind_to_thread()
+            .map_err(KernelError::from)?;
+        self.nccl = Some(nccl::Nccl::connect(collective)?);
+        Ok(())
+    }
+
+    /// `(free, total)` bytes of device memory (`cuMemGetInfo`), for the benchmarks' memory figures.
+    ///
+    /// # Errors
+    /// The driver's error.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.kernels
+            .context()
+            .bind_to_thread()
+            .map_err(KernelError::from)?;
+        Ok(drv::mem_get_info().map_err(KernelError::from)?)
     }
 
     fn stream(&self) -> &Arc<CudaStream> {
@@ -1676,6 +1706,23 @@ impl Backend for Cuda {
         let r = unsafe { l.launch(cfg(grid(k * width, ESLM_EW_THREADS), ESLM_EW_THREADS)) };
         self.check(r);
     }
+    fn connect(&mut self, collective: &dyn Collective) -> Result<()> {
+        if collective.world_size() == 1 {
+            return Ok(());
+        }
+        if !nccl::Nccl::available() {
+            if collective.is_root() {
+                eprintln!(
+                    "warning: NCCL (libnccl.so.2) not found: gradients are summed through the host over {} ranks \
+                     (slower); install NCCL for device-side collectives",
+                    collective.world_size()
+                );
+            }
+            return Ok(());
+        }
+        self.connect_nccl(collective)
+    }
+
     fn collective(
         &mut self,
         op: CollectiveOp,
@@ -1683,7 +1730,20 @@ impl Backend for Cuda {
         collective: &dyn Collective,
     ) -> Result<()> {
         self.recorded()?;
-        // Through the host for now (NCCL on the device buffer is not written yet).
+        if let Some(comm) = &self.nccl {
+            if comm.world_size() != collective.world_size() {
+                return Err(Gpt2Error::Collective(format!(
+                    "NCCL communicator of {} ranks used for a collective over {}",
+                    comm.world_size(),
+                    collective.world_size()
+                )));
+            }
+            if !self.ready(&[("collective buffer", x.len, x.len, x.ptr)]) {
+                return self.recorded();
+            }
+            return comm.run(op, x.ptr, x.len, self.stream());
+        }
+        // Without NCCL: through the host.
         let mut host = vec![0.0f32; x.len];
         let view = DevView {
             ptr: x.ptr,

@@ -1,0 +1,275 @@
+//! Train-step benchmark on the CUDA backend (feature `cuda`; run by `scripts/gpu-check.sh`): GPT-2 124M at
+//! T = 1024 (B = 8 by default, `--batch`), the trainer's own sequence of engine calls through
+//! `eslm_train::engine::Gpt2Model<Cuda>` (forward + statistics → selection → CE gradient of the kept rows →
+//! row-sparse backward → gradient reduction → norm, clip and AdamW; the optimizer step waits for the stream, so a
+//! step's time is its device time). Modes, interleaved step by step so that clock changes hit all alike:
+//!
+//! - `clm`: every token;
+//! - `eslm keep 0.5`, `eslm keep 0.3`: VaR selection on the loss score;
+//! - `hierarchical`: a no-grad shallow pass through the first `--exit-layer` blocks (default 4) over the whole
+//!   batch, the sequences whose mean shallow loss is in the top half kept, then `eslm keep 0.3` on them (the
+//!   trainer's hierarchical policy; the shallow pass's blocks are recomputed, not reused).
+//!
+//! Then the NCCL check of the data-parallel path on one GPU: a one-rank NCCL communicator all-reduces a buffer of
+//! the model's parameter count in place (what `reduce_grads` does on each step of a multi-rank job), timed
+//! against the CLM step (target < 3 % of a step).
+//!
+//! Prints one markdown table (also written to `ESLM_BENCH_OUT`): median step time, tokens/s, the ratio to CLM,
+//! kept tokens, and the device memory in use after the run. **Never run yet** (no GPU in any session so far).
+//!
+//! `cargo bench --features cuda --bench train_step_cuda -- [--batch 8] [--steps 5] [--warmup 2] [--exit-layer 4]`
+
+use std::time::Instant;
+
+use eslm_collective::SingleProcess;
+use eslm_gpt2::backend::CollectiveOp;
+use eslm_gpt2::{Backend, Cuda, GptConfig};
+use eslm_kernels::select::SelectRule;
+use eslm_train::engine::Gpt2Model;
+use eslm_train::model::{Keep, LanguageModel, LossSpec, OptimStep, ScoreSource};
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+struct Args {
+    batch: usize,
+    steps: usize,
+    warmup: usize,
+    exit_layer: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        batch: 8,
+        steps: 5,
+        warmup: 2,
+        exit_layer: 4,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let val = argv.get(i + 1).cloned().unwrap_or_default();
+        let num = |what: &str| {
+            val.parse::<usize>()
+                .map_err(|_| format!("{what}: bad value `{val}`"))
+        };
+        match argv[i].as_str() {
+            "--batch" => a.batch = num("--batch")?.max(2),
+            "--steps" => a.steps = num("--steps")?.max(1),
+            "--warmup" => a.warmup = num("--warmup")?,
+            "--exit-layer" => a.exit_layer = num("--exit-layer")?.max(1),
+            _ => {
+                i += 1; // `--bench` and other harness flags from cargo
+                continue;
+            }
+        }
+        i += 2;
+    }
+    Ok(a)
+}
+
+/// One benchmarked mode.
+#[derive(Clone, Copy)]
+enum Mode {
+    Clm,
+    Eslm { keep: f64 },
+    Hierarchical { keep: f64 },
+}
+
+impl Mode {
+    fn name(self) -> String {
+        match self {
+            Mode::Clm => "clm".into(),
+            Mode::Eslm { keep } => format!("eslm loss keep {keep}"),
+            Mode::Hierarchical { keep } => {
+                format!("hierarchical (E, half the sequences) + keep {keep}")
+            }
+        }
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The batch's inputs and targets (`(i·7919 + 13) mod V`, `(i·104729 + 5) mod V`, as in `benches/train_step.rs`).
+fn batch(n: usize, vocab: usize) -> (Vec<u32>, Vec<i32>) {
+    (
+        (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect(),
+        (0..n).map(|i| ((i * 104729 + 5) % vocab) as i32).collect(),
+    )
+}
+
+/// The `b` sequences of length `t` whose mean shallow loss is in the top half (ties kept in order).
+fn top_half_sequences(loss: &[f32], b: usize, t: usize) -> Vec<usize> {
+    let means: Vec<f32> = (0..b)
+        .map(|s| loss[s * t..(s + 1) * t].iter().sum::<f32>() / t as f32)
+        .collect();
+    let mut order: Vec<usize> = (0..b).collect();
+    order.sort_by(|&x, &y| means[y].total_cmp(&means[x]));
+    let mut kept = order[..b.div_ceil(2)].to_vec();
+    kept.sort_unstable();
+    kept
+}
+
+/// One optimizer step of `mode`; returns the kept token count.
+fn step(
+    model: &mut Gpt2Model<Cuda>,
+    mode: Mode,
+    inputs: &[u32],
+    targets: &[i32],
+    (b, t): (usize, usize),
+    exit_layer: usize,
+) -> BenchResult<usize> {
+    let opt = OptimStep {
+        lr: 1e-4,
+        weight_decay: 0.1,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        grad_clip: 1.0,
+    };
+    let (keep, owned);
+    let (inputs, targets, b) = match mode {
+        Mode::Clm => {
+            keep = Keep::AllValid;
+            (inputs, targets, b)
+        }
+        Mode::Eslm { keep: k } => {
+            keep = Keep::Rule(SelectRule::Var { alpha: 1.0 - k });
+            (inputs, targets, b)
+        }
+        Mode::Hierarchical { keep: k } => {
+            keep = Keep::Rule(SelectRule::Var { alpha: 1.0 - k });
+            let shallow = model.forward_inference(inputs, targets, b, t, Some(exit_layer))?;
+            let seqs = top_half_sequences(&shallow.loss, b, t);
+            let pick = |v: &[u32]| -> Vec<u32> {
+                seqs.iter()
+                    .flat_map(|&s| v[s * t..(s + 1) * t].iter().copied())
+                    .collect()
+            };
+            let kept_targets: Vec<i32> = seqs
+                .iter()
+                .flat_map(|&s| targets[s * t..(s + 1) * t].iter().copied())
+                .collect();
+            owned = (pick(inputs), kept_targets);
+            (&owned.0[..], &owned.1[..], seqs.len())
+        }
+    };
+    model.zero_grad();
+    model.forward(inputs, targets, b, t)?;
+    let k = model.select(ScoreSource::Loss, keep)?.indices.len();
+    model.loss_grad(LossSpec::CrossEntropy, 1.0 / k.max(1) as f32)?;
+    model.backward()?;
+    model.reduce_grads(&SingleProcess)?;
+    model.optimizer_step(&opt)?;
+    Ok(k)
+}
+
+/// Seconds per in-place NCCL all-reduce of `len` f32 on a one-rank communicator (median of `reps`).
+fn nccl_all_reduce_s(len: usize, reps: usize) -> BenchResult<f64> {
+    let mut gpu = Cuda::new(0)?;
+    gpu.connect_nccl(&SingleProcess)?;
+    let mut buf = gpu.alloc(len);
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps + 1 {
+        let t0 = Instant::now();
+        gpu.collective(
+            CollectiveOp::AllReduceSum,
+            Cuda::view_mut(&mut buf),
+            &SingleProcess,
+        )?;
+        gpu.status()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(median(&times[1..]))
+}
+
+fn run(a: &Args) -> BenchResult<String> {
+    let (b, t) = (a.batch, 1024);
+    let config = GptConfig::gpt2_124m();
+    let n = b * t;
+    let (inputs, targets) = batch(n, config.vocab_size);
+    let mut model = Gpt2Model::new_on(Cuda::new(0)?, config, b, t, 0)?;
+    let modes = [
+        Mode::Clm,
+        Mode::Eslm { keep: 0.5 },
+        Mode::Eslm { keep: 0.3 },
+        Mode::Hierarchical { keep: 0.3 },
+    ];
+    let mut times = vec![Vec::new(); modes.len()];
+    let mut kept = vec![0; modes.len()];
+    for i in 0..a.warmup + a.steps {
+        for (m, &mode) in modes.iter().enumerate() {
+            let t0 = Instant::now();
+            kept[m] = step(&mut model, mode, &inputs, &targets, (b, t), a.exit_layer)?;
+            if i >= a.warmup {
+                times[m].push(t0.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let (free, total) = model.inner().backend().memory_info()?;
+    let clm = median(&times[0]);
+    let mut text = format!(
+        "GPT-2 124M, B={b}, T={t}, f32 (bf16 not written yet), {} timed steps per mode after {} warm-up, \
+         exit layer {}\n\n| mode | median step s | tokens/s | step / CLM | kept tokens |\n|---|---|---|---|---|\n",
+        a.steps, a.warmup, a.exit_layer
+    );
+    for (m, mode) in modes.iter().enumerate() {
+        let s = median(&times[m]);
+        text += &format!(
+            "| {} | {s:.4} | {:.0} | {:.3} | {} |\n",
+            mode.name(),
+            n as f64 / s,
+            s / clm,
+            kept[m]
+        );
+    }
+    text += &format!(
+        "\ndevice memory in use after the run: {:.1} GiB of {:.1} GiB\n",
+        (total - free) as f64 / (1u64 << 30) as f64,
+        total as f64 / (1u64 << 30) as f64
+    );
+    let params = model.inner().device_params().len();
+    drop(model);
+    match nccl_all_reduce_s(params, 10) {
+        Ok(s) => {
+            text += &format!(
+                "\nNCCL all-reduce of {params} f32 (one rank, in place): {:.3} ms = {:.2} % of a CLM step\n",
+                s * 1e3,
+                100.0 * s / clm
+            )
+        }
+        Err(e) => text += &format!("\nNCCL all-reduce: not measured ({e})\n"),
+    }
+    Ok(text)
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("train_step_cuda: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = Cuda::new(0) {
+        println!("skipping: no CUDA device ({e})");
+        return;
+    }
+    match run(&args) {
+        Ok(text) => {
+            println!("{text}");
+            if let Some(path) = std::env::var_os("ESLM_BENCH_OUT") {
+                if let Err(e) = std::fs::write(&path, text) {
+                    eprintln!("cannot write {}: {e}", path.to_string_lossy());
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("train_step_cuda bench failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}
