@@ -70,6 +70,12 @@ fn print_summary(s: &TrainSummary) {
         println!("final alpha: {alpha:.3}");
     }
     println!("tokens/s: {:.0}", s.tokens_per_s);
+    if let Some(share) = s.reduce_share {
+        println!(
+            "gradient reduction: {:.1}% of training time on rank 0 (transfer and waiting for other ranks)",
+            100.0 * share
+        );
+    }
     if let (Some(kept), Some(total)) = (s.kind_kept, s.kind_total) {
         let all: u64 = kept.iter().sum();
         let names = ["template", "learnable", "noise"];

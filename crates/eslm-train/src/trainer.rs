@@ -82,6 +82,10 @@ pub struct TrainSummary {
     pub time_budget_reached: bool,
     /// The checkpoint a `--resume` continued from (set by `run::run_training`).
     pub resumed_from: Option<PathBuf>,
+    /// With several ranks: the share of this invocation's training time this rank spent in the gradient
+    /// reduction (transfer, and waiting for slower ranks). It bounds what overlapping the reduction with the
+    /// backward could save.
+    pub reduce_share: Option<f64>,
 }
 
 /// Per-step accumulators (this rank's; summed over ranks by [`StepAcc::reduce`] before they are logged).
@@ -183,6 +187,8 @@ pub struct Trainer {
     flops_paper: f64,
     flops_realized: f64,
     wall_s: f64,
+    /// Seconds spent in `reduce_grads` by this process (this invocation).
+    reduce_s: f64,
     /// Host copy of the current micro-batch's row statistics (per-row vectors only).
     stats: TokenStats,
     /// Scores a policy computed itself ([`Score::Host`]).
@@ -234,6 +240,7 @@ impl Trainer {
             flops_paper: 0.0,
             flops_realized: 0.0,
             wall_s: 0.0,
+            reduce_s: 0.0,
             stats: TokenStats::default(),
             host_scores: Vec::new(),
             last_checkpoint: None,
@@ -811,7 +818,9 @@ impl Trainer {
         let lr = self.schedule_config().lr_at(self.step);
         let mut grad_norm = f32::NAN;
         if acc.nonfinite.is_none() {
+            let t_reduce = Instant::now();
             self.model.reduce_grads(self.collective.as_ref())?;
+            self.reduce_s += t_reduce.elapsed().as_secs_f64();
             grad_norm = self.model.optimizer_step(&self.optim_step(lr))?;
             if !grad_norm.is_finite() {
                 acc.nonfinite = Some(grad_norm);
@@ -966,7 +975,9 @@ impl Trainer {
             skipped_steps: 0,
             time_budget_reached: false,
             resumed_from: None,
+            reduce_share: None,
         };
+        let reduce_before = self.reduce_s;
         let (mut kept_sum, mut time_sum, mut tokens_sum) = (0.0f64, 0.0f64, 0u64);
         self.guard.start(self.step, self.wall_s);
         while self.step < total {
@@ -1057,6 +1068,9 @@ impl Trainer {
         let n = summary.losses.len().max(1) as f64;
         summary.kept_fraction = kept_sum / n;
         summary.tokens_per_s = tokens_sum as f64 / time_sum.max(1e-12);
+        if self.collective.world_size() > 1 {
+            summary.reduce_share = Some((self.reduce_s - reduce_before) / time_sum.max(1e-12));
+        }
         summary.steps = self.step;
         summary.final_alpha = self.policy.alpha();
         Ok(summary)
