@@ -112,6 +112,45 @@ impl<B: Backend> Gpt2<B> {
         self.compute_stats(&kept_targets)
     }
 
+    /// Hierarchical ESLM's shallow pass: the first `exit_layer` blocks (1 ≤ E ≤ L) with their activations kept,
+    /// then the final layer norm, the LM head and the token statistics of block E's output. Follow it with
+    /// [`Gpt2::forward_sequences_stats`] for the sequences to train, which continues these activations instead
+    /// of recomputing the first E blocks.
+    pub fn forward_prefix_stats(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i32],
+        b: usize,
+        t: usize,
+        exit_layer: usize,
+    ) -> Result<&TokenStats> {
+        check_len("targets", targets.len(), b * t)?;
+        self.forward_train_prefix(inputs, b, t, exit_layer)?;
+        self.head.head_rows = None;
+        self.compute_stats(targets)
+    }
+
+    /// Training forward of the sequences `seqs` (strictly ascending) of the batch given to the last
+    /// [`Gpt2::forward_prefix_stats`] (`inputs`, `targets`: those sequences' `[seqs.len(), t]` ids and targets),
+    /// then their token statistics; keeps the activations for [`Gpt2::backward_selected`]. Continues the kept
+    /// sequences' first-E-block activations of that pass (the result equals [`Gpt2::forward_stats`] on
+    /// `inputs`); without a matching pass (another forward ran since, or other ids) it runs the full forward.
+    pub fn forward_sequences_stats(
+        &mut self,
+        seqs: &[usize],
+        inputs: &[u32],
+        targets: &[i32],
+        t: usize,
+    ) -> Result<&TokenStats> {
+        let b = seqs.len();
+        check_len("targets", targets.len(), b * t)?;
+        if !self.forward_train_sequences(seqs, inputs, t)? {
+            self.forward_train(inputs, b, t)?;
+        }
+        self.head.head_rows = None;
+        self.compute_stats(targets)
+    }
+
     /// No-grad forward (the first `exit_layer` blocks, all when `None`) followed by the token statistics. Keeps
     /// no activations: a pending training forward can no longer be back-propagated.
     pub fn forward_scores(

@@ -97,6 +97,33 @@ impl<B: Backend> LayerActs<B> {
     }
 }
 
+impl<B: Backend> LayerActs<B> {
+    /// Keeps the activations of sequences `seqs` (strictly ascending) of a `[b, t]` batch, moved to the front in
+    /// order (every buffer is sequence-major: `[B, T, ·]`, or `[B, H, T, T]` for the probabilities).
+    fn compact(&mut self, be: &mut B, d: AttnDims, seqs: &[usize]) {
+        let AttnDims { b, t, c, nh } = d;
+        let n = b * t;
+        let row_buffers: [(&mut B::Buf, usize); 13] = [
+            (&mut self.ln1, c),
+            (&mut self.ln1_mean, 1),
+            (&mut self.ln1_rstd, 1),
+            (&mut self.qkv, 3 * c),
+            (&mut self.atty, c),
+            (&mut self.att, nh * t),
+            (&mut self.residual2, c),
+            (&mut self.ln2, c),
+            (&mut self.ln2_mean, 1),
+            (&mut self.ln2_rstd, 1),
+            (&mut self.fch, 4 * c),
+            (&mut self.fch_gelu, 4 * c),
+            (&mut self.residual3, c),
+        ];
+        for (buf, width) in row_buffers {
+            be.compact_blocks(wr::<B>(buf, n * width), t * width, seqs);
+        }
+    }
+}
+
 /// Forward activations outside the blocks, and the blocks'.
 #[derive(Debug, Clone)]
 pub(crate) struct Activations<B: Backend> {
@@ -497,6 +524,18 @@ pub struct Gpt2<B: Backend = Cpu> {
     pub(crate) optimizer: Option<OptState<B>>,
     /// ZeRO-1: the ranks the optimizer state is sharded over ([`Gpt2::shard_optimizer`]); `None`: unsharded.
     pub(crate) shard: Option<OptShard>,
+    /// The batch whose first blocks' activations are kept after [`Gpt2::forward_prefix_stats`] (hierarchical
+    /// ESLM continues them for the sequences it keeps); cleared by every other forward.
+    prefix: Option<Prefix>,
+}
+
+/// A forward through the first `exit_layer` blocks of a `[b, t]` batch with its activations kept.
+#[derive(Debug, Clone)]
+struct Prefix {
+    b: usize,
+    t: usize,
+    exit_layer: usize,
+    inputs: Vec<u32>,
 }
 
 impl Gpt2<Cpu> {
@@ -689,6 +728,7 @@ impl<B: Backend> Gpt2<B> {
             flops: FlopCounter::default(),
             optimizer: None,
             shard: None,
+            prefix: None,
             backend,
         })
     }
@@ -864,28 +904,55 @@ impl<B: Backend> Gpt2<B> {
         depth: usize,
         head_rows: &RowSet,
     ) -> f64 {
-        let cfg = self.config;
-        let (c, nh) = (cfg.n_embd, cfg.n_head);
+        self.prefix = None;
+        let (c, n) = (self.config.n_embd, b * t);
+        self.backend.upload_tokens(&mut self.inputs, inputs);
+        {
+            let w = self.params.weights();
+            let emb = Embeddings {
+                wte: w.wte,
+                wpe: w.wpe,
+            };
+            self.backend.encoder_forward(
+                wr::<B>(&mut self.acts.encoded, n * c),
+                &self.inputs,
+                emb,
+                n,
+                t,
+                c,
+            );
+        }
+        self.run_blocks(b, t, 0..depth) + self.run_head(b, t, depth, head_rows)
+    }
+
+    /// Blocks `layers` of a `[b, t]` batch whose input (the embeddings, or the previous block's output) is in
+    /// place. Returns FLOPs.
+    fn run_blocks(&mut self, b: usize, t: usize, layers: std::ops::Range<usize>) -> f64 {
+        let (c, nh) = (self.config.n_embd, self.config.n_head);
         let n = b * t;
-        let be = &mut self.backend;
-        be.upload_tokens(&mut self.inputs, inputs);
+        let (be, a) = (&mut self.backend, &mut self.acts);
         let w = self.params.weights();
-        let a = &mut self.acts;
-        let emb = Embeddings {
-            wte: w.wte,
-            wpe: w.wpe,
-        };
-        be.encoder_forward(wr::<B>(&mut a.encoded, n * c), &self.inputs, emb, n, t, c);
         let d = AttnDims { b, t, c, nh };
         let mut flops = 0.0;
-        for (l, lw) in w.layers.iter().enumerate().take(depth) {
+        for l in layers {
             let (done, rest) = a.layers.split_at_mut(l);
             let x = match done.last() {
                 None => rd::<B>(&a.encoded, n * c),
                 Some(prev) => rd::<B>(&prev.residual3, n * c),
             };
-            flops += block_forward(be, &mut rest[0], x, *lw, &mut a.proj, d);
+            flops += block_forward(be, &mut rest[0], x, w.layers[l], &mut a.proj, d);
         }
+        flops
+    }
+
+    /// The final layer norm on the output of block `depth − 1`, then the LM head on `head_rows` (their logits
+    /// compact). Returns FLOPs.
+    fn run_head(&mut self, b: usize, t: usize, depth: usize, head_rows: &RowSet) -> f64 {
+        let cfg = self.config;
+        let c = cfg.n_embd;
+        let n = b * t;
+        let (be, a) = (&mut self.backend, &mut self.acts);
+        let w = self.params.weights();
         let x = block_output::<B>(&a.encoded, &a.layers, depth, n * c);
         let lnf_stats = LnStats {
             mean: wr::<B>(&mut a.lnf_mean, n),
@@ -914,9 +981,74 @@ impl<B: Backend> Gpt2<B> {
             );
             rd::<B>(&a.proj, k * c)
         };
-        flops += be.lm_head_forward(wr::<B>(&mut a.logits, k * head.vp), h, w.wte, k, head);
+        let flops = be.lm_head_forward(wr::<B>(&mut a.logits, k * head.vp), h, w.wte, k, head);
         self.last_logits = Some(k);
         flops
+    }
+
+    /// Training forward through the first `exit_layer` blocks (1 ≤ E ≤ L) with their activations kept, then the
+    /// final layer norm and the LM head on block E's output (the shallow scores). No backward can follow
+    /// ([`Gpt2::forward_train_sequences`] continues it); resets [`Gpt2::realized_flops`] to its FLOPs.
+    pub(crate) fn forward_train_prefix(
+        &mut self,
+        inputs: &[u32],
+        b: usize,
+        t: usize,
+        exit_layer: usize,
+    ) -> Result<()> {
+        self.forward_no_grad(inputs, b, t, exit_layer)?;
+        self.flops = FlopCounter::default();
+        self.flops.forward = self.forward_shallow_flops(b, t, exit_layer);
+        self.prefix = Some(Prefix {
+            b,
+            t,
+            exit_layer,
+            inputs: inputs.to_vec(),
+        });
+        Ok(())
+    }
+
+    /// Training forward of the sequences `seqs` (strictly ascending) of the batch of the last
+    /// [`Gpt2::forward_train_prefix`], whose ids `inputs` (`[seqs.len(), t]`) repeats: the kept sequences'
+    /// activations of the first E blocks are moved to the front of their buffers and the remaining blocks, the
+    /// final layer norm and the LM head run on them only — the first E blocks are not recomputed. Returns
+    /// `false` (and does nothing) when no prefix of this batch is kept; the caller then runs
+    /// [`Gpt2::forward_train`]. Resets [`Gpt2::realized_flops`] to the continuation's FLOPs.
+    pub(crate) fn forward_train_sequences(
+        &mut self,
+        seqs: &[usize],
+        inputs: &[u32],
+        t: usize,
+    ) -> Result<bool> {
+        let Some(p) = self.prefix.take() else {
+            return Ok(false);
+        };
+        let b2 = seqs.len();
+        let same = p.t == t
+            && b2 > 0
+            && seqs.windows(2).all(|w| w[0] < w[1])
+            && seqs.last().is_some_and(|&s| s < p.b)
+            && inputs.len() == b2 * t
+            && seqs
+                .iter()
+                .zip(inputs.chunks(t))
+                .all(|(&s, ids)| p.inputs[s * t..(s + 1) * t] == *ids);
+        if !same {
+            return Ok(false);
+        }
+        let (c, nh) = (self.config.n_embd, self.config.n_head);
+        let d = AttnDims { b: p.b, t, c, nh };
+        self.backend.upload_tokens(&mut self.inputs, inputs);
+        self.backend
+            .compact_blocks(wr::<B>(&mut self.acts.encoded, p.b * t * c), t * c, seqs);
+        for layer in &mut self.acts.layers[..p.exit_layer] {
+            layer.compact(&mut self.backend, d, seqs);
+        }
+        self.flops = FlopCounter::default();
+        self.flops.forward = self.run_blocks(b2, t, p.exit_layer..self.config.n_layer)
+            + self.run_head(b2, t, self.config.n_layer, &RowSet::All);
+        self.last_forward = Some((b2, t));
+        Ok(true)
     }
 
     /// Row-sparse backward of the last training forward from the compact loss gradient `dz [K, Vp]` of the

@@ -62,18 +62,6 @@ impl std::fmt::Debug for OptShard {
     }
 }
 
-/// `v[range]`.
-fn sub_view<'a, B: Backend>(v: B::View<'a>, range: &Range<usize>) -> B::View<'a> {
-    let (_, rest) = B::split(v, range.start);
-    B::split(rest, range.len()).0
-}
-
-/// [`sub_view`] for a mutable view.
-fn sub_view_mut<'a, B: Backend>(v: B::ViewMut<'a>, range: &Range<usize>) -> B::ViewMut<'a> {
-    let (_, rest) = B::split_mut(v, range.start);
-    B::split_mut(rest, range.len()).0
-}
-
 impl<B: Backend> Gpt2<B> {
     /// Connects the backend to the ranks of `collective` for [`Gpt2::reduce_grads`] (the CUDA backend opens an
     /// NCCL communicator; the CPU needs nothing). Every rank calls it once, before training.
@@ -142,7 +130,7 @@ impl<B: Backend> Gpt2<B> {
         };
         let local = self
             .backend
-            .sum_squares(sub_view::<B>(B::view(self.grads.buf()), &s.range));
+            .sum_squares(B::slice(B::view(self.grads.buf()), s.range.clone()));
         let total = s
             .collective
             .sum_f64(local)
@@ -195,8 +183,8 @@ impl<B: Backend> Gpt2<B> {
     fn adamw_over_range(&mut self, opt: &mut OptState<B>, constants: &AdamWStep) {
         let range = self.update_range();
         let layout = self.params.layout().clone();
-        let mut p = sub_view_mut::<B>(B::view_mut(self.params.buf_mut()), &range);
-        let mut g = sub_view::<B>(B::view(self.grads.buf()), &range);
+        let mut p = B::slice_mut(B::view_mut(self.params.buf_mut()), range.clone());
+        let mut g = B::slice(B::view(self.grads.buf()), range.clone());
         let (mut m, mut v) = (B::view_mut(&mut opt.m), B::view_mut(&mut opt.v));
         // The kinds are laid out in order, so their overlaps with `range` follow each other.
         for kind in ParamKind::ALL {

@@ -163,6 +163,32 @@ impl<B: Backend + 'static> LanguageModel for Gpt2Model<B> {
             .forward_scores(inputs, targets, b, t, Some(exit))
             .map_err(engine_err)
     }
+    fn forward_prefix(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i32],
+        b: usize,
+        t: usize,
+        exit_layer: usize,
+    ) -> Result<&TokenStats> {
+        // Fold the pending counter; the engine's counter then holds the shallow pass (see `forward_sequences`).
+        self.flops_done += self.model.realized_flops().total();
+        self.model
+            .forward_prefix_stats(inputs, targets, b, t, exit_layer)
+            .map_err(engine_err)
+    }
+    fn forward_sequences(
+        &mut self,
+        seqs: &[usize],
+        inputs: &[u32],
+        targets: &[i32],
+        t: usize,
+    ) -> Result<&TokenStats> {
+        self.flops_done += self.model.realized_flops().total();
+        self.model
+            .forward_sequences_stats(seqs, inputs, targets, t)
+            .map_err(engine_err)
+    }
     fn next_token_logits(&mut self, context: &[u32]) -> Result<Vec<f32>> {
         let any: &mut dyn std::any::Any = self;
         match any.downcast_mut::<Gpt2Model<Cpu>>() {

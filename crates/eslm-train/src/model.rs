@@ -113,6 +113,32 @@ pub trait LanguageModel: Any {
         t: usize,
         exit_layer: Option<usize>,
     ) -> Result<&TokenStats>;
+    /// Hierarchical ESLM's shallow pass: the statistics of block `exit_layer`'s output over the whole batch, like
+    /// [`LanguageModel::forward_inference`] with `Some(exit_layer)`; an engine may keep the first blocks'
+    /// activations for [`LanguageModel::forward_sequences`]. The default is the no-grad forward.
+    fn forward_prefix(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i32],
+        b: usize,
+        t: usize,
+        exit_layer: usize,
+    ) -> Result<&TokenStats> {
+        self.forward_inference(inputs, targets, b, t, Some(exit_layer))
+    }
+    /// Training forward of the sequences `seqs` (ascending) of the batch given to the last
+    /// [`LanguageModel::forward_prefix`]; `inputs` and `targets` are those sequences' (`[seqs.len(), t]`). Equal
+    /// to [`LanguageModel::forward`] on them (to rounding); an engine that kept the shallow pass's activations
+    /// continues them instead of recomputing the first blocks. The default is [`LanguageModel::forward`].
+    fn forward_sequences(
+        &mut self,
+        seqs: &[usize],
+        inputs: &[u32],
+        targets: &[i32],
+        t: usize,
+    ) -> Result<&TokenStats> {
+        self.forward(inputs, targets, seqs.len(), t)
+    }
     /// The `V` logits of one row of the last forward (sampling, greedy checks): never a whole batch.
     fn row_logits(&self, row: usize) -> Result<Vec<f32>>;
     /// The logits of the token after `context` (its last `max_seq_len` ids), for generation. The default runs a

@@ -160,6 +160,9 @@ struct Micro {
     kinds: Option<Vec<TokenKind>>,
     b: usize,
     t: usize,
+    /// The sequences of the loaded batch this micro-batch holds, when a policy filtered them after a shallow
+    /// pass (the engine may continue that pass for them: `LanguageModel::forward_sequences`).
+    seqs: Option<Vec<usize>>,
 }
 
 /// How the kept rows of a micro-batch are chosen.
@@ -489,6 +492,7 @@ impl Trainer {
                     kinds,
                     b,
                     t,
+                    seqs: None,
                 }
             }
             Some(seqs) => {
@@ -497,6 +501,7 @@ impl Trainer {
                 let mut m = Micro {
                     b: seqs.len(),
                     t,
+                    seqs: Some(seqs.clone()),
                     ..Default::default()
                 };
                 m.kinds = kinds.as_ref().map(|_| Vec::with_capacity(seqs.len() * t));
@@ -583,7 +588,12 @@ impl Trainer {
         let (b, t, n) = (micro.b, micro.t, micro.b * micro.t);
         let fwd_flops = self.model.paper_forward_flops_per_token(None);
         self.policy.prepare(&micro.inputs, &micro.targets, b, t)?;
-        let stats = self.model.forward(&micro.inputs, &micro.targets, b, t)?;
+        let stats = match &micro.seqs {
+            Some(seqs) => self
+                .model
+                .forward_sequences(seqs, &micro.inputs, &micro.targets, t)?,
+            None => self.model.forward(&micro.inputs, &micro.targets, b, t)?,
+        };
         self.stats.clone_from(stats);
         acc.flops_paper += n as f64 * fwd_flops;
         if let Some(bad) = nonfinite_mean(&self.stats) {

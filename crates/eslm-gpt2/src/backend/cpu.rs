@@ -270,6 +270,11 @@ impl Backend for Cpu {
     ) -> RowSet {
         residual::merge(out, a.rows, a.g, b.rows, b.g, a.n, width)
     }
+    fn compact_blocks(&mut self, x: &mut [f32], block: usize, seqs: &[usize]) {
+        for (i, &s) in seqs.iter().enumerate().filter(|(i, s)| *i != **s) {
+            x.copy_within(s * block..(s + 1) * block, i * block);
+        }
+    }
     fn gather_rows(&mut self, dst: &mut [f32], src: &[f32], rows: &RowSet, width: usize) {
         match rows {
             RowSet::All => dst[..src.len()].copy_from_slice(src),

@@ -337,6 +337,10 @@ pub trait Backend: Sized + Send {
         b: RowGrad<'_, Self::View<'_>>,
         width: usize,
     ) -> RowSet;
+    /// Moves the blocks `seqs` (strictly ascending) of `block` floats each to the front of `x`, in order:
+    /// block `seqs[i]` becomes block `i` (hierarchical ESLM keeps the activations of the sequences it trains).
+    /// The blocks after `seqs.len()` are left unspecified.
+    fn compact_blocks(&mut self, x: Self::ViewMut<'_>, block: usize, seqs: &[usize]);
     /// Gathers the rows `rows` of the dense `[n, width]` `src` into compact `dst`.
     fn gather_rows(
         &mut self,

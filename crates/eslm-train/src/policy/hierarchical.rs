@@ -97,7 +97,7 @@ impl SelectionPolicy for Hierarchical {
                 model.num_layers()
             )));
         }
-        let shallow = model.forward_inference(inputs, targets, b, t, Some(self.exit_layer))?;
+        let shallow = model.forward_prefix(inputs, targets, b, t, self.exit_layer)?;
         let means = sequence_means(self.score.of(shallow), &shallow.valid, b, t);
         let valid: Vec<bool> = means.iter().map(Option::is_some).collect();
         let scores: Vec<f32> = means.iter().map(|m| m.unwrap_or(0.0)).collect();

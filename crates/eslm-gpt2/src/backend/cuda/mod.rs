@@ -1405,6 +1405,28 @@ impl Backend for Cuda {
         self.check(r);
         union
     }
+    fn compact_blocks(&mut self, x: DevViewMut<'_>, block: usize, seqs: &[usize]) {
+        let end = seqs.last().map_or(0, |&s| (s + 1) * block);
+        if block == 0 || !self.ready(&[("compacted buffer", x.len, end, x.ptr)]) {
+            return;
+        }
+        for (i, &s) in seqs.iter().enumerate().filter(|(i, s)| *i != **s) {
+            // SAFETY: both blocks lie inside the view (checked through the last block); `i < s` (the list is
+            // strictly ascending), so the destination ends at or before the source begins; ordered on the stream
+            // after the earlier copies, whose sources lie after this destination.
+            let r = unsafe {
+                drv::memcpy_dtod_async(
+                    x.ptr + (i * block * 4) as u64,
+                    x.ptr + (s * block * 4) as u64,
+                    block * 4,
+                    self.stream().cu_stream(),
+                )
+            };
+            if !self.check(r) {
+                return;
+            }
+        }
+    }
     fn gather_rows(&mut self, dst: DevViewMut<'_>, src: DevView<'_>, rows: &RowSet, width: usize) {
         match rows {
             RowSet::All => {
