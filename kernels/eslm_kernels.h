@@ -46,7 +46,7 @@
 /* select_tile_scan: one block. */
 #define ESLM_SEL_SCAN_THREADS 512
 
-/* ---- the engine's CUDA backend (crates/eslm-gpt2/src/backend/cuda.rs), one family per .cu file ---- */
+/* ---- the engine's CUDA backend (crates/eslm-gpt2/src/backend/cuda/mod.rs), one family per .cu file ---- */
 /* encoder.cu: encoder_forward (grid-stride over n * C), encoder_backward_buckets (one block per bucket). */
 #define ESLM_ENC_THREADS 256
 /* layernorm.cu: one warp per row (forward and dx); layernorm_backward_params: one thread per column. */
@@ -64,6 +64,8 @@
 /* layernorm.cu, linear.cu: column sums (weight / bias gradients) are taken over chunks of this many rows into a
  * [chunks, width] partial buffer, then the chunks are added in order (deterministic). */
 #define ESLM_COLSUM_ROWS 64
+/* kd.cu: one block per kept row (maxima, sums and KL in fixed shared-memory trees). */
+#define ESLM_KD_THREADS 256
 
 /* ---- selection ---- */
 /* Radix digits of the 32-bit keys, most significant first: 11 + 11 + 10 bits. */

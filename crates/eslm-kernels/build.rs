@@ -31,7 +31,7 @@ mod cuda {
 
     /// The kernel families compiled into fatbins (one `.cu` each); the Rust side embeds exactly these: the loss
     /// head's three (`src/cuda/`), then the engine's (`ENGINE_FATBINS`, launched by eslm-gpt2's CUDA backend).
-    const KERNELS: [&str; 13] = [
+    const KERNELS: [&str; 14] = [
         "token_stats",
         "select",
         "sparse_ce",
@@ -45,6 +45,7 @@ mod cuda {
         "global_norm",
         "scale",
         "linear",
+        "kd",
     ];
     /// SASS for Ampere and Hopper plus PTX that newer GPUs JIT.
     const GENCODE: [&str; 6] = [

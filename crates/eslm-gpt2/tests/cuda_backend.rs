@@ -719,39 +719,81 @@ fn loss_head_matches_cpu_with_the_gpt2_vocabulary() {
     gpu.status().unwrap();
 }
 
-#[test]
-fn kd_is_a_typed_unsupported_error() {
-    let Some(mut gpu) = gpu("kd_is_a_typed_unsupported_error") else {
-        return;
-    };
-    let d = HeadDims { c: 1, v: 3, vp: 4 };
-    let z = up(&mut gpu, &[0.0; 4]);
-    let mut tg = gpu.alloc_targets(1);
-    gpu.upload_targets(&mut tg, &[1]);
-    let mut dz = gpu.alloc(4);
-    let logits = Logits {
-        z: Cuda::view(&z),
-        rows: 1,
+/// The KD gradient and mean loss of `kept` rows of `student` against `teacher` on a backend.
+fn run_kd<B: Backend>(
+    be: &mut B,
+    z: &[f32],
+    u: &[f32],
+    targets: &[i32],
+    kept: &[u32],
+    d: HeadDims,
+    kd: eslm_kernels::kd::KdParams,
+) -> (Vec<f32>, f32) {
+    let n = targets.len();
+    let (zb, ub) = (up(be, z), up(be, u));
+    let mut tg = be.alloc_targets(n);
+    be.upload_targets(&mut tg, targets);
+    // Pre-filled with garbage: every output element, padding included, must be written.
+    let mut dz = up(be, &vec![7.0; kept.len() * d.vp]);
+    let logits = |b| Logits {
+        z: B::view(b),
+        rows: n,
         dims: d,
     };
-    let rows = KeptTargets {
-        targets: &tg,
-        kept: &[0],
-    };
-    let err = gpu
+    let rows = KeptTargets { targets: &tg, kept };
+    let loss = be
         .kd_grad(
-            logits,
-            logits,
+            logits(&zb),
+            logits(&ub),
             rows,
-            eslm_kernels::kd::KdParams {
-                kd_weight: 0.5,
-                temperature: 1.0,
-            },
-            1.0,
-            Cuda::view_mut(&mut dz),
+            kd,
+            0.25,
+            B::view_mut(&mut dz),
         )
-        .unwrap_err();
-    assert!(matches!(err, eslm_gpt2::Gpt2Error::Unsupported(_)), "{err}");
+        .unwrap();
+    (down(be, &dz), loss)
+}
+
+#[test]
+fn kd_matches_cpu() {
+    let Some(mut gpu) = gpu("kd_matches_cpu") else {
+        return;
+    };
+    let mut r = rng(12);
+    for (n, v, vp) in [(1usize, 3usize, 4usize), (9, 1000, 1003), (5, 50257, 50304)] {
+        let d = HeadDims { c: 1, v, vp };
+        let mut z = randn(&mut r, n * vp, 4.0);
+        let u = randn(&mut r, n * vp, 4.0);
+        if n > 2 {
+            z[vp + 1] = -1e30; // a (nearly) masked logit
+        }
+        let targets: Vec<i32> = (0..n)
+            .map(|i| {
+                if i % 4 == 3 {
+                    -1
+                } else {
+                    r.gen_range(0..v as i32)
+                }
+            })
+            .collect();
+        let kept: Vec<u32> = (0..n as u32)
+            .filter(|&i| targets[i as usize] >= 0)
+            .collect();
+        for (kd_weight, temperature) in [(0.0, 1.0), (0.5, 2.0), (1.0, 0.5)] {
+            let kd = eslm_kernels::kd::KdParams {
+                kd_weight,
+                temperature,
+            };
+            let (want, want_loss) = run_kd(&mut Cpu::new(), &z, &u, &targets, &kept, d, kd);
+            let (got, got_loss) = run_kd(&mut gpu, &z, &u, &targets, &kept, d, kd);
+            close("kd dlogits", &got, &want, 1e-7, 1e-5);
+            assert!(
+                (got_loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0),
+                "KD loss {got_loss} vs {want_loss} (n {n}, V {v}, W {kd_weight}, τ {temperature})"
+            );
+        }
+    }
+    gpu.status().unwrap();
 }
 
 /// One selective training step on a model: (loss, kept rows, gradients, parameters after the update).

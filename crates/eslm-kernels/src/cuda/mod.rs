@@ -58,7 +58,7 @@ const FATBIN_SPARSE_CE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sparse
 /// The engine's kernel families (`kernels/<name>.cu`, one fatbin each), launched by the CUDA backend of eslm-gpt2
 /// (`eslm_gpt2::backend::cuda`): `(family, fatbin)`. Load one with
 /// `ctx.load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))`.
-pub const ENGINE_FATBINS: [(&str, &[u8]); 10] = [
+pub const ENGINE_FATBINS: [(&str, &[u8]); 11] = [
     (
         "encoder",
         include_bytes!(concat!(env!("OUT_DIR"), "/encoder.fatbin")),
@@ -99,6 +99,7 @@ pub const ENGINE_FATBINS: [(&str, &[u8]); 10] = [
         "linear",
         include_bytes!(concat!(env!("OUT_DIR"), "/linear.fatbin")),
     ),
+    ("kd", include_bytes!(concat!(env!("OUT_DIR"), "/kd.fatbin"))),
 ];
 
 /// Block sizes of the engine's kernel families (`kernels/eslm_kernels.h`, the one definition; each kernel traps on
@@ -106,12 +107,12 @@ pub const ENGINE_FATBINS: [(&str, &[u8]); 10] = [
 pub mod engine_block_sizes {
     pub use super::params::{
         ESLM_ADAMW_THREADS, ESLM_ATT_THREADS, ESLM_COLSUM_ROWS, ESLM_ENC_THREADS, ESLM_EW_THREADS,
-        ESLM_LN_THREADS, ESLM_NORM_BLOCKS, ESLM_NORM_THREADS,
+        ESLM_KD_THREADS, ESLM_LN_THREADS, ESLM_NORM_BLOCKS, ESLM_NORM_THREADS,
     };
 }
 
 /// The `nvcc -Xptxas -v` report (registers, shared memory, spills per kernel, for sm_80 and sm_90) of the build.
-pub const PTXAS_REPORT: [(&str, &str); 13] = [
+pub const PTXAS_REPORT: [(&str, &str); 14] = [
     (
         "token_stats.cu",
         include_str!(concat!(env!("OUT_DIR"), "/token_stats.ptxas.txt")),
@@ -163,6 +164,10 @@ pub const PTXAS_REPORT: [(&str, &str); 13] = [
     (
         "linear.cu",
         include_str!(concat!(env!("OUT_DIR"), "/linear.ptxas.txt")),
+    ),
+    (
+        "kd.cu",
+        include_str!(concat!(env!("OUT_DIR"), "/kd.ptxas.txt")),
     ),
 ];
 

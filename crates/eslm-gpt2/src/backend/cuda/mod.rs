@@ -28,8 +28,7 @@
 //!   [`KernelError::NoCudaDriver`] ("no CUDA driver found; use --device cpu"): no op can be reached.
 //!
 //! Not done (see `docs/engine.md`): the bf16 mixed-precision recipe (bf16 weights and activations, f32 master
-//! weights), cuBLASLt epilogues (bias, GELU), a flash-attention kernel, KD on the device ([`Backend::kd_grad`]
-//! returns [`Gpt2Error::Unsupported`]), the hierarchical step's reuse of the shallow pass. Collectives of a
+//! weights), cuBLASLt epilogues (bias, GELU), a flash-attention kernel. Collectives of a
 //! multi-rank job use NCCL on the device buffers ([`nccl`]) when the library loads, else the host.
 
 use std::marker::PhantomData;
@@ -40,7 +39,7 @@ use eslm_collective::Collective;
 use eslm_kernels::cuda::cudarc;
 use eslm_kernels::cuda::engine_block_sizes::{
     ESLM_ADAMW_THREADS, ESLM_ATT_THREADS, ESLM_COLSUM_ROWS, ESLM_ENC_THREADS, ESLM_EW_THREADS,
-    ESLM_LN_THREADS, ESLM_NORM_BLOCKS, ESLM_NORM_THREADS,
+    ESLM_KD_THREADS, ESLM_LN_THREADS, ESLM_NORM_BLOCKS, ESLM_NORM_THREADS,
 };
 use eslm_kernels::cuda::{
     alloc_len, CudaKernels, DeviceLogits, DeviceSparseCe, DeviceTokenStats, GradScale,
@@ -100,6 +99,7 @@ struct Functions {
     bias_forward: CudaFunction,
     colsum_partial: CudaFunction,
     colsum_reduce_add: CudaFunction,
+    kd_grad_rows: CudaFunction,
 }
 
 impl Functions {
@@ -136,6 +136,7 @@ impl Functions {
             bias_forward: f("linear", "bias_forward")?,
             colsum_partial: f("linear", "colsum_partial")?,
             colsum_reduce_add: f("linear", "colsum_reduce_add")?,
+            kd_grad_rows: f("kd", "kd_grad_rows")?,
         })
     }
 }
@@ -1623,17 +1624,94 @@ impl Backend for Cuda {
     }
     fn kd_grad(
         &mut self,
-        _student: Logits<DevView<'_>>,
-        _teacher: Logits<DevView<'_>>,
-        _rows: KeptTargets<'_, DeviceInts<i32>>,
-        _kd: KdParams,
-        _scale: f32,
-        _dlogits: DevViewMut<'_>,
+        student: Logits<DevView<'_>>,
+        teacher: Logits<DevView<'_>>,
+        rows: KeptTargets<'_, DeviceInts<i32>>,
+        kd: KdParams,
+        scale: f32,
+        dlogits: DevViewMut<'_>,
     ) -> Result<f32> {
         self.recorded()?;
-        Err(Gpt2Error::Unsupported(
-            "KD (kd_grad) is not implemented on the CUDA backend yet; HINT: run eslm-kd with --device cpu".into(),
-        ))
+        kd.validate()?;
+        let Logits { z, rows: n, dims } = student;
+        if teacher.rows != n || teacher.dims.v != dims.v || teacher.dims.vp != dims.vp {
+            return Err(Gpt2Error::Shape {
+                what: "teacher logits",
+                expected: format!("[{n}, {}] in stride {} like the student's", dims.v, dims.vp),
+                got: format!(
+                    "[{}, {}] in stride {}",
+                    teacher.rows, teacher.dims.v, teacher.dims.vp
+                ),
+            });
+        }
+        let kept = rows.kept;
+        let k = kept.len();
+        crate::error::check_len("targets", rows.targets.len(), n)?;
+        if k == 0 {
+            return Ok(0.0);
+        }
+        crate::model::validate_kept(kept, n)?;
+        // The same check as the CPU's (a kept row needs a valid target), on the targets' host copy.
+        if let Some(&r) = kept.iter().find(|&&r| {
+            let y = rows.targets.host[r as usize];
+            y < 0 || y as usize >= dims.v
+        }) {
+            return Err(KernelError::Shape {
+                what: "kept row target",
+                expected: format!("a target in [0, {})", dims.v),
+                got: format!("row {r}: {}", rows.targets.host[r as usize]),
+            }
+            .into());
+        }
+        let used = logits_extent(n, dims)?;
+        if !self.ready(&[
+            ("student logits", z.len, used, z.ptr),
+            ("teacher logits", teacher.z.len, used, teacher.z.ptr),
+            ("dlogits", dlogits.len, k * dims.vp, dlogits.ptr),
+        ]) {
+            return self.recorded().map(|_| f32::NAN);
+        }
+        let idx_ptr = self.upload_idx(kept);
+        let loss_ptr = self.scratch(3, k);
+        let (Some(idx_ptr), Some(loss_ptr)) = (idx_ptr, loss_ptr) else {
+            return self.recorded().map(|_| f32::NAN);
+        };
+        let Some(tgt) = rows.targets.dev.as_ref() else {
+            return Err(KernelError::Cuda("targets have no device memory".into()).into());
+        };
+        let tgt_ptr = raw_ptr(tgt);
+        let (k64, v64, vp64) = (k as u64, dims.v as u64, dims.vp as u64);
+        let (w, tau) = (kd.kd_weight as f32, kd.temperature as f32);
+        let mut l = self.stream().launch_builder(&self.f.kd_grad_rows);
+        l.arg(&z.ptr)
+            .arg(&teacher.z.ptr)
+            .arg(&tgt_ptr)
+            .arg(&idx_ptr)
+            .arg(&k64)
+            .arg(&v64)
+            .arg(&vp64)
+            .arg(&vp64)
+            .arg(&w)
+            .arg(&tau)
+            .arg(&scale)
+            .arg(&dlogits.ptr)
+            .arg(&loss_ptr);
+        // SAFETY: matches kd_grad_rows (kd.cu): both logits hold n rows of stride Vp, the kept list k rows < n
+        // with valid targets (checked), dlogits k·Vp floats, the loss scratch k floats.
+        let r = unsafe { l.launch(cfg(k.min(MAX_GRID) as u32, ESLM_KD_THREADS)) };
+        if !self.check(r) {
+            return self.recorded().map(|_| f32::NAN);
+        }
+        // The kept rows' losses (a per-row vector, K floats): the mean over them in f64, as on the CPU.
+        let mut losses = vec![0f32; k];
+        let view = DevView {
+            ptr: loss_ptr,
+            len: k,
+            _buf: PhantomData,
+        };
+        self.download(view, &mut losses);
+        self.recorded()?;
+        Ok((losses.iter().map(|&x| x as f64).sum::<f64>() / k as f64) as f32)
     }
 
     fn adamw(
