@@ -14,8 +14,9 @@
 //! the model's parameter count in place (what `reduce_grads` does on each step of a multi-rank job), timed
 //! against the CLM step (target < 3 % of a step).
 //!
-//! Prints one markdown table (also written to `ESLM_BENCH_OUT`): median step time, tokens/s, the ratio to CLM,
-//! kept tokens, and the device memory in use after the run. **Never run yet** (no GPU in any session so far).
+//! Every mode runs with f32 products, then with TF32 tensor-core products (`--tf32`). Prints one markdown table
+//! (also written to `ESLM_BENCH_OUT`): median step time, tokens/s, the ratio to CLM of the same precision, kept
+//! tokens, and the device memory in use after the run. **Never run yet** (no GPU in any session so far).
 //!
 //! `cargo bench --features cuda --bench train_step_cuda -- [--batch 8] [--steps 5] [--warmup 2] [--exit-layer 4]`
 
@@ -23,7 +24,7 @@ use std::time::Instant;
 
 use eslm_collective::SingleProcess;
 use eslm_gpt2::backend::CollectiveOp;
-use eslm_gpt2::{Backend, Cuda, GptConfig};
+use eslm_gpt2::{Backend, Cuda, GptConfig, MatmulPrecision};
 use eslm_kernels::select::SelectRule;
 use eslm_train::engine::Gpt2Model;
 use eslm_train::model::{Keep, LanguageModel, LossSpec, OptimStep, ScoreSource};
@@ -186,6 +187,28 @@ fn nccl_all_reduce_s(len: usize, reps: usize) -> BenchResult<f64> {
     Ok(median(&times[1..]))
 }
 
+/// Median step times (s) and kept tokens of every mode, modes interleaved step by step.
+fn time_modes(
+    model: &mut Gpt2Model<Cuda>,
+    modes: &[Mode],
+    a: &Args,
+    (inputs, targets): (&[u32], &[i32]),
+    (b, t): (usize, usize),
+) -> BenchResult<(Vec<f64>, Vec<usize>)> {
+    let mut times = vec![Vec::new(); modes.len()];
+    let mut kept = vec![0; modes.len()];
+    for i in 0..a.warmup + a.steps {
+        for (m, &mode) in modes.iter().enumerate() {
+            let t0 = Instant::now();
+            kept[m] = step(model, mode, inputs, targets, (b, t), a.exit_layer)?;
+            if i >= a.warmup {
+                times[m].push(t0.elapsed().as_secs_f64());
+            }
+        }
+    }
+    Ok((times.iter().map(|v| median(v)).collect(), kept))
+}
+
 fn run(a: &Args) -> BenchResult<String> {
     let (b, t) = (a.batch, 1024);
     let config = GptConfig::gpt2_124m();
@@ -198,34 +221,37 @@ fn run(a: &Args) -> BenchResult<String> {
         Mode::Eslm { keep: 0.3 },
         Mode::Hierarchical { keep: 0.3 },
     ];
-    let mut times = vec![Vec::new(); modes.len()];
-    let mut kept = vec![0; modes.len()];
-    for i in 0..a.warmup + a.steps {
-        for (m, &mode) in modes.iter().enumerate() {
-            let t0 = Instant::now();
-            kept[m] = step(&mut model, mode, &inputs, &targets, (b, t), a.exit_layer)?;
-            if i >= a.warmup {
-                times[m].push(t0.elapsed().as_secs_f64());
-            }
+    let mut text = format!(
+        "GPT-2 124M, B={b}, T={t}, f32 storage (bf16 not written yet), {} timed steps per mode after {} warm-up, \
+         exit layer {}\n\n| products | mode | median step s | tokens/s | step / CLM | kept tokens |\n\
+         |---|---|---|---|---|---|\n",
+        a.steps, a.warmup, a.exit_layer
+    );
+    let mut clm_f32 = f64::NAN;
+    for (label, precision) in [
+        ("f32", MatmulPrecision::F32),
+        ("tf32", MatmulPrecision::Tf32),
+    ] {
+        if precision == MatmulPrecision::Tf32 {
+            model.use_tf32()?;
+        }
+        let (medians, kept) = time_modes(&mut model, &modes, a, (&inputs, &targets), (b, t))?;
+        let clm = medians[0];
+        if precision == MatmulPrecision::F32 {
+            clm_f32 = clm;
+        }
+        for (m, mode) in modes.iter().enumerate() {
+            text += &format!(
+                "| {label} | {} | {:.4} | {:.0} | {:.3} | {} |\n",
+                mode.name(),
+                medians[m],
+                n as f64 / medians[m],
+                medians[m] / clm,
+                kept[m]
+            );
         }
     }
     let (free, total) = model.inner().backend().memory_info()?;
-    let clm = median(&times[0]);
-    let mut text = format!(
-        "GPT-2 124M, B={b}, T={t}, f32 (bf16 not written yet), {} timed steps per mode after {} warm-up, \
-         exit layer {}\n\n| mode | median step s | tokens/s | step / CLM | kept tokens |\n|---|---|---|---|---|\n",
-        a.steps, a.warmup, a.exit_layer
-    );
-    for (m, mode) in modes.iter().enumerate() {
-        let s = median(&times[m]);
-        text += &format!(
-            "| {} | {s:.4} | {:.0} | {:.3} | {} |\n",
-            mode.name(),
-            n as f64 / s,
-            s / clm,
-            kept[m]
-        );
-    }
     text += &format!(
         "\ndevice memory in use after the run: {:.1} GiB of {:.1} GiB\n",
         (total - free) as f64 / (1u64 << 30) as f64,
@@ -236,9 +262,9 @@ fn run(a: &Args) -> BenchResult<String> {
     match nccl_all_reduce_s(params, 10) {
         Ok(s) => {
             text += &format!(
-                "\nNCCL all-reduce of {params} f32 (one rank, in place): {:.3} ms = {:.2} % of a CLM step\n",
+                "\nNCCL all-reduce of {params} f32 (one rank, in place): {:.3} ms = {:.2} % of an f32 CLM step\n",
                 s * 1e3,
-                100.0 * s / clm
+                100.0 * s / clm_f32
             )
         }
         Err(e) => text += &format!("\nNCCL all-reduce: not measured ({e})\n"),

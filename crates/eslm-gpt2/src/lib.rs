@@ -29,7 +29,7 @@ pub mod update;
 
 #[cfg(feature = "cuda")]
 pub use backend::Cuda;
-pub use backend::{Backend, Cpu};
+pub use backend::{Backend, Cpu, MatmulPrecision};
 pub use config::GptConfig;
 pub use decode::KvCache;
 pub use error::{Gpt2Error, Result};

@@ -69,6 +69,11 @@ impl<B: Backend> Gpt2<B> {
         self.backend.connect(collective)
     }
 
+    /// Sets the backend's matrix-product precision ([`crate::Backend::set_matmul_precision`]).
+    pub fn set_matmul_precision(&mut self, precision: crate::MatmulPrecision) -> Result<()> {
+        self.backend.set_matmul_precision(precision)
+    }
+
     /// Shards the AdamW state over the ranks of `collective` (ZeRO-1, see the module documentation); existing
     /// moments (restored or trained) keep their values. Every rank must call it, with the same world.
     pub fn shard_optimizer(&mut self, collective: Arc<dyn Collective>) -> Result<()> {

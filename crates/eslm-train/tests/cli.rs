@@ -261,6 +261,13 @@ fn bad_ranges_are_refused_naming_the_flag() {
             },
             "--time-budget",
         ),
+        (
+            TrainArgs {
+                tf32: true,
+                ..base()
+            },
+            "--tf32",
+        ),
     ] {
         let e = resolve(a);
         assert!(e.contains(needle), "{needle}: {e:?}");

@@ -412,6 +412,19 @@ pub trait Backend: Sized + Send {
     /// Row `i` of the compact `[K, width]` buffer `x` times `weights[i]` (`K = weights.len()`, a per-row host
     /// vector: importance weights of kept rows).
     fn scale_rows(&mut self, x: Self::ViewMut<'_>, width: usize, weights: &[f32]);
+    /// Sets the precision of the matrix products. Every backend supports [`MatmulPrecision::F32`] (the default);
+    /// the CUDA backend also [`MatmulPrecision::Tf32`].
+    ///
+    /// # Errors
+    /// [`crate::Gpt2Error::Unsupported`] for a precision this backend does not have.
+    fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<()> {
+        match precision {
+            MatmulPrecision::F32 => Ok(()),
+            other => Err(crate::error::Gpt2Error::Unsupported(format!(
+                "matmul precision {other:?} on this backend (only F32)"
+            ))),
+        }
+    }
     /// Prepares this backend for [`Backend::collective`] over the ranks of `collective` (every rank calls it
     /// once, before training): the CUDA backend opens its NCCL communicator. A no-op by default.
     fn connect(&mut self, collective: &dyn Collective) -> Result<()> {
@@ -457,4 +470,15 @@ impl CollectiveOp {
         }
         .map_err(|e| crate::error::Gpt2Error::Collective(e.to_string()))
     }
+}
+
+/// Precision of the matrix products ([`Backend::set_matmul_precision`]); storage stays f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatmulPrecision {
+    /// IEEE f32 products with f32 accumulation.
+    #[default]
+    F32,
+    /// TF32 tensor-core products (inputs rounded to a 10-bit mantissa, f32 accumulation): several times the f32
+    /// throughput on Ampere and Hopper GPUs, with ≈ 1e-3 relative error per product.
+    Tf32,
 }

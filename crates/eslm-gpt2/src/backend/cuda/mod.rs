@@ -8,7 +8,8 @@
 //!   ([`DevView`], [`DevViewMut`]) cut without the stream, so the model's flat parameter buffer is split into
 //!   per-tensor views as on the CPU. Token ids and targets keep a host copy next to the device copy (the encoder
 //!   backward groups rows by token on the host; the loss head checks targets there).
-//! - **Products** are f32 cuBLAS SGEMMs (`cublasSgemmStridedBatched`, default math mode: no TF32), row-major
+//! - **Products** are f32 cuBLAS SGEMMs (`cublasSgemmStridedBatched`; default math mode, or TF32 tensor cores after
+//!   [`Backend::set_matmul_precision`]), row-major
 //!   through the usual swap (`C = A·B` row-major is `Cᵀ = Bᵀ·Aᵀ` column-major). Attention is llm.c's: `S = Q·Kᵀ`
 //!   and `Y = P·V` batched over the heads of each sequence, a fused causal softmax kernel in between; the
 //!   probabilities `P [B, H, T, T]` are stored for the backward, like the CPU backend.
@@ -57,7 +58,7 @@ use cudarc::driver::{
 
 use super::{
     AdamWSlices, Affine, Backend, CollectiveOp, Embeddings, HeadDims, KeptTargets, LinearDims,
-    LnSaved, LnStats, Logits, RowGrad,
+    LnSaved, LnStats, Logits, MatmulPrecision, RowGrad,
 };
 use crate::error::{Gpt2Error, Result};
 use crate::ops::attention::AttnDims;
@@ -1805,6 +1806,20 @@ impl Backend for Cuda {
         // SAFETY: matches scale_rows (scale.cu); x holds K·width floats.
         let r = unsafe { l.launch(cfg(grid(k * width, ESLM_EW_THREADS), ESLM_EW_THREADS)) };
         self.check(r);
+    }
+    fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<()> {
+        let mode = match precision {
+            MatmulPrecision::F32 => blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
+            MatmulPrecision::Tf32 => blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
+        };
+        // SAFETY: the handle is this backend's, used on this thread only (`&mut self`).
+        let status = unsafe { blas_sys::cublasSetMathMode(*self.blas.handle(), mode) };
+        if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(
+                KernelError::Cuda(format!("cublasSetMathMode({mode:?}): {status:?}")).into(),
+            );
+        }
+        Ok(())
     }
     fn connect(&mut self, collective: &dyn Collective) -> Result<()> {
         if collective.world_size() == 1 {
