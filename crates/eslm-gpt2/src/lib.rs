@@ -20,6 +20,7 @@ pub mod decode;
 pub mod error;
 pub mod init;
 pub mod loss_head;
+pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -27,12 +27,20 @@ const CHUNK: usize = 1 << 14;
 #[derive(Debug, Clone, Default)]
 pub struct Cpu {
     scratch: Vec<f32>,
+    /// f32 elements handed out by [`Backend::alloc`] so far (for the memory plan's test).
+    allocated: usize,
 }
 
 impl Cpu {
     /// A CPU backend (threads: the current rayon pool).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// f32 elements allocated through [`Backend::alloc`] by this backend (and its clones' shares before they were
+    /// cloned), buffers dropped since included: [`crate::memory::MemoryPlan`]'s test compares it with the plan.
+    pub fn allocated_floats(&self) -> usize {
+        self.allocated
     }
 
     /// Scratch of at least `len` floats.
@@ -62,6 +70,7 @@ impl Backend for Cpu {
     type Targets = Vec<i32>;
 
     fn alloc(&mut self, len: usize) -> Vec<f32> {
+        self.allocated += len;
         vec![0.0; len]
     }
     fn alloc_tokens(&mut self, len: usize) -> Vec<u32> {
