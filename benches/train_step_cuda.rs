@@ -6,9 +6,10 @@
 //!
 //! - `clm`: every token;
 //! - `eslm keep 0.5`, `eslm keep 0.3`: VaR selection on the loss score;
-//! - `hierarchical`: a no-grad shallow pass through the first `--exit-layer` blocks (default 4) over the whole
-//!   batch, the sequences whose mean shallow loss is in the top half kept, then `eslm keep 0.3` on them (the
-//!   trainer's hierarchical policy; the shallow pass's blocks are recomputed, not reused).
+//! - `hierarchical`: a shallow pass through the first `--exit-layer` blocks (default 4) over the whole batch, the
+//!   sequences whose mean shallow loss is in the top half kept, then `eslm keep 0.3` on them — the trainer's
+//!   hierarchical policy, which continues the shallow pass's first blocks for the kept sequences
+//!   (`LanguageModel::forward_prefix` / `forward_sequences`) instead of recomputing them.
 //!
 //! Then the NCCL check of the data-parallel path on one GPU: a one-rank NCCL communicator all-reduces a buffer of
 //! the model's parameter count in place (what `reduce_grads` does on each step of a multi-rank job), timed
@@ -91,7 +92,11 @@ impl Mode {
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
+    }
 }
 
 /// The batch's inputs and targets (`(i·7919 + 13) mod V`, `(i·104729 + 5) mod V`, as in `benches/train_step.rs`).
@@ -131,19 +136,18 @@ fn step(
         eps: 1e-8,
         grad_clip: 1.0,
     };
-    let (keep, owned);
-    let (inputs, targets, b) = match mode {
+    model.zero_grad();
+    let keep = match mode {
         Mode::Clm => {
-            keep = Keep::AllValid;
-            (inputs, targets, b)
+            model.forward(inputs, targets, b, t)?;
+            Keep::AllValid
         }
-        Mode::Eslm { keep: k } => {
-            keep = Keep::Rule(SelectRule::Var { alpha: 1.0 - k });
-            (inputs, targets, b)
+        Mode::Eslm { keep } => {
+            model.forward(inputs, targets, b, t)?;
+            Keep::Rule(SelectRule::Var { alpha: 1.0 - keep })
         }
-        Mode::Hierarchical { keep: k } => {
-            keep = Keep::Rule(SelectRule::Var { alpha: 1.0 - k });
-            let shallow = model.forward_inference(inputs, targets, b, t, Some(exit_layer))?;
+        Mode::Hierarchical { keep } => {
+            let shallow = model.forward_prefix(inputs, targets, b, t, exit_layer)?;
             let seqs = top_half_sequences(&shallow.loss, b, t);
             let pick = |v: &[u32]| -> Vec<u32> {
                 seqs.iter()
@@ -154,12 +158,10 @@ fn step(
                 .iter()
                 .flat_map(|&s| targets[s * t..(s + 1) * t].iter().copied())
                 .collect();
-            owned = (pick(inputs), kept_targets);
-            (&owned.0[..], &owned.1[..], seqs.len())
+            model.forward_sequences(&seqs, &pick(inputs), &kept_targets, t)?;
+            Keep::Rule(SelectRule::Var { alpha: 1.0 - keep })
         }
     };
-    model.zero_grad();
-    model.forward(inputs, targets, b, t)?;
     let k = model.select(ScoreSource::Loss, keep)?.indices.len();
     model.loss_grad(LossSpec::CrossEntropy, 1.0 / k.max(1) as f32)?;
     model.backward()?;

@@ -52,11 +52,11 @@ __device__ __forceinline__ double block_sum(double v, double* sh) {
 extern "C" __global__ void __launch_bounds__(KD_THREADS)
 kd_grad_rows(const float* __restrict__ student, const float* __restrict__ teacher,
              const int32_t* __restrict__ targets, const uint32_t* __restrict__ kept, uint64_t k, uint64_t vocab,
-             uint64_t stride, uint64_t out_stride, float kd_weight, float tau, float scale,
+             uint64_t stride, uint64_t out_stride, double kd_weight, double tau, float scale,
              float* __restrict__ dlogits, float* __restrict__ row_loss) {
     ESLM_REQUIRE_BLOCK(KD_THREADS);
     __shared__ double sh[KD_THREADS];
-    const double w = (double)kd_weight, t = (double)tau;
+    const double w = kd_weight, t = tau;
     for (uint64_t i = blockIdx.x; i < k; i += gridDim.x) {
         const uint64_t r = kept[i];
         const int32_t y = targets[r];
@@ -85,9 +85,11 @@ kd_grad_rows(const float* __restrict__ student, const float* __restrict__ teache
             ss += exp(zj / t - ms);
             st += exp((double)u[j] / t - mt);
         }
-        const double lse1 = m1 + log(block_sum(s1, sh));
-        const double lse_s = ms + log(block_sum(ss, sh));
-        const double lse_t = mt + log(block_sum(st, sh));
+        /* As the CPU's lse_scaled: a non-finite maximum is the log-sum-exp itself (all -inf, or a +inf logit). */
+        const double sum1 = block_sum(s1, sh), sum_s = block_sum(ss, sh), sum_t = block_sum(st, sh);
+        const double lse1 = isfinite(m1) ? m1 + log(sum1) : m1;
+        const double lse_s = isfinite(ms) ? ms + log(sum_s) : ms;
+        const double lse_t = isfinite(mt) ? mt + log(sum_t) : mt;
         /* Pass 3: the gradient and the KL. */
         double kl = 0.0;
         for (uint64_t j = threadIdx.x; j < vocab; j += KD_THREADS) {

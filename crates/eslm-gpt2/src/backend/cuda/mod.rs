@@ -152,6 +152,9 @@ impl Functions {
 /// # Ok::<(), eslm_gpt2::Gpt2Error>(())
 /// ```
 pub struct Cuda {
+    /// The NCCL communicator of a multi-rank job ([`Backend::connect`]); `None`: collectives through the host.
+    /// First, so that it is destroyed before the stream and the context it uses.
+    nccl: Option<nccl::Nccl>,
     kernels: CudaKernels,
     blas: CudaBlas,
     f: Functions,
@@ -173,8 +176,6 @@ pub struct Cuda {
     lse: Grow<f32>,
     stats: Option<DeviceTokenStats>,
     ce: Option<DeviceSparseCe>,
-    /// The NCCL communicator of a multi-rank job ([`Backend::connect`]); `None`: collectives through the host.
-    nccl: Option<nccl::Nccl>,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -1682,7 +1683,7 @@ impl Backend for Cuda {
         };
         let tgt_ptr = raw_ptr(tgt);
         let (k64, v64, vp64) = (k as u64, dims.v as u64, dims.vp as u64);
-        let (w, tau) = (kd.kd_weight as f32, kd.temperature as f32);
+        let (w, tau) = (kd.kd_weight, kd.temperature);
         let mut l = self.stream().launch_builder(&self.f.kd_grad_rows);
         l.arg(&z.ptr)
             .arg(&teacher.z.ptr)
@@ -1697,8 +1698,10 @@ impl Backend for Cuda {
             .arg(&scale)
             .arg(&dlogits.ptr)
             .arg(&loss_ptr);
-        // SAFETY: matches kd_grad_rows (kd.cu): both logits hold n rows of stride Vp, the kept list k rows < n
-        // with valid targets (checked), dlogits k·Vp floats, the loss scratch k floats.
+        // SAFETY: matches kd_grad_rows (kd.cu; W and τ as f64): both logits hold n rows of stride Vp, the kept
+        // list k rows < n with valid targets (checked), dlogits k·Vp floats, the loss scratch k floats. The
+        // teacher's logits were written on the teacher backend's own stream; its statistics were read back to the
+        // host (a synchronisation) before the trainer asks for this gradient, so they are complete here.
         let r = unsafe { l.launch(cfg(k.min(MAX_GRID) as u32, ESLM_KD_THREADS)) };
         if !self.check(r) {
             return self.recorded().map(|_| f32::NAN);
@@ -1825,11 +1828,17 @@ impl Backend for Cuda {
         if collective.world_size() == 1 {
             return Ok(());
         }
-        if !nccl::Nccl::available() {
+        // Every rank must take the same path (a rank waiting in NCCL's set-up for one that went through the host
+        // would wait forever): NCCL only where it loads on every rank.
+        let have = collective
+            .sum_f64(if nccl::Nccl::available() { 1.0 } else { 0.0 })
+            .map_err(|e| Gpt2Error::Collective(e.to_string()))?;
+        if have < collective.world_size() as f64 {
             if collective.is_root() {
                 eprintln!(
-                    "warning: NCCL (libnccl.so.2) not found: gradients are summed through the host over {} ranks \
-                     (slower); install NCCL for device-side collectives",
+                    "warning: NCCL (libnccl.so.2) not found on {} of {} ranks: gradients are summed through the \
+                     host (slower); install NCCL for device-side collectives",
+                    collective.world_size() as f64 - have,
                     collective.world_size()
                 );
             }

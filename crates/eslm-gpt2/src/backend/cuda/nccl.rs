@@ -56,19 +56,29 @@ impl Nccl {
             .into());
         }
         let (rank, world) = (collective.rank(), collective.world_size());
+        // Rank 0 always broadcasts, an empty id when it could not draw one, so no rank waits for it forever.
+        let mut drawn = None;
         let mut id_bytes = if rank == 0 {
-            let id = nccl::get_uniqueid().map_err(|e| nccl_error("unique id", e))?;
-            id.internal.iter().map(|&c| c as u8).collect()
+            match nccl::get_uniqueid() {
+                Ok(id) => id.internal.iter().map(|&c| c as u8).collect(),
+                Err(e) => {
+                    drawn = Some(e);
+                    Vec::new()
+                }
+            }
         } else {
             Vec::new()
         };
         collective
             .broadcast_bytes(&mut id_bytes, 0)
             .map_err(|e| Gpt2Error::Collective(e.to_string()))?;
+        if let Some(e) = drawn {
+            return Err(nccl_error("unique id", e));
+        }
         let mut id = sys::ncclUniqueId { internal: [0; 128] };
         if id_bytes.len() != id.internal.len() {
             return Err(Gpt2Error::Collective(format!(
-                "NCCL unique id of {} bytes from rank 0 (expected {})",
+                "NCCL unique id of {} bytes from rank 0 (expected {}; rank 0 could not draw one)",
                 id_bytes.len(),
                 id.internal.len()
             )));
