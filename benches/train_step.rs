@@ -17,6 +17,9 @@
 
 use std::time::Instant;
 
+#[path = "common/mod.rs"]
+mod common;
+
 use eslm_collective::SingleProcess;
 use eslm_gpt2::GptConfig;
 use eslm_kernels::select::SelectRule;
@@ -39,26 +42,14 @@ fn parse_args() -> Result<Args, String> {
         threads: 2,
         keep: 0.3,
     };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < argv.len() {
-        let val = argv.get(i + 1).cloned().unwrap_or_default();
-        let num = |what: &str| {
-            val.parse::<f64>()
-                .map_err(|_| format!("{what}: bad value `{val}`"))
-        };
-        match argv[i].as_str() {
+    for (flag, val) in common::flags(&["--configs", "--steps", "--warmup", "--threads", "--keep"]) {
+        match flag.as_str() {
             "--configs" => a.configs = val.split(',').map(|s| s.trim().to_string()).collect(),
-            "--steps" => a.steps = num("--steps")?.max(1.0) as usize,
-            "--warmup" => a.warmup = num("--warmup")? as usize,
-            "--threads" => a.threads = num("--threads")?.max(1.0) as usize,
-            "--keep" => a.keep = num("--keep")?,
-            _ => {
-                i += 1; // `--bench` and other harness flags from cargo
-                continue;
-            }
+            "--steps" => a.steps = common::number::<usize>(&flag, &val)?.max(1),
+            "--warmup" => a.warmup = common::number(&flag, &val)?,
+            "--threads" => a.threads = common::number::<usize>(&flag, &val)?.max(1),
+            _ => a.keep = common::number(&flag, &val)?,
         }
-        i += 2;
     }
     if !(a.keep > 0.0 && a.keep < 1.0) {
         return Err(format!("--keep must be in (0, 1), got {}", a.keep));
@@ -71,17 +62,6 @@ struct ModeResult {
     times_s: Vec<f64>,
     kept: usize,
     gflop: f64,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        0.5 * (s[n / 2 - 1] + s[n / 2])
-    }
 }
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -139,7 +119,7 @@ fn bench_config(name: &str, a: &Args) -> BenchResult<(usize, ModeResult, ModeRes
         }
     }
     for r in &mut results {
-        r.median_s = median(&r.times_s);
+        r.median_s = common::median(&r.times_s);
     }
     let eslm_r = results.pop().ok_or("no result")?;
     let clm_r = results.pop().ok_or("no result")?;

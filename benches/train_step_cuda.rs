@@ -23,6 +23,9 @@
 
 use std::time::Instant;
 
+#[path = "common/mod.rs"]
+mod common;
+
 use eslm_collective::SingleProcess;
 use eslm_gpt2::backend::CollectiveOp;
 use eslm_gpt2::{Backend, Cuda, GptConfig, MatmulPrecision};
@@ -46,25 +49,14 @@ fn parse_args() -> Result<Args, String> {
         warmup: 2,
         exit_layer: 4,
     };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < argv.len() {
-        let val = argv.get(i + 1).cloned().unwrap_or_default();
-        let num = |what: &str| {
-            val.parse::<usize>()
-                .map_err(|_| format!("{what}: bad value `{val}`"))
-        };
-        match argv[i].as_str() {
-            "--batch" => a.batch = num("--batch")?.max(2),
-            "--steps" => a.steps = num("--steps")?.max(1),
-            "--warmup" => a.warmup = num("--warmup")?,
-            "--exit-layer" => a.exit_layer = num("--exit-layer")?.max(1),
-            _ => {
-                i += 1; // `--bench` and other harness flags from cargo
-                continue;
-            }
+    for (flag, val) in common::flags(&["--batch", "--steps", "--warmup", "--exit-layer"]) {
+        let n = common::number::<usize>(&flag, &val)?;
+        match flag.as_str() {
+            "--batch" => a.batch = n.max(2),
+            "--steps" => a.steps = n.max(1),
+            "--warmup" => a.warmup = n,
+            _ => a.exit_layer = n.max(1),
         }
-        i += 2;
     }
     Ok(a)
 }
@@ -86,16 +78,6 @@ impl Mode {
                 format!("hierarchical (E, half the sequences) + keep {keep}")
             }
         }
-    }
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
     }
 }
 
@@ -186,7 +168,7 @@ fn nccl_all_reduce_s(len: usize, reps: usize) -> BenchResult<f64> {
         gpu.status()?;
         times.push(t0.elapsed().as_secs_f64());
     }
-    Ok(median(&times[1..]))
+    Ok(common::median(&times[1..]))
 }
 
 /// Median step times (s) and kept tokens of every mode, modes interleaved step by step.
@@ -208,7 +190,7 @@ fn time_modes(
             }
         }
     }
-    Ok((times.iter().map(|v| median(v)).collect(), kept))
+    Ok((times.iter().map(|v| common::median(v)).collect(), kept))
 }
 
 fn run(a: &Args) -> BenchResult<String> {
