@@ -541,6 +541,12 @@ impl Trainer {
 
     /// The policy's scores of the micro-batch whose statistics are in `self.stats`.
     fn scores_of_micro(&mut self, micro: &Micro) -> Result<&[f32]> {
+        Ok(self.scored_micro(micro)?.1)
+    }
+
+    /// [`Trainer::scores_of_micro`] with the kind of score the policy chose (the engine's own loss or entropy, or
+    /// a host vector).
+    fn scored_micro(&mut self, micro: &Micro) -> Result<(Score, &[f32])> {
         let ctx = StepContext {
             targets: &micro.targets,
             stats: &self.stats,
@@ -548,21 +554,25 @@ impl Trainer {
             t: micro.t,
             step: self.step,
         };
-        Ok(match self.policy.score(&ctx, &mut self.host_scores)? {
-            Score::Loss => &self.stats.loss,
-            Score::Entropy => &self.stats.entropy,
-            Score::Host => {
-                if self.host_scores.len() != self.stats.rows() {
-                    return Err(TrainError::Model(format!(
-                        "policy {} wrote {} scores for {} rows",
-                        self.policy.name(),
-                        self.host_scores.len(),
-                        self.stats.rows()
-                    )));
+        let kind = self.policy.score(&ctx, &mut self.host_scores)?;
+        Ok((
+            kind,
+            match kind {
+                Score::Loss => &self.stats.loss,
+                Score::Entropy => &self.stats.entropy,
+                Score::Host => {
+                    if self.host_scores.len() != self.stats.rows() {
+                        return Err(TrainError::Model(format!(
+                            "policy {} wrote {} scores for {} rows",
+                            self.policy.name(),
+                            self.host_scores.len(),
+                            self.stats.rows()
+                        )));
+                    }
+                    &self.host_scores
                 }
-                &self.host_scores
-            }
-        })
+            },
+        ))
     }
 
     /// Forward, selection, kept-row loss gradient and sparse backward of one micro-batch, all in the engine.
@@ -619,18 +629,30 @@ impl Trainer {
         valid_here: usize,
         acc: &mut StepAcc,
     ) -> Result<()> {
-        let (scores, keep, divisor) = match rule {
+        // The engine's own loss or entropy is selected where it lies (no upload of a copy); a policy's host vector
+        // and the global scope's pass-1 scores are handed over.
+        let (kind, scores, keep, divisor) = match rule {
             KeepRule::Micro => {
-                let scores = self.scores_of_micro(micro)?.to_vec();
-                (scores, self.policy.keep(), None)
+                let (kind, scores) = self.scored_micro(micro)?;
+                (kind, scores.to_vec(), self.policy.keep(), None)
             }
             KeepRule::Global {
                 scores,
                 threshold,
                 divisor,
-            } => (scores.to_vec(), Keep::AtLeast(threshold), Some(divisor)),
+            } => (
+                Score::Host,
+                scores.to_vec(),
+                Keep::AtLeast(threshold),
+                Some(divisor),
+            ),
         };
-        let sel = self.model.select(ScoreSource::Host(&scores), keep)?;
+        let source = match kind {
+            Score::Loss => ScoreSource::Loss,
+            Score::Entropy => ScoreSource::Entropy,
+            Score::Host => ScoreSource::Host(&scores),
+        };
+        let sel = self.model.select(source, keep)?;
         let k = sel.indices.len();
         acc.threshold = (!sel.threshold.is_nan()).then_some(sel.threshold);
         acc.all_scores.extend_from_slice(&scores);
