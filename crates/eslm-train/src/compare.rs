@@ -279,6 +279,7 @@ fn evaluate_checkpoint(e: &EvalSpec, checkpoint: &Path) -> Result<serde_json::Va
         per_item: None,
         limit: e.limit,
         json: true,
+        device: Default::default(),
     })
 }
 

@@ -14,7 +14,6 @@ use crate::eval_tasks::{
     eval_choices, eval_lambada, parse_choice_jsonl, parse_hellaswag, parse_lambada,
     parse_winogrande, ChoiceItem,
 };
-use crate::models::open_model;
 use crate::trainer::evaluate;
 
 /// Flags of `eslm-train eval`.
@@ -55,6 +54,9 @@ pub struct EvalArgs {
     /// Print the results as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Device: cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
+    #[arg(long, default_value = "cpu", value_parser = crate::config::parse_device)]
+    pub device: crate::config::Device,
 }
 
 fn read(path: &Path) -> Result<String> {
@@ -70,7 +72,13 @@ fn limited<T>(mut v: Vec<T>, limit: usize) -> Vec<T> {
 
 /// Runs `eslm-train eval`; returns the results as JSON (also printed).
 pub fn run_eval(args: &EvalArgs) -> Result<serde_json::Value> {
-    let mut model = open_model(&args.checkpoint, args.batch_size.max(1), usize::MAX)?;
+    crate::models::check_device(args.device)?;
+    let mut model = crate::models::open_model_on(
+        &args.checkpoint,
+        args.batch_size.max(1),
+        usize::MAX,
+        args.device,
+    )?;
     let mut out = serde_json::Map::new();
     if let Some(pattern) = &args.val {
         let max_t = model.max_seq_len();

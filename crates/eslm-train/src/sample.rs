@@ -13,7 +13,6 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Result, TrainError};
 use crate::model::LanguageModel;
-use crate::models::open_model;
 
 /// Flags of `eslm-train sample`.
 #[derive(Debug, Clone, clap::Args)]
@@ -41,6 +40,10 @@ pub struct SampleArgs {
     /// RNG seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Device: cpu, cuda or cuda:N (CUDA needs a build with --features cuda; generation on a GPU runs the full
+    /// context each token, the key/value cache is the CPU's).
+    #[arg(long, default_value = "cpu", value_parser = crate::config::parse_device)]
+    pub device: crate::config::Device,
 }
 
 /// clap value parser of `--temperature`: a finite number ≥ 0.
@@ -139,7 +142,8 @@ pub fn generate_with(
 
 /// Runs `eslm-train sample`: prints the prompt and its continuation.
 pub fn run_sample(args: &SampleArgs) -> Result<String> {
-    let mut model = open_model(&args.checkpoint, 1, usize::MAX)?;
+    crate::models::check_device(args.device)?;
+    let mut model = crate::models::open_model_on(&args.checkpoint, 1, usize::MAX, args.device)?;
     let tok = args
         .tokenizer
         .as_ref()

@@ -82,6 +82,7 @@ fn plot_eval_and_sample_commands() {
         per_item: None,
         limit: 0,
         json: true,
+        device: Default::default(),
     };
     let r = run_eval(&args).unwrap();
     let loss = r["val"]["loss"].as_f64().unwrap();
@@ -96,6 +97,11 @@ fn plot_eval_and_sample_commands() {
         .unwrap_err()
         .to_string()
         .contains("--tokenizer"));
+    // A GPU that is not there (no driver, or a build without CUDA): a clear error before anything runs.
+    let mut gpu = args.clone();
+    gpu.device = eslm_train::config::Device::Cuda(7);
+    let e = run_eval(&gpu).unwrap_err().to_string();
+    assert!(e.contains("--device cpu") || e.contains("cuda:7"), "{e}");
 
     let s = SampleArgs {
         checkpoint: ckpt,
@@ -106,6 +112,7 @@ fn plot_eval_and_sample_commands() {
         temperature: 0.8,
         top_k: 10,
         seed: 1,
+        device: Default::default(),
     };
     let text = run_sample(&s).unwrap();
     assert_eq!(text.split(" | ").nth(1).unwrap().split(' ').count(), 6);
@@ -128,6 +135,7 @@ fn eval_args(ckpt: std::path::PathBuf) -> EvalArgs {
         per_item: None,
         limit: 0,
         json: true,
+        device: Default::default(),
     }
 }
 
