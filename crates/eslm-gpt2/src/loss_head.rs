@@ -351,6 +351,7 @@ impl<B: Backend> Gpt2<B> {
         let mut out = vec![0.0; v];
         self.backend
             .download(B::slice(logits.z, row * vp..row * vp + v), &mut out);
+        self.backend.status()?;
         Ok(out)
     }
 }

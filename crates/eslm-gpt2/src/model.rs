@@ -753,6 +753,12 @@ impl<B: Backend> Gpt2<B> {
         &self.params
     }
 
+    /// The backend's first recorded failure, if any, after waiting for queued work (a device backend fills
+    /// failed downloads with NaN: check this after [`Gpt2::params_to_host`] before writing them anywhere).
+    pub fn status(&self) -> Result<()> {
+        self.backend.status()
+    }
+
     /// A host copy of the parameters (for checkpoints).
     pub fn params_to_host(&self) -> ParamSet {
         let mut host = ParamSet::zeros(&self.config);

@@ -151,6 +151,8 @@ impl<B: Backend> Gpt2<B> {
     pub fn clip_and_update(&mut self, config: AdamWConfig, lr: f32, grad_clip: f64) -> Result<f64> {
         let norm = self.update_grad_norm()?;
         if !norm.is_finite() {
+            // A device backend's recorded failure also reads as a NaN norm: report it, not a skipped step.
+            self.backend.status()?;
             return Ok(norm);
         }
         config.validate()?;
@@ -239,6 +241,8 @@ impl<B: Backend> Gpt2<B> {
                 .download(B::view(&o.m), &mut snap.m[range.clone()]);
             self.backend.download(B::view(&o.v), &mut snap.v[range]);
             snap.step = o.step;
+            // A failed download reads as NaN: report the failure instead of checkpointing it.
+            self.backend.status()?;
         }
         if let Some(s) = &self.shard {
             for moment in [&mut snap.m, &mut snap.v] {

@@ -285,6 +285,7 @@ impl<B: Backend + 'static> LanguageModel for Gpt2Model<B> {
             Some(cpu) => cpu.params(),
             None => {
                 host = self.model.params_to_host();
+                self.model.status().map_err(engine_err)?;
                 &host
             }
         };

@@ -178,6 +178,23 @@ pub struct Cuda {
     ce: Option<DeviceSparseCe>,
 }
 
+/// The CPU's check of a loss gradient's kept rows (each needs a target in `[0, V)`), on the targets' host copy:
+/// the same typed error before anything is launched.
+fn check_kept_targets(kept: &[u32], targets: &[i32], vocab: usize) -> Result<()> {
+    match kept
+        .iter()
+        .find(|&&r| !(0..vocab as i64).contains(&(targets[r as usize] as i64)))
+    {
+        Some(&r) => Err(KernelError::KeptTargetOutOfRange {
+            row: r as usize,
+            target: targets[r as usize] as i64,
+            vocab,
+        }
+        .into()),
+        None => Ok(()),
+    }
+}
+
 impl std::fmt::Debug for Cuda {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cuda")
@@ -297,6 +314,12 @@ impl Cuda {
         }
     }
 
+    /// Makes this backend's context current on the calling thread (the raw driver copies and cuBLAS use the
+    /// current context; only cudarc's safe calls bind it themselves). Records a failure.
+    fn bind(&self) -> bool {
+        self.check(self.kernels.context().bind_to_thread())
+    }
+
     /// Records a failed call's error; returns whether it succeeded.
     fn check<T, E: Into<KernelError>>(&self, r: std::result::Result<T, E>) -> bool {
         match r {
@@ -311,7 +334,7 @@ impl Cuda {
     /// Checks that every `(what, view length, needed, pointer)` has memory and room; records a shape error for
     /// the first that does not. Returns whether the op may launch (also false after an earlier error).
     fn ready(&self, views: &[(&'static str, usize, usize, u64)]) -> bool {
-        if !self.healthy() {
+        if !self.healthy() || !self.bind() {
             return false;
         }
         for &(what, len, need, ptr) in views {
@@ -335,6 +358,9 @@ impl Cuda {
 
     /// Uploads `data` into the index scratch; its device pointer.
     fn upload_idx(&mut self, data: &[u32]) -> Option<u64> {
+        if !self.bind() {
+            return None;
+        }
         let stream = self.stream().clone();
         let slot = match self.idx.ensure(&stream, data.len()) {
             Ok(s) => s,
@@ -386,13 +412,23 @@ impl Cuda {
         if g.m == 0 || g.n == 0 || g.batch == 0 || !self.healthy() {
             return;
         }
-        let Some((ta, tb, m, n, k, a, lda, sa, b, ldb, sb)) = column_major(&g) else {
+        let dims = column_major(&g).zip(
+            i32::try_from(g.ldc)
+                .ok()
+                .zip(i64::try_from(g.sc).ok())
+                .zip(i32::try_from(g.batch).ok()),
+        );
+        let Some(((ta, tb, m, n, k, a, lda, sa, b, ldb, sb), ((ldc, sc), batch))) = dims else {
             self.fail(KernelError::Cuda(format!(
-                "GEMM {}x{}x{} does not fit cuBLAS's 32-bit dimensions",
-                g.m, g.n, g.k
+                "GEMM {}x{}x{} (ldc {}, batch {}) does not fit cuBLAS's 32-bit dimensions",
+                g.m, g.n, g.k, g.ldc, g.batch
             )));
             return;
         };
+        // cuBLAS runs in the calling thread's current context (a kernel launch binds it; a GEMM may come first).
+        if !self.bind() {
+            return;
+        }
         let op = |t: bool| {
             if t {
                 blas_sys::cublasOperation_t::CUBLAS_OP_T
@@ -401,7 +437,6 @@ impl Cuda {
             }
         };
         let (alpha, beta) = (1.0f32, g.beta);
-        let (ldc, sc, batch) = (g.ldc as i32, g.sc as i64, g.batch as i32);
         // SAFETY: the pointers are live device buffers of this context whose lengths the callers checked for
         // these shapes and strides; alpha and beta are host scalars that outlive the call (cuBLAS reads them
         // before returning in the default host pointer mode).
@@ -435,7 +470,7 @@ impl Cuda {
     /// Compact `[K, width]` column sums of `dy` added into `dst [width]` (the bias gradient), deterministic.
     fn colsum_add(&mut self, dst: u64, dy: u64, k: usize, width: usize) {
         let chunks = k.div_ceil(ESLM_COLSUM_ROWS as usize);
-        if k == 0 || chunks > u16::MAX as usize {
+        if k == 0 || width == 0 || chunks > u16::MAX as usize {
             if chunks > u16::MAX as usize {
                 self.fail(KernelError::Cuda(format!(
                     "column sum over {k} rows: too many row chunks"
@@ -697,7 +732,14 @@ impl Backend for Cuda {
                 ("wte", emb.wte.len, max_tok * c, emb.wte.ptr),
                 ("wpe", emb.wpe.len, t.min(n) * c, emb.wpe.ptr),
             ]);
-        if n == 0 || !ok || t == 0 {
+        if n > 0 && t == 0 {
+            self.fail(Gpt2Error::Shape {
+                what: "encoder sequence length",
+                expected: "T ≥ 1".into(),
+                got: "T = 0".into(),
+            });
+        }
+        if n == 0 || !ok || t == 0 || c == 0 {
             return;
         }
         let (tok, n64, t64, c64) = (tokens.ptr(), n as u64, t as u64, c as u64);
@@ -723,7 +765,14 @@ impl Backend for Cuda {
     ) {
         let RowGrad { g, rows, n } = dout;
         let k = rows.count(n);
-        if k == 0 || t == 0 {
+        if k > 0 && t == 0 {
+            self.fail(Gpt2Error::Shape {
+                what: "encoder sequence length",
+                expected: "T ≥ 1".into(),
+                got: "T = 0".into(),
+            });
+        }
+        if k == 0 || t == 0 || c == 0 {
             return;
         }
         let host = &tokens.host;
@@ -792,6 +841,7 @@ impl Backend for Cuda {
         let k = rows.count(n);
         let chunks = k.div_ceil(ESLM_COLSUM_ROWS as usize);
         if k == 0
+            || c == 0
             || !self.ready(&[
                 ("layernorm dx", dx.len, k * c, dx.ptr),
                 ("layernorm dw", dp.w.len, c, dp.w.ptr),
@@ -1188,7 +1238,7 @@ impl Backend for Cuda {
         }
         let (rows, t64) = (b * nh * t, t as u64);
         let rows64 = rows as u64;
-        let scale = 1.0 / (hs as f32).sqrt();
+        let scale = (1.0 / (hs as f64).sqrt()) as f32;
         if self.healthy() {
             let mut l = self
                 .stream()
@@ -1292,7 +1342,7 @@ impl Backend for Cuda {
         }
         let (nrows, t64) = (b * nh * t, t as u64);
         let rows64 = nrows as u64;
-        let scale = 1.0 / (hs as f32).sqrt();
+        let scale = (1.0 / (hs as f64).sqrt()) as f32;
         if self.healthy() {
             let mut l = self
                 .stream()
@@ -1569,6 +1619,7 @@ impl Backend for Cuda {
             return Ok(0.0);
         }
         crate::model::validate_kept(kept, n)?;
+        check_kept_targets(kept, &rows.targets.host, dims.v)?;
         let used = logits_extent(n, dims)?;
         if !self.ready(&[
             ("logits", z.len, used, z.ptr),
@@ -1653,18 +1704,7 @@ impl Backend for Cuda {
             return Ok(0.0);
         }
         crate::model::validate_kept(kept, n)?;
-        // The same check as the CPU's (a kept row needs a valid target), on the targets' host copy.
-        if let Some(&r) = kept.iter().find(|&&r| {
-            let y = rows.targets.host[r as usize];
-            y < 0 || y as usize >= dims.v
-        }) {
-            return Err(KernelError::Shape {
-                what: "kept row target",
-                expected: format!("a target in [0, {})", dims.v),
-                got: format!("row {r}: {}", rows.targets.host[r as usize]),
-            }
-            .into());
-        }
+        check_kept_targets(kept, &rows.targets.host, dims.v)?;
         let used = logits_extent(n, dims)?;
         if !self.ready(&[
             ("student logits", z.len, used, z.ptr),
@@ -1996,52 +2036,68 @@ mod tests {
                 }
             }
         }
-        let (m, n, k) = (3usize, 5usize, 4usize);
-        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect(); // [m, k]
-        let b: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect(); // [n, k] (used transposed)
-        let mut want = vec![0.0f32; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                want[i * n + j] = (0..k).map(|p| a[i * k + p] * b[j * k + p]).sum();
+        // Every transpose combination, leading dimensions larger than the rows they hold (as for the LM head's
+        // Vp > V and qkv's 3C with a head offset), and β = 1 accumulating into C.
+        let (m, n, k, pad) = (3usize, 5usize, 4usize, 2usize);
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let (a_rows, a_cols) = if ta { (k, m) } else { (m, k) };
+            let (b_rows, b_cols) = if tb { (n, k) } else { (k, n) };
+            let (lda, ldb, ldc) = (a_cols + pad, b_cols + pad + 1, n + pad);
+            let a: Vec<f32> = (0..a_rows * lda).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..b_rows * ldb).map(|i| (i as f32 * 0.11).cos()).collect();
+            let c0: Vec<f32> = (0..m * ldc).map(|i| i as f32 * 0.01).collect();
+            let at = |i: usize, p: usize| if ta { a[p * lda + i] } else { a[i * lda + p] };
+            let bt = |p: usize, j: usize| if tb { b[j * ldb + p] } else { b[p * ldb + j] };
+            let mut want = c0.clone();
+            for i in 0..m {
+                for j in 0..n {
+                    want[i * ldc + j] += (0..k).map(|p| at(i, p) * bt(p, j)).sum::<f32>();
+                }
             }
-        }
-        let g = Gemm {
-            ta: false,
-            tb: true,
-            m,
-            n,
-            k,
-            a: 0,
-            lda: k,
-            sa: 0,
-            b: 0,
-            ldb: k,
-            sb: 0,
-            c: 0,
-            ldc: n,
-            sc: 0,
-            batch: 1,
-            beta: 0.0,
-        };
-        let (ta, tb, cm, cn, ck, _, lda, _, _, ldb, _) = column_major(&g).unwrap();
-        let mut got = vec![0.0f32; m * n];
-        // Operands swapped: the first is B, the second A.
-        colmajor(
-            ta,
-            tb,
-            cm as usize,
-            cn as usize,
-            ck as usize,
-            &b,
-            lda as usize,
-            &a,
-            ldb as usize,
-            &mut got,
-            n,
-            0.0,
-        );
-        for (x, y) in got.iter().zip(&want) {
-            assert!((x - y).abs() < 1e-5, "{got:?} vs {want:?}");
+            let g = Gemm {
+                ta,
+                tb,
+                m,
+                n,
+                k,
+                a: 0,
+                lda,
+                sa: 0,
+                b: 0,
+                ldb,
+                sb: 0,
+                c: 0,
+                ldc,
+                sc: 0,
+                batch: 1,
+                beta: 1.0,
+            };
+            let (cta, ctb, cm, cn, ck, _, clda, _, _, cldb, _) = column_major(&g).unwrap();
+            let mut got = c0.clone();
+            // Operands swapped: the first is B, the second A; C row-major [m, ldc] is column-major [n, m] in ldc.
+            colmajor(
+                cta,
+                ctb,
+                cm as usize,
+                cn as usize,
+                ck as usize,
+                &b,
+                clda as usize,
+                &a,
+                cldb as usize,
+                &mut got,
+                ldc,
+                1.0,
+            );
+            for i in 0..m {
+                for j in 0..ldc {
+                    let (x, y) = (got[i * ldc + j], want[i * ldc + j]);
+                    assert!(
+                        (x - y).abs() < 1e-5,
+                        "ta {ta} tb {tb}: C[{i},{j}] {x} vs {y}"
+                    );
+                }
+            }
         }
     }
 
