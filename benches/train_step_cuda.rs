@@ -15,7 +15,7 @@
 //! the model's parameter count in place (what `reduce_grads` does on each step of a multi-rank job), timed
 //! against the CLM step (target < 3 % of a step).
 //!
-//! Every mode runs with f32 products, then with TF32 tensor-core products (`--tf32`). Prints one markdown table
+//! Every mode runs with f32 products, then TF32 and bf16 tensor-core products (`--matmul tf32|bf16`). Prints one markdown table
 //! (also written to `ESLM_BENCH_OUT`): median step time, tokens/s, the ratio to CLM of the same precision, kept
 //! tokens, and the device memory in use after the run. **Never run yet** (no GPU in any session so far).
 //!
@@ -215,10 +215,9 @@ fn run(a: &Args) -> BenchResult<String> {
     for (label, precision) in [
         ("f32", MatmulPrecision::F32),
         ("tf32", MatmulPrecision::Tf32),
+        ("bf16", MatmulPrecision::Bf16),
     ] {
-        if precision == MatmulPrecision::Tf32 {
-            model.use_tf32()?;
-        }
+        model.set_matmul(precision)?;
         let (medians, kept) = time_modes(&mut model, &modes, a, (&inputs, &targets), (b, t))?;
         let clm = medians[0];
         if precision == MatmulPrecision::F32 {

@@ -31,7 +31,7 @@ mod cuda {
 
     /// The kernel families compiled into fatbins (one `.cu` each); the Rust side embeds exactly these: the loss
     /// head's three (`src/cuda/`), then the engine's (`ENGINE_FATBINS`, launched by eslm-gpt2's CUDA backend).
-    const KERNELS: [&str; 14] = [
+    const KERNELS: [&str; 15] = [
         "token_stats",
         "select",
         "sparse_ce",
@@ -46,6 +46,7 @@ mod cuda {
         "scale",
         "linear",
         "kd",
+        "convert",
     ];
     /// SASS for Ampere and Hopper plus PTX that newer GPUs JIT.
     const GENCODE: [&str; 6] = [

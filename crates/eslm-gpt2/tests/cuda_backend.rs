@@ -22,7 +22,7 @@ use eslm_gpt2::backend::{
 };
 use eslm_gpt2::ops::attention::AttnDims;
 use eslm_gpt2::optim::{AdamWConfig, AdamWStep};
-use eslm_gpt2::{Backend, Cpu, Cuda, Gpt2, GptConfig, Keep, RowSet, ScoreSource};
+use eslm_gpt2::{Backend, Cpu, Cuda, Gpt2, GptConfig, Keep, MatmulPrecision, RowSet, ScoreSource};
 use eslm_kernels::select::{SelectRule, Selection};
 use eslm_kernels::token_stats::TokenStats;
 use rand::{Rng, SeedableRng};
@@ -388,6 +388,48 @@ fn run_gelu<B: Backend>(
         width,
     );
     [down(be, &y), down(be, &dx)]
+}
+
+/// The tensor-core precisions against the CPU's f32: the linear op's forward and backward (every GEMM shape the
+/// layers use) within what rounding the operands to 10 (TF32) or 8 (bf16) mantissa bits allows, relative to the
+/// largest magnitude of each output; then back to exact f32.
+#[test]
+fn tf32_and_bf16_products_match_cpu_within_their_precision() {
+    let Some(mut gpu) = gpu("tf32_and_bf16_products_match_cpu_within_their_precision") else {
+        return;
+    };
+    let mut r = rng(13);
+    let (n, d_in, d_out) = (70, 256, 96);
+    let d = LinearDims { d_in, d_out };
+    let x = randn(&mut r, n * d_in, 1.0);
+    let (w, bias) = (randn(&mut r, d_out * d_in, 0.3), randn(&mut r, d_out, 0.3));
+    let dy = randn(&mut r, n * d_out, 1.0);
+    let want = run_linear(&mut Cpu::new(), &x, &w, &bias, &dy, &RowSet::All, d);
+    for (precision, rel) in [
+        (MatmulPrecision::Tf32, 4e-3f32),
+        (MatmulPrecision::Bf16, 3e-2),
+    ] {
+        gpu.set_matmul_precision(precision).unwrap();
+        let got = run_linear(&mut gpu, &x, &w, &bias, &dy, &RowSet::All, d);
+        for (i, name) in ["y", "dx", "dw", "db"].iter().enumerate() {
+            let scale = want[i].iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+            let worst = got[i]
+                .iter()
+                .zip(&want[i])
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                worst <= rel * scale,
+                "{precision:?} {name}: worst error {worst} vs {} allowed",
+                rel * scale
+            );
+        }
+    }
+    gpu.set_matmul_precision(MatmulPrecision::F32).unwrap();
+    let got = run_linear(&mut gpu, &x, &w, &bias, &dy, &RowSet::All, d);
+    for (i, name) in ["y", "dx", "dw", "db"].iter().enumerate() {
+        close(name, &got[i], &want[i], 1e-4, 1e-3);
+    }
+    gpu.status().unwrap();
 }
 
 #[test]

@@ -46,6 +46,30 @@ pub enum QuantileScope {
     Global,
 }
 
+/// Precision of the trained model's matrix products on a GPU (`--matmul`; storage stays f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Matmul {
+    /// IEEE f32 products (the default; what the CPU computes).
+    #[default]
+    F32,
+    /// TF32 tensor cores (10-bit mantissa inputs, f32 accumulation).
+    Tf32,
+    /// bf16 tensor cores (operands rounded to bf16, f32 accumulation and storage).
+    Bf16,
+}
+
+impl Matmul {
+    /// The engine's precision.
+    pub fn precision(self) -> eslm_gpt2::MatmulPrecision {
+        match self {
+            Matmul::F32 => eslm_gpt2::MatmulPrecision::F32,
+            Matmul::Tf32 => eslm_gpt2::MatmulPrecision::Tf32,
+            Matmul::Bf16 => eslm_gpt2::MatmulPrecision::Bf16,
+        }
+    }
+}
+
 /// Learning-rate schedule after the linear warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -234,8 +258,8 @@ pub struct RunConfig {
     pub skip_nonfinite: bool,
     /// Data parallel: shard the AdamW state over the ranks (ZeRO-1; docs/distributed.md).
     pub shard_optimizer: bool,
-    /// CUDA: TF32 tensor-core matrix products for the trained model (f32 storage).
-    pub tf32: bool,
+    /// CUDA: the precision of the trained model's matrix products (f32 storage either way).
+    pub matmul: Matmul,
     /// Divergence rule F: stop when the loss exceeds F·ln V or F × its running median (0: off; see `guard`).
     pub divergence_factor: f64,
     /// Divergence rule G: stop when the gradient norm exceeds G × its running median (0: off).
@@ -305,7 +329,7 @@ impl Default for RunConfig {
             alpha_ramp: 0,
             skip_nonfinite: false,
             shard_optimizer: false,
-            tf32: false,
+            matmul: Matmul::F32,
             divergence_factor: 3.0,
             grad_spike_factor: 100.0,
             time_budget: None,
@@ -598,11 +622,11 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     pub shard_optimizer: bool,
-    /// CUDA: TF32 tensor-core matrix products for the trained model (f32 storage, inputs rounded to 10 mantissa
-    /// bits; several times the f32 GEMM throughput on Ampere/Hopper). The default is exact f32 products.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "is_false")]
-    pub tf32: bool,
+    /// CUDA: precision of the trained model's matrix products: f32 (exact, the default), tf32 or bf16 tensor
+    /// cores (operands rounded, f32 accumulation; storage stays f32 either way).
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matmul: Option<Matmul>,
     /// Stop when the loss exceeds F·ln(vocab) or F × its running median (0: off).
     #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -706,11 +730,12 @@ impl RunConfig {
                 self.device
             ));
         }
-        if self.tf32 && !self.device.is_cuda() {
+        if self.matmul != Matmul::F32 && !self.device.is_cuda() {
             return bad(format!(
-                "--tf32 selects the GPU's TF32 matrix products; it needs --device cuda (got --device {})",
-                self.device
-            ));
+                "--matmul {:?} selects the GPU's tensor-core products; it needs --device cuda (got --device {})",
+                self.matmul, self.device
+            )
+            .to_lowercase());
         }
         if self.token_budget == Some(0) {
             return bad(

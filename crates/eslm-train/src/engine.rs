@@ -236,10 +236,10 @@ impl<B: Backend + 'static> LanguageModel for Gpt2Model<B> {
     fn reduce_grads(&mut self, collective: &dyn Collective) -> Result<()> {
         self.model.reduce_grads(collective).map_err(engine_err)
     }
-    fn use_tf32(&mut self) -> Result<()> {
+    fn set_matmul(&mut self, precision: eslm_gpt2::MatmulPrecision) -> Result<()> {
         self.model
-            .set_matmul_precision(eslm_gpt2::MatmulPrecision::Tf32)
-            .map_err(|e| TrainError::Config(format!("--tf32: {e}; it needs --device cuda")))
+            .set_matmul_precision(precision)
+            .map_err(|e| TrainError::Config(format!("--matmul: {e}; it needs --device cuda")))
     }
     fn connect_ranks(&mut self, collective: &dyn Collective) -> Result<()> {
         self.model.connect(collective).map_err(engine_err)

@@ -159,11 +159,15 @@ pub trait LanguageModel: Any {
     fn zero_grad(&mut self);
     /// Sums the accumulated gradients over the ranks of `collective`.
     fn reduce_grads(&mut self, collective: &dyn Collective) -> Result<()>;
-    /// Uses TF32 tensor-core matrix products (`--tf32`; a GPU engine's option). Engines without it refuse.
-    fn use_tf32(&mut self) -> Result<()> {
-        Err(crate::error::TrainError::Config(
-            "--tf32 needs a GPT-2 model on --device cuda".into(),
-        ))
+    /// Sets the precision of the matrix products (`--matmul`; f32 is every engine's default). Engines without
+    /// the asked precision refuse.
+    fn set_matmul(&mut self, precision: eslm_gpt2::MatmulPrecision) -> Result<()> {
+        match precision {
+            eslm_gpt2::MatmulPrecision::F32 => Ok(()),
+            other => Err(crate::error::TrainError::Config(format!(
+                "--matmul {other:?}: needs a GPT-2 model on --device cuda"
+            ))),
+        }
     }
     /// Connects the engine to the ranks of `collective` before training (a GPU engine opens its NCCL
     /// communicator); every rank calls it. A no-op by default.

@@ -208,9 +208,7 @@ pub fn run_training_on(
     if world > 1 {
         model.connect_ranks(collective.as_ref())?;
     }
-    if cfg.tf32 {
-        model.use_tf32()?;
-    }
+    model.set_matmul(cfg.matmul.precision())?;
     if cfg.shard_optimizer {
         model.shard_optimizer(collective.clone())?;
     }

@@ -263,10 +263,10 @@ fn bad_ranges_are_refused_naming_the_flag() {
         ),
         (
             TrainArgs {
-                tf32: true,
+                matmul: Some(eslm_train::config::Matmul::Bf16),
                 ..base()
             },
-            "--tf32",
+            "--matmul bf16",
         ),
     ] {
         let e = resolve(a);

@@ -413,7 +413,7 @@ pub trait Backend: Sized + Send {
     /// vector: importance weights of kept rows).
     fn scale_rows(&mut self, x: Self::ViewMut<'_>, width: usize, weights: &[f32]);
     /// Sets the precision of the matrix products. Every backend supports [`MatmulPrecision::F32`] (the default);
-    /// the CUDA backend also [`MatmulPrecision::Tf32`].
+    /// the CUDA backend also [`MatmulPrecision::Tf32`] and [`MatmulPrecision::Bf16`].
     ///
     /// # Errors
     /// [`crate::Gpt2Error::Unsupported`] for a precision this backend does not have.
@@ -481,4 +481,8 @@ pub enum MatmulPrecision {
     /// TF32 tensor-core products (inputs rounded to a 10-bit mantissa, f32 accumulation): several times the f32
     /// throughput on Ampere and Hopper GPUs, with ≈ 1e-3 relative error per product.
     Tf32,
+    /// bf16 tensor-core products: both operands of each product converted to bf16 (8-bit mantissa, round to
+    /// nearest even) and multiplied with f32 accumulation into the f32 result, as `torch.autocast(bfloat16)` does
+    /// for matmuls; activations, weights and gradients stay f32 (not llm.c's full bf16 recipe).
+    Bf16,
 }

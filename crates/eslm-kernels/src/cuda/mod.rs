@@ -58,7 +58,7 @@ const FATBIN_SPARSE_CE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sparse
 /// The engine's kernel families (`kernels/<name>.cu`, one fatbin each), launched by the CUDA backend of eslm-gpt2
 /// (`eslm_gpt2::backend::cuda`): `(family, fatbin)`. Load one with
 /// `ctx.load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))`.
-pub const ENGINE_FATBINS: [(&str, &[u8]); 11] = [
+pub const ENGINE_FATBINS: [(&str, &[u8]); 12] = [
     (
         "encoder",
         include_bytes!(concat!(env!("OUT_DIR"), "/encoder.fatbin")),
@@ -100,6 +100,10 @@ pub const ENGINE_FATBINS: [(&str, &[u8]); 11] = [
         include_bytes!(concat!(env!("OUT_DIR"), "/linear.fatbin")),
     ),
     ("kd", include_bytes!(concat!(env!("OUT_DIR"), "/kd.fatbin"))),
+    (
+        "convert",
+        include_bytes!(concat!(env!("OUT_DIR"), "/convert.fatbin")),
+    ),
 ];
 
 /// Block sizes of the engine's kernel families (`kernels/eslm_kernels.h`, the one definition; each kernel traps on
@@ -112,7 +116,7 @@ pub mod engine_block_sizes {
 }
 
 /// The `nvcc -Xptxas -v` report (registers, shared memory, spills per kernel, for sm_80 and sm_90) of the build.
-pub const PTXAS_REPORT: [(&str, &str); 14] = [
+pub const PTXAS_REPORT: [(&str, &str); 15] = [
     (
         "token_stats.cu",
         include_str!(concat!(env!("OUT_DIR"), "/token_stats.ptxas.txt")),
@@ -168,6 +172,10 @@ pub const PTXAS_REPORT: [(&str, &str); 14] = [
     (
         "kd.cu",
         include_str!(concat!(env!("OUT_DIR"), "/kd.ptxas.txt")),
+    ),
+    (
+        "convert.cu",
+        include_str!(concat!(env!("OUT_DIR"), "/convert.ptxas.txt")),
     ),
 ];
 

@@ -86,6 +86,21 @@ pub(super) fn column_major(
     ))
 }
 
+/// The elements each operand of a row-major [`Gemm`] spans from its base pointer, `(A, B)`: `(batch − 1)·stride +
+/// (rows − 1)·ld + cols` of its stored `[rows, cols]` (transposed operands are stored `[k, m]` / `[n, k]`).
+pub(super) fn operand_extents(g: &Gemm) -> (usize, usize) {
+    let extent = |rows: usize, cols: usize, ld: usize, stride: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (g.batch.max(1) - 1) * stride + (rows - 1) * ld + cols
+        }
+    };
+    let (ar, ac) = if g.ta { (g.k, g.m) } else { (g.m, g.k) };
+    let (br, bc) = if g.tb { (g.n, g.k) } else { (g.k, g.n) };
+    (extent(ar, ac, g.lda, g.sa), extent(br, bc, g.ldb, g.sb))
+}
+
 /// The union of two row sets and, for each union row, its index in `a`'s and `b`'s compact buffers (`-1`: not
 /// there). `None` for two equal sets (an elementwise add).
 pub(super) fn merge_maps(a: &RowSet, b: &RowSet, n: usize) -> Option<(RowSet, Vec<i32>, Vec<i32>)> {

@@ -101,6 +101,7 @@ struct Functions {
     colsum_partial: CudaFunction,
     colsum_reduce_add: CudaFunction,
     kd_grad_rows: CudaFunction,
+    f32_to_bf16: CudaFunction,
 }
 
 impl Functions {
@@ -138,6 +139,7 @@ impl Functions {
             colsum_partial: f("linear", "colsum_partial")?,
             colsum_reduce_add: f("linear", "colsum_reduce_add")?,
             kd_grad_rows: f("kd", "kd_grad_rows")?,
+            f32_to_bf16: f("convert", "f32_to_bf16")?,
         })
     }
 }
@@ -176,6 +178,20 @@ pub struct Cuda {
     lse: Grow<f32>,
     stats: Option<DeviceTokenStats>,
     ce: Option<DeviceSparseCe>,
+    /// The precision of the matrix products ([`Backend::set_matmul_precision`]).
+    precision: MatmulPrecision,
+    /// bf16 copies of the two operands of the current product ([`MatmulPrecision::Bf16`]); a lock because the
+    /// GEMM helper takes `&self` (all use is on the one stream, so reuse is ordered).
+    bf16_operands: Mutex<(Grow<u16>, Grow<u16>)>,
+}
+
+/// The cuBLAS operation of a transpose flag.
+fn blas_op(transpose: bool) -> blas_sys::cublasOperation_t {
+    if transpose {
+        blas_sys::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        blas_sys::cublasOperation_t::CUBLAS_OP_N
+    }
 }
 
 /// The CPU's check of a loss gradient's kept rows (each needs a target in `[0, V)`), on the targets' host copy:
@@ -251,6 +267,8 @@ impl Cuda {
             stats: None,
             ce: None,
             nccl: None,
+            precision: MatmulPrecision::F32,
+            bf16_operands: Mutex::new((Grow::new(), Grow::new())),
         })
     }
 
@@ -412,6 +430,10 @@ impl Cuda {
         if g.m == 0 || g.n == 0 || g.batch == 0 || !self.healthy() {
             return;
         }
+        if self.precision == MatmulPrecision::Bf16 {
+            self.gemm_bf16(g);
+            return;
+        }
         let dims = column_major(&g).zip(
             i32::try_from(g.ldc)
                 .ok()
@@ -429,13 +451,6 @@ impl Cuda {
         if !self.bind() {
             return;
         }
-        let op = |t: bool| {
-            if t {
-                blas_sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                blas_sys::cublasOperation_t::CUBLAS_OP_N
-            }
-        };
         let (alpha, beta) = (1.0f32, g.beta);
         // SAFETY: the pointers are live device buffers of this context whose lengths the callers checked for
         // these shapes and strides; alpha and beta are host scalars that outlive the call (cuBLAS reads them
@@ -443,8 +458,8 @@ impl Cuda {
         let r = unsafe {
             blas::sgemm_strided_batched(
                 *self.blas.handle(),
-                op(ta),
-                op(tb),
+                blas_op(ta),
+                blas_op(tb),
                 m,
                 n,
                 k,
@@ -465,6 +480,93 @@ impl Cuda {
         if let Err(e) = r {
             self.fail(KernelError::Cuda(format!("cuBLAS SGEMM: {e:?}")));
         }
+    }
+
+    /// [`Cuda::gemm`] with bf16 operands: both are converted (round to nearest even) into scratch over the extent
+    /// the product reads, then multiplied on the tensor cores with f32 accumulation into the f32 result
+    /// (`cublasGemmStridedBatchedEx`, compute type 32F).
+    fn gemm_bf16(&self, g: Gemm) {
+        let mut scratch = self.bf16_operands.lock().unwrap_or_else(|p| p.into_inner());
+        let (slot_a, slot_b) = &mut *scratch;
+        let (ea, eb) = operand_extents(&g);
+        let (Some(a16), Some(b16)) = (self.to_bf16(slot_a, g.a, ea), self.to_bf16(slot_b, g.b, eb))
+        else {
+            return;
+        };
+        let g16 = Gemm {
+            a: a16,
+            b: b16,
+            ..g
+        };
+        let dims = column_major(&g16).zip(
+            i32::try_from(g.ldc)
+                .ok()
+                .zip(i64::try_from(g.sc).ok())
+                .zip(i32::try_from(g.batch).ok()),
+        );
+        let Some(((ta, tb, m, n, k, a, lda, sa, b, ldb, sb), ((ldc, sc), batch))) = dims else {
+            self.fail(KernelError::Cuda(format!(
+                "GEMM {}x{}x{} (ldc {}, batch {}) does not fit cuBLAS's 32-bit dimensions",
+                g.m, g.n, g.k, g.ldc, g.batch
+            )));
+            return;
+        };
+        if !self.bind() {
+            return;
+        }
+        let (alpha, beta) = (1.0f32, g.beta);
+        let bf16 = blas_sys::cudaDataType::CUDA_R_16BF;
+        // SAFETY: `a` and `b` are the bf16 scratch copies of the operands over their extents (same layout, so the
+        // same leading dimensions and strides), `g.c` the caller's checked f32 output; alpha and beta are host f32
+        // scalars read before the call returns; compute type 32F matches their type.
+        let r = unsafe {
+            blas::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                blas_op(ta),
+                blas_op(tb),
+                m,
+                n,
+                k,
+                (&alpha as *const f32).cast(),
+                a as *const std::ffi::c_void,
+                bf16,
+                lda,
+                sa,
+                b as *const std::ffi::c_void,
+                bf16,
+                ldb,
+                sb,
+                (&beta as *const f32).cast(),
+                g.c as *mut std::ffi::c_void,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                ldc,
+                sc,
+                batch,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if let Err(e) = r {
+            self.fail(KernelError::Cuda(format!("cuBLAS bf16 GEMM: {e:?}")));
+        }
+    }
+
+    /// Converts `len` f32 at `src` to bf16 into `slot` (grown as needed); its device pointer.
+    fn to_bf16(&self, slot: &mut Grow<u16>, src: u64, len: usize) -> Option<u64> {
+        let out = match slot.ensure(self.stream(), len) {
+            Ok(s) => raw_ptr(s),
+            Err(e) => {
+                self.fail(e);
+                return None;
+            }
+        };
+        let len64 = len as u64;
+        let mut l = self.stream().launch_builder(&self.f.f32_to_bf16);
+        l.arg(&out).arg(&src).arg(&len64);
+        // SAFETY: matches f32_to_bf16 (convert.cu): `src` holds the `len` floats the product reads (its extent),
+        // `out` at least `len` u16.
+        let r = unsafe { l.launch(cfg(grid(len, ESLM_EW_THREADS), ESLM_EW_THREADS)) };
+        self.check(r).then_some(out)
     }
 
     /// Compact `[K, width]` column sums of `dy` added into `dst [width]` (the bias gradient), deterministic.
@@ -1852,7 +1954,10 @@ impl Backend for Cuda {
     }
     fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<()> {
         let mode = match precision {
-            MatmulPrecision::F32 => blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
+            // bf16 products go through cublasGemmStridedBatchedEx, whose compute type sets their precision.
+            MatmulPrecision::F32 | MatmulPrecision::Bf16 => {
+                blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH
+            }
             MatmulPrecision::Tf32 => blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
         };
         // SAFETY: the handle is this backend's, used on this thread only (`&mut self`).
@@ -1862,6 +1967,7 @@ impl Backend for Cuda {
                 KernelError::Cuda(format!("cublasSetMathMode({mode:?}): {status:?}")).into(),
             );
         }
+        self.precision = precision;
         Ok(())
     }
     fn connect(&mut self, collective: &dyn Collective) -> Result<()> {
@@ -2099,6 +2205,86 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The bf16 path converts exactly the elements a product reads: the extents of plain, transposed, strided
+    /// (qkv rows of 3C) and batched operands, by brute force over the index set.
+    #[test]
+    fn operand_extents_cover_what_the_product_reads() {
+        let read_a = |g: &Gemm| {
+            let mut last = 0;
+            for bi in 0..g.batch {
+                for i in 0..g.m {
+                    for p in 0..g.k {
+                        let idx = bi * g.sa + if g.ta { p * g.lda + i } else { i * g.lda + p };
+                        last = last.max(idx + 1);
+                    }
+                }
+            }
+            last
+        };
+        let read_b = |g: &Gemm| {
+            let mut last = 0;
+            for bi in 0..g.batch {
+                for p in 0..g.k {
+                    for j in 0..g.n {
+                        let idx = bi * g.sb + if g.tb { j * g.ldb + p } else { p * g.ldb + j };
+                        last = last.max(idx + 1);
+                    }
+                }
+            }
+            last
+        };
+        for (ta, tb, batch) in [
+            (false, true, 1),
+            (true, false, 3),
+            (false, false, 2),
+            (true, true, 4),
+        ] {
+            let (m, n, k) = (5usize, 3usize, 4usize);
+            let g = Gemm {
+                ta,
+                tb,
+                m,
+                n,
+                k,
+                a: 0,
+                lda: 3 * 8,
+                sa: 7,
+                b: 0,
+                ldb: 11,
+                sb: 50,
+                c: 0,
+                ldc: n,
+                sc: m * n,
+                batch,
+                beta: 0.0,
+            };
+            assert_eq!(
+                operand_extents(&g),
+                (read_a(&g), read_b(&g)),
+                "ta {ta} tb {tb} batch {batch}"
+            );
+        }
+        let empty = Gemm {
+            ta: false,
+            tb: false,
+            m: 0,
+            n: 2,
+            k: 0,
+            a: 0,
+            lda: 1,
+            sa: 0,
+            b: 0,
+            ldb: 2,
+            sb: 0,
+            c: 0,
+            ldc: 2,
+            sc: 0,
+            batch: 1,
+            beta: 0.0,
+        };
+        assert_eq!(operand_extents(&empty), (0, 0));
     }
 
     #[test]
