@@ -28,6 +28,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
 BIN="${GPU_BIN:-gpu-bin}"
 BUDGET_S="${ESLM_CHECK_BUDGET_S:-470}"
 TEST_LIMIT_S="${TEST_LIMIT_S:-90}"
