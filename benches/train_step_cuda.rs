@@ -15,8 +15,8 @@
 //! the model's parameter count in place (what `reduce_grads` does on each step of a multi-rank job), timed
 //! against the CLM step (target < 3 % of a step).
 //!
-//! Every mode runs with f32 products, then TF32 and bf16 tensor-core products (`--matmul tf32|bf16`). Prints one markdown table
-//! (also written to `ESLM_BENCH_OUT`): median step time, tokens/s, the ratio to CLM of the same precision, kept
+//! Every mode runs with f32 products, then TF32 and bf16 tensor-core products (`--matmul tf32|bf16`). Prints one
+//! markdown table (also written to `ESLM_BENCH_OUT`): median step time, tokens/s, the ratio to CLM of the same precision, kept
 //! tokens, and the device memory in use after the run. **Never run yet** (no GPU in any session so far).
 //!
 //! `cargo bench --features cuda --bench train_step_cuda -- [--batch 8] [--steps 5] [--warmup 2] [--exit-layer 4]`

@@ -1,7 +1,8 @@
 //! Self-test of `MpiCollective`, run by `scripts/test-mpi.sh` under `mpirun -np 2` (any world size works): sums of
 //! f32 / u32 / f64 across bucket boundaries, broadcasts from every root (lengths that differ before the call),
 //! reduce-scatter and all-gather over the sharded layout (lengths that are not a multiple of the world size,
-//! shards longer than a bucket, an empty buffer), a barrier, and an out-of-range root rejected as an error. Prints `mpi_selftest: ok` on rank 0.
+//! shards longer than a bucket, an empty buffer), a barrier, and an out-of-range root rejected as an error.
+//! Prints `mpi_selftest: ok` on rank 0.
 
 use eslm_collective::CollectiveError;
 

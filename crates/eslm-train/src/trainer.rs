@@ -338,8 +338,9 @@ impl Trainer {
     }
 
     /// Writes the checkpoint of `state` (every rank calls it): with several ranks the policy states of all ranks
-    /// (and a sharded optimizer's moments) are gathered, rank 0 writes (the parameters and optimizer state are identical on every rank) and the
-    /// others wait at a barrier, so no rank runs ahead of a checkpoint that is not on disk yet.
+    /// (and a sharded optimizer's moments) are gathered, rank 0 writes (the parameters and optimizer state are
+    /// identical on every rank) and the others wait at a barrier, so no rank runs ahead of a checkpoint that is
+    /// not on disk yet.
     fn save_state(&mut self, mut state: TrainerState) -> Result<PathBuf> {
         self.model.gather_for_checkpoint()?;
         let c = self.collective.as_ref();
