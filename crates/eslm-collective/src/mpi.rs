@@ -16,10 +16,12 @@
 //!   all-reduce runs after the backward; overlapping it with the backward (per-layer buckets as in llm.c) is not
 //!   done.
 //!
-//! - **Sharded optimizer (ZeRO-1)**: `MPI_Reduce_scatter` and `MPI_Allgatherv` over the [`crate::shard_range`]
-//!   layout, also in buckets: bucket `j` carries elements `[j·b, (j+1)·b)` of every rank's shard, packed by rank
-//!   into a scratch buffer of `world × b` elements (`b` = [`BUCKET_BYTES`] / 4), so no call moves more than a
-//!   bucket per rank and no scratch copy of a whole shard is needed.
+//! - **Sharded optimizer (ZeRO-1)**: the gradients' reduce-scatter is the bucketed all-reduce (it sums every
+//!   shard, so it is a valid reduce-scatter, and Open MPI 4's `MPI_Reduce_scatter` measured ≈ 3× slower than its
+//!   all-reduce on one node: `examples/mpi_bench.rs`); the parameters' all-gather is `MPI_Allgatherv` over the
+//!   [`crate::shard_range`] layout in buckets: bucket `j` carries elements `[j·b, (j+1)·b)` of every rank's
+//!   shard, unpacked from a scratch buffer of `world × b` elements (`b` = [`BUCKET_BYTES`] / 4), so no call moves
+//!   more than a bucket per rank and no scratch copy of a whole shard is needed.
 //!
 //! For two ranks the sum `a + b` is commutative, so every rank gets the same bits; for more ranks Open MPI and
 //! MPICH reduce in one order and send the result, so the ranks agree as well (the trainer relies on identical
@@ -302,37 +304,10 @@ impl Collective for MpiCollective {
         self.all_reduce_sum("all_reduce_sum_f64", buf)
     }
     fn reduce_scatter_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
-        const OP: &str = "reduce_scatter_sum_f32";
-        if self.world_size == 1 {
-            return Ok(());
-        }
-        let bucket = BUCKET_BYTES / std::mem::size_of::<f32>();
-        let mut send = vec![0f32; self.world_size * bucket];
-        let mut recv = vec![0f32; bucket];
-        self.with_comm(|comm| {
-            self.for_each_shard_bucket(buf.len(), |b| {
-                for r in 0..self.world_size {
-                    let (flat, packed) = b.piece(r);
-                    send[packed].copy_from_slice(&buf[flat]);
-                }
-                // SAFETY: `send` holds Σ lens packed f32 (≤ world × bucket), `recv` at least lens[rank]; `lens`
-                // has one entry per rank and is the same on every rank; valid communicator, serialised calls.
-                check(OP, unsafe {
-                    ffi::MPI_Reduce_scatter(
-                        send.as_ptr().cast::<c_void>(),
-                        recv.as_mut_ptr().cast::<c_void>(),
-                        b.lens.as_ptr(),
-                        ffi::RSMPI_FLOAT,
-                        ffi::RSMPI_SUM,
-                        comm,
-                    )
-                })?;
-                let (flat, _) = b.piece(self.rank);
-                let n = flat.len();
-                buf[flat].copy_from_slice(&recv[..n]);
-                Ok(())
-            })
-        })
+        // The bucketed all-reduce: a valid reduce-scatter (every shard is summed, this rank's included), and the
+        // faster one with Open MPI 4 over shared memory, whose MPI_Reduce_scatter took 16–29 ms against the
+        // all-reduce's 6 ms for 6.5 M floats at 2 ranks (examples/mpi_bench.rs, docs/perf.md).
+        self.all_reduce_sum("reduce_scatter_sum_f32", buf)
     }
     fn all_gather_f32(&self, buf: &mut [f32]) -> Result<()> {
         const OP: &str = "all_gather_f32";
