@@ -106,8 +106,10 @@ pub trait Collective: Send + Sync {
     fn all_reduce_sum_u32(&self, buf: &mut [u32]) -> Result<()>;
     /// In-place element-wise sum over ranks (statistics).
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
-    /// Sums `buf` over ranks into this rank's [`shard_range`] of it (ZeRO-1's gradient reduction: half the traffic
-    /// of an all-reduce). The elements outside this rank's shard are left unspecified.
+    /// Sums `buf` over ranks into this rank's [`shard_range`] of it (ZeRO-1's gradient reduction; a true
+    /// reduce-scatter moves half the data of an all-reduce, but an implementation may use its all-reduce where
+    /// that is faster, as the MPI collective does). The elements outside this rank's shard are left
+    /// unspecified.
     fn reduce_scatter_sum_f32(&self, buf: &mut [f32]) -> Result<()>;
     /// Replaces every rank's [`shard_range`] of `buf` on every rank by that rank's values (ZeRO-1's parameter
     /// gather after each rank updated its shard).
