@@ -15,8 +15,9 @@
 //!   radix histograms all-reduced; the kept count K summed for the 1/K normaliser); `micro` selects per rank and
 //!   per micro-batch. Ada-ESLM's statistics, hierarchical's instance threshold and the logged counters are
 //!   summed over ranks. The random policy is seeded with `seed ⊕ rank` (rank 0 draws the single-process stream).
-//! - **Evaluation**: every rank evaluates the whole validation set (identical weights, identical batches, so
-//!   the results are bitwise identical on every rank and no reduction is needed); rank 0 logs them.
+//! - **Evaluation** is shared: rank `r` evaluates validation batches `r, r+R, …` and the loss sums and token
+//!   counts are summed over ranks (`trainer::evaluate_on`), so every rank gets the same result for `1/R` of the
+//!   work; rank 0 logs it.
 //! - **Outputs**: rank 0 writes `metrics.jsonl`, `config.toml` and the checkpoints; the others wait at a barrier
 //!   after each checkpoint. The checkpoint stores the world size and every rank's policy state; a resume needs
 //!   the same world size (it is refused otherwise: the data order depends on it).

@@ -455,7 +455,13 @@ impl Trainer {
         let Some(val) = &self.data.val else {
             return Ok(None);
         };
-        evaluate(self.model.as_mut(), val, self.cfg.eval_batches).map(Some)
+        evaluate_on(
+            self.model.as_mut(),
+            val,
+            self.cfg.eval_batches,
+            self.collective.as_ref(),
+        )
+        .map(Some)
     }
 
     /// Filters the sequences of `batch` through the policy and returns the micro-batch to train on.
@@ -1123,54 +1129,71 @@ fn nonfinite_mean(stats: &TokenStats) -> Option<f32> {
     (!mean.is_finite()).then_some(mean as f32)
 }
 
-/// Mean CE of `model` on `val` (first `max_batches` batches; 0 = all), with per-kind means when kinds are known.
+/// Mean CE of `model` over the validation set (up to `max_batches` batches, 0: all), in one process.
 pub fn evaluate(
     model: &mut dyn LanguageModel,
     val: &ValData,
     max_batches: usize,
 ) -> Result<EvalResult> {
+    evaluate_on(model, val, max_batches, &eslm_collective::SingleProcess)
+}
+
+/// [`evaluate`] shared among the ranks of `collective`: rank `r` of `R` evaluates batches `r, r + R, …` of the
+/// first `max_batches` and the loss sums and token counts are summed over ranks, so each rank does `1/R` of the
+/// work and every rank gets the same result (equal to one process's up to the order of the f64 sums).
+pub fn evaluate_on(
+    model: &mut dyn LanguageModel,
+    val: &ValData,
+    max_batches: usize,
+    collective: &dyn eslm_collective::Collective,
+) -> Result<EvalResult> {
     let vocab = model.vocab_size();
-    let (mut sum, mut n) = (0.0f64, 0u64);
-    let (mut kind_sum, mut kind_n) = ([0.0f64; 3], [0u64; 3]);
+    // [loss sum, tokens, loss sum per kind ×3, tokens per kind ×3]
+    let mut acc = [0.0f64; 8];
     let limit = if max_batches == 0 {
         usize::MAX
     } else {
         max_batches
     };
-    for batch in val.loader.iter().take(limit) {
+    let (rank, world) = (collective.rank(), collective.world_size());
+    for (i, batch) in val.loader.iter().take(limit).enumerate() {
+        if i % world != rank {
+            continue;
+        }
         let batch = batch?;
         crate::error::check_tokens(batch.inputs.iter().chain(&batch.targets), vocab)?;
         let targets = to_i32(&batch.targets);
         let stats = model.forward_inference(&batch.inputs, &targets, batch.b, batch.t, None)?;
         let kinds = batch_kinds(val.kinds.as_ref(), &batch)?;
-        for (i, (&l, &v)) in stats.loss.iter().zip(&stats.valid).enumerate() {
+        for (j, (&l, &v)) in stats.loss.iter().zip(&stats.valid).enumerate() {
             if v {
-                sum += l as f64;
-                n += 1;
+                acc[0] += l as f64;
+                acc[1] += 1.0;
                 if let Some(k) = &kinds {
-                    kind_sum[k[i] as usize] += l as f64;
-                    kind_n[k[i] as usize] += 1;
+                    acc[2 + k[j] as usize] += l as f64;
+                    acc[5 + k[j] as usize] += 1.0;
                 }
             }
         }
     }
-    if n == 0 {
+    collective.all_reduce_sum_f64(&mut acc)?;
+    if acc[1] == 0.0 {
         return Err(TrainError::Config(
             "the validation set has no complete window of --seq-len + 1 tokens".into(),
         ));
     }
     let by_kind = val.kinds.as_ref().map(|_| {
         let mut out = [f64::NAN; 3];
-        for i in 0..3 {
-            if kind_n[i] > 0 {
-                out[i] = kind_sum[i] / kind_n[i] as f64;
+        for (i, o) in out.iter_mut().enumerate() {
+            if acc[5 + i] > 0.0 {
+                *o = acc[2 + i] / acc[5 + i];
             }
         }
         out
     });
     Ok(EvalResult {
-        loss: sum / n as f64,
-        tokens: n,
+        loss: acc[0] / acc[1],
+        tokens: acc[1] as u64,
         loss_by_kind: by_kind,
     })
 }
