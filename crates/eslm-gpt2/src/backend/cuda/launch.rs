@@ -63,27 +63,45 @@ pub(super) struct Gemm {
     pub(super) beta: f32,
 }
 
-/// The column-major cuBLAS arguments of a row-major [`Gemm`]: `(opA, opB, m, n, k, A, lda, sA, B, ldb, sB)` with
-/// the operands swapped (`Cᵀ = op(B)ᵀ·op(A)ᵀ`), or `None` when a dimension does not fit an `i32`.
-#[allow(clippy::type_complexity)]
-pub(super) fn column_major(
-    g: &Gemm,
-) -> Option<(bool, bool, i32, i32, i32, u64, i32, i64, u64, i32, i64)> {
+/// The column-major cuBLAS arguments of a row-major [`Gemm`] (the operands swapped: `Cᵀ = op(B)ᵀ·op(A)ᵀ`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ColumnMajor {
+    pub(super) ta: bool,
+    pub(super) tb: bool,
+    pub(super) m: i32,
+    pub(super) n: i32,
+    pub(super) k: i32,
+    pub(super) a: u64,
+    pub(super) lda: i32,
+    pub(super) sa: i64,
+    pub(super) b: u64,
+    pub(super) ldb: i32,
+    pub(super) sb: i64,
+    pub(super) ldc: i32,
+    pub(super) sc: i64,
+    pub(super) batch: i32,
+}
+
+/// [`ColumnMajor`] of `g`, or `None` when a dimension does not fit cuBLAS's 32-bit (strides 64-bit) arguments.
+pub(super) fn column_major(g: &Gemm) -> Option<ColumnMajor> {
     let i = |x: usize| i32::try_from(x).ok();
     let l = |x: usize| i64::try_from(x).ok();
-    Some((
-        g.tb,
-        g.ta,
-        i(g.n)?,
-        i(g.m)?,
-        i(g.k)?,
-        g.b,
-        i(g.ldb)?,
-        l(g.sb)?,
-        g.a,
-        i(g.lda)?,
-        l(g.sa)?,
-    ))
+    Some(ColumnMajor {
+        ta: g.tb,
+        tb: g.ta,
+        m: i(g.n)?,
+        n: i(g.m)?,
+        k: i(g.k)?,
+        a: g.b,
+        lda: i(g.ldb)?,
+        sa: l(g.sb)?,
+        b: g.a,
+        ldb: i(g.lda)?,
+        sb: l(g.sa)?,
+        ldc: i(g.ldc)?,
+        sc: l(g.sc)?,
+        batch: i(g.batch)?,
+    })
 }
 
 /// The elements each operand of a row-major [`Gemm`] spans from its base pointer, `(A, B)`: `(batch − 1)·stride +

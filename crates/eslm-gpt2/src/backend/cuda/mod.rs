@@ -434,23 +434,9 @@ impl Cuda {
             self.gemm_bf16(g);
             return;
         }
-        let dims = column_major(&g).zip(
-            i32::try_from(g.ldc)
-                .ok()
-                .zip(i64::try_from(g.sc).ok())
-                .zip(i32::try_from(g.batch).ok()),
-        );
-        let Some(((ta, tb, m, n, k, a, lda, sa, b, ldb, sb), ((ldc, sc), batch))) = dims else {
-            self.fail(KernelError::Cuda(format!(
-                "GEMM {}x{}x{} (ldc {}, batch {}) does not fit cuBLAS's 32-bit dimensions",
-                g.m, g.n, g.k, g.ldc, g.batch
-            )));
+        let Some(c) = self.cublas_args(&g) else {
             return;
         };
-        // cuBLAS runs in the calling thread's current context (a kernel launch binds it; a GEMM may come first).
-        if !self.bind() {
-            return;
-        }
         let (alpha, beta) = (1.0f32, g.beta);
         // SAFETY: the pointers are live device buffers of this context whose lengths the callers checked for
         // these shapes and strides; alpha and beta are host scalars that outlive the call (cuBLAS reads them
@@ -458,28 +444,41 @@ impl Cuda {
         let r = unsafe {
             blas::sgemm_strided_batched(
                 *self.blas.handle(),
-                blas_op(ta),
-                blas_op(tb),
-                m,
-                n,
-                k,
+                blas_op(c.ta),
+                blas_op(c.tb),
+                c.m,
+                c.n,
+                c.k,
                 &alpha,
-                a as *const f32,
-                lda,
-                sa,
-                b as *const f32,
-                ldb,
-                sb,
+                c.a as *const f32,
+                c.lda,
+                c.sa,
+                c.b as *const f32,
+                c.ldb,
+                c.sb,
                 &beta,
                 g.c as *mut f32,
-                ldc,
-                sc,
-                batch,
+                c.ldc,
+                c.sc,
+                c.batch,
             )
         };
         if let Err(e) = r {
             self.fail(KernelError::Cuda(format!("cuBLAS SGEMM: {e:?}")));
         }
+    }
+
+    /// The cuBLAS arguments of `g` with this backend's context current on the calling thread (cuBLAS uses the
+    /// current context; a kernel launch binds it, but a GEMM may come first); `None` after recording why not.
+    fn cublas_args(&self, g: &Gemm) -> Option<ColumnMajor> {
+        let Some(c) = column_major(g) else {
+            self.fail(KernelError::Cuda(format!(
+                "GEMM {}x{}x{} (ldc {}, batch {}) does not fit cuBLAS's 32-bit dimensions",
+                g.m, g.n, g.k, g.ldc, g.batch
+            )));
+            return None;
+        };
+        self.bind().then_some(c)
     }
 
     /// [`Cuda::gemm`] with bf16 operands: both are converted (round to nearest even) into scratch over the extent
@@ -493,55 +492,41 @@ impl Cuda {
         else {
             return;
         };
-        let g16 = Gemm {
+        let Some(c) = self.cublas_args(&Gemm {
             a: a16,
             b: b16,
             ..g
-        };
-        let dims = column_major(&g16).zip(
-            i32::try_from(g.ldc)
-                .ok()
-                .zip(i64::try_from(g.sc).ok())
-                .zip(i32::try_from(g.batch).ok()),
-        );
-        let Some(((ta, tb, m, n, k, a, lda, sa, b, ldb, sb), ((ldc, sc), batch))) = dims else {
-            self.fail(KernelError::Cuda(format!(
-                "GEMM {}x{}x{} (ldc {}, batch {}) does not fit cuBLAS's 32-bit dimensions",
-                g.m, g.n, g.k, g.ldc, g.batch
-            )));
+        }) else {
             return;
         };
-        if !self.bind() {
-            return;
-        }
         let (alpha, beta) = (1.0f32, g.beta);
         let bf16 = blas_sys::cudaDataType::CUDA_R_16BF;
-        // SAFETY: `a` and `b` are the bf16 scratch copies of the operands over their extents (same layout, so the
-        // same leading dimensions and strides), `g.c` the caller's checked f32 output; alpha and beta are host f32
-        // scalars read before the call returns; compute type 32F matches their type.
+        // SAFETY: `c.a` and `c.b` are the bf16 scratch copies of the operands over their extents (same layout, so
+        // the same leading dimensions and strides), `g.c` the caller's checked f32 output; alpha and beta are host
+        // f32 scalars read before the call returns; compute type 32F matches their type.
         let r = unsafe {
             blas::gemm_strided_batched_ex(
                 *self.blas.handle(),
-                blas_op(ta),
-                blas_op(tb),
-                m,
-                n,
-                k,
+                blas_op(c.ta),
+                blas_op(c.tb),
+                c.m,
+                c.n,
+                c.k,
                 (&alpha as *const f32).cast(),
-                a as *const std::ffi::c_void,
+                c.a as *const std::ffi::c_void,
                 bf16,
-                lda,
-                sa,
-                b as *const std::ffi::c_void,
+                c.lda,
+                c.sa,
+                c.b as *const std::ffi::c_void,
                 bf16,
-                ldb,
-                sb,
+                c.ldb,
+                c.sb,
                 (&beta as *const f32).cast(),
                 g.c as *mut std::ffi::c_void,
                 blas_sys::cudaDataType::CUDA_R_32F,
-                ldc,
-                sc,
-                batch,
+                c.ldc,
+                c.sc,
+                c.batch,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
@@ -2105,10 +2090,33 @@ mod tests {
         };
         assert_eq!(
             column_major(&g),
-            Some((true, false, 3, 2, 4, 200, 4, 0, 100, 4, 0))
+            Some(ColumnMajor {
+                ta: true,
+                tb: false,
+                m: 3,
+                n: 2,
+                k: 4,
+                a: 200,
+                lda: 4,
+                sa: 0,
+                b: 100,
+                ldb: 4,
+                sb: 0,
+                ldc: 3,
+                sc: 0,
+                batch: 1,
+            })
         );
         let huge = Gemm { m: 1 << 31, ..g };
         assert_eq!(column_major(&huge), None);
+        assert_eq!(column_major(&Gemm { ldc: 1 << 31, ..g }), None);
+        assert_eq!(
+            column_major(&Gemm {
+                batch: 1 << 31,
+                ..g
+            }),
+            None
+        );
     }
 
     /// The GEMM mapping, executed on the host: a naive column-major SGEMM run with `column_major`'s arguments
@@ -2178,7 +2186,16 @@ mod tests {
                 batch: 1,
                 beta: 1.0,
             };
-            let (cta, ctb, cm, cn, ck, _, clda, _, _, cldb, _) = column_major(&g).unwrap();
+            let ColumnMajor {
+                ta: cta,
+                tb: ctb,
+                m: cm,
+                n: cn,
+                k: ck,
+                lda: clda,
+                ldb: cldb,
+                ..
+            } = column_major(&g).unwrap();
             let mut got = c0.clone();
             // Operands swapped: the first is B, the second A; C row-major [m, ldc] is column-major [n, m] in ldc.
             colmajor(
