@@ -8,7 +8,7 @@
  *     dlogits[i, j] = ((1 - W) (p_j - [j == y]) + W tau (q_s,j - q_t,j)) * scale     (j < V)
  *     dlogits[i, j] = 0                                                                (V <= j < out_stride)
  *     row_loss[i]   = (1 - W) (lse(z) - z_y) + W tau^2 KL(q_t || q_s)
- * One block per kept row, three passes over the row (maxima; sums of exponentials; gradient and KL), all in f64 as
+ * One block per kept row, three passes over the row (maxima; sums of exponentials; gradient and KL), all in f64 like
  * on the CPU (the exponentials too: the row is read three times, the f64 work is what costs), accumulated per thread and added in a fixed shared-memory tree (reproducible). Bad kept entries
  * (a target outside [0, V)) cannot come from the engine (it checks them on the host); such a row gets zeros and a
  * NaN loss.
