@@ -9,9 +9,9 @@
  *     dlogits[i, j] = 0                                                                (V <= j < out_stride)
  *     row_loss[i]   = (1 - W) (lse(z) - z_y) + W tau^2 KL(q_t || q_s)
  * One block per kept row, three passes over the row (maxima; sums of exponentials; gradient and KL), all in f64 like
- * on the CPU (the exponentials too: the row is read three times, the f64 work is what costs), accumulated per thread and added in a fixed shared-memory tree (reproducible). Bad kept entries
- * (a target outside [0, V)) cannot come from the engine (it checks them on the host); such a row gets zeros and a
- * NaN loss.
+ * the CPU's kd_row_reference (the CPU's fast kd_row uses f32 with f64 sums; both agree to ~1e-5), accumulated per
+ * thread and added in a fixed shared-memory tree (reproducible). Bad kept entries (a target outside [0, V)) cannot
+ * come from the engine (it checks them on the host); such a row gets zeros and a NaN loss.
  *
  * Launch: k blocks (grid-stride over kept rows) of ESLM_KD_THREADS threads.
  */
