@@ -1,7 +1,8 @@
 //! On a GPU (`--features cuda`; skipped with a printed message where no CUDA driver loads): the trainer's CLM and
-//! ESLM runs on `--device cuda` against the same runs on the CPU from the same seed, and a CUDA checkpoint resumed
-//! on the CPU. Named `cuda_*` so that `scripts/build-gpu-bin.sh` builds it for `scripts/gpu-check.sh`; with
-//! `ESLM_TEST_QUICK=1` (the compute-sanitizer passes) only one CLM step is compared and the resume is skipped.
+//! ESLM runs on `--device cuda` against the same runs on the CPU from the same seed, a CUDA checkpoint resumed on
+//! the CPU, every other policy on CUDA against the CPU, and training with TF32 / bf16 products. Named `cuda_*` so
+//! that `scripts/build-gpu-bin.sh` builds it for `scripts/gpu-check.sh`; with `ESLM_TEST_QUICK=1` (the
+//! compute-sanitizer passes) only one CLM step is compared and the other tests are skipped.
 #![cfg(feature = "cuda")]
 
 use std::path::Path;
@@ -143,4 +144,89 @@ fn cuda_checkpoint_resumes_on_the_cpu() {
     b.resume = true;
     run_training(&b, no_stop()).unwrap();
     assert_close("resume cuda -> cpu", &full_steps[3..], &steps_of(&part));
+}
+
+/// Every other policy for 2 steps on CUDA against the CPU from the same seed (losses within 1e-3): hierarchical
+/// (the shallow pass continued on the device: `compact_blocks`), eslm-kd (the teacher on the GPU and
+/// `kernels/kd.cu`), rho1 (the reference on the GPU), ada-eslm, random, importance. The teacher / reference is a
+/// 3-step CPU CLM checkpoint of the same shape.
+#[test]
+fn every_policy_on_cuda_matches_the_cpu() {
+    if !gpu_or_skip("every_policy_on_cuda_matches_the_cpu") {
+        return;
+    }
+    if quick() {
+        println!("skipping every_policy_on_cuda_matches_the_cpu under ESLM_TEST_QUICK=1");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let scorer_run = dir.path().join("scorer");
+    run_training(
+        &small(&scorer_run, PolicyKind::Clm, 3, Device::Cpu),
+        no_stop(),
+    )
+    .unwrap();
+    let scorer = list_checkpoints(&scorer_run).unwrap().pop().unwrap().1;
+    let policies = [
+        PolicyKind::Hierarchical,
+        PolicyKind::EslmKd,
+        PolicyKind::Rho1,
+        PolicyKind::AdaEslm,
+        PolicyKind::Random,
+        PolicyKind::Importance,
+    ];
+    for select in policies {
+        let run = |device: Device, name: &str| {
+            let out = dir.path().join(format!("{select:?}-{name}"));
+            let mut a = small(&out, select, 2, device);
+            match select {
+                PolicyKind::Hierarchical => a.exit_layer = Some(1),
+                PolicyKind::EslmKd => a.teacher = Some(scorer.clone()),
+                PolicyKind::Rho1 => a.reference = Some(scorer.clone()),
+                _ => {}
+            }
+            run_training(&a, no_stop()).unwrap_or_else(|e| panic!("{select:?} on {name}: {e}"));
+            steps_of(&out)
+        };
+        assert_close(
+            &format!("{select:?}"),
+            &run(Device::Cuda(0), "cuda"),
+            &run(Device::Cpu, "cpu"),
+        );
+    }
+}
+
+/// CLM with TF32 and bf16 tensor-core products (`--matmul`) for 3 steps against the CPU's f32: finite losses
+/// within 2e-2 (TF32) and 5e-2 (bf16) of the CPU's.
+#[test]
+fn tensor_core_products_train_close_to_the_cpu() {
+    if !gpu_or_skip("tensor_core_products_train_close_to_the_cpu") {
+        return;
+    }
+    if quick() {
+        println!("skipping tensor_core_products_train_close_to_the_cpu under ESLM_TEST_QUICK=1");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cpu_out = dir.path().join("cpu");
+    run_training(&small(&cpu_out, PolicyKind::Clm, 3, Device::Cpu), no_stop()).unwrap();
+    let cpu = steps_of(&cpu_out);
+    for (matmul, tol) in [
+        (eslm_train::config::Matmul::Tf32, 2e-2f32),
+        (eslm_train::config::Matmul::Bf16, 5e-2),
+    ] {
+        let out = dir.path().join(format!("{matmul:?}"));
+        let mut a = small(&out, PolicyKind::Clm, 3, Device::Cuda(0));
+        a.matmul = Some(matmul);
+        run_training(&a, no_stop()).unwrap_or_else(|e| panic!("--matmul {matmul:?}: {e}"));
+        for (x, y) in steps_of(&out).iter().zip(&cpu) {
+            assert!(
+                x.loss.is_finite() && (x.loss - y.loss).abs() <= tol,
+                "--matmul {matmul:?} step {}: loss {} vs CPU {}",
+                x.step,
+                x.loss,
+                y.loss
+            );
+        }
+    }
 }
