@@ -90,6 +90,12 @@ impl<B: Backend> Gpt2<B> {
         Ok(())
     }
 
+    /// Whether the optimizer state is sharded over ranks ([`Gpt2::shard_optimizer`]): then
+    /// [`Gpt2::optimizer_snapshot`] is a collective every rank must call.
+    pub fn optimizer_sharded(&self) -> bool {
+        self.shard.is_some()
+    }
+
     /// The range of the flat parameters this rank updates: all of them, or its shard under ZeRO-1.
     fn update_range(&self) -> Range<usize> {
         match &self.shard {

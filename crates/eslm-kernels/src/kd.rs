@@ -20,6 +20,7 @@
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
 use crate::cpu_features::has_avx2;
 use crate::error::{KernelError, Result};
 use crate::fast_exp::fast_exp;
@@ -77,6 +78,7 @@ pub fn kd_row<T: LogitElem>(
     scale: f32,
     grad: &mut [f32],
 ) -> f64 {
+    #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: `has_avx2()` confirmed AVX2 and FMA on this CPU.
         return unsafe { kd_row_avx2(student, teacher, target, kd, scale, grad) };
@@ -87,18 +89,6 @@ pub fn kd_row<T: LogitElem>(
 /// [`kd_row_lanes`] compiled for AVX2 + FMA (8-wide lanes; see `cpu_features`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kd_row_avx2<T: LogitElem>(
-    student: &[T],
-    teacher: &[T],
-    target: usize,
-    kd: KdParams,
-    scale: f32,
-    grad: &mut [f32],
-) -> f64 {
-    kd_row_lanes(student, teacher, target, kd, scale, grad)
-}
-
-#[cfg(not(target_arch = "x86_64"))]
 unsafe fn kd_row_avx2<T: LogitElem>(
     student: &[T],
     teacher: &[T],

@@ -38,8 +38,6 @@ pub struct Gpt2Model<B: Backend = Cpu> {
     flops_done: f64,
     /// Generation on the CPU backend: the key/value cache and the ids it holds.
     decoder: Option<(KvCache, Vec<u32>)>,
-    /// Whether the optimizer state is sharded over ranks (`--shard-optimizer`, ZeRO-1).
-    sharded: bool,
     /// The gathered optimizer state of a sharded optimizer, between [`LanguageModel::gather_for_checkpoint`]
     /// and the next update.
     gathered: Option<OptimizerSnapshot>,
@@ -93,7 +91,6 @@ impl<B: Backend + 'static> Gpt2Model<B> {
             model,
             flops_done: 0.0,
             decoder: None,
-            sharded: false,
             gathered: None,
         })
     }
@@ -245,12 +242,10 @@ impl<B: Backend + 'static> LanguageModel for Gpt2Model<B> {
         self.model.connect(collective).map_err(engine_err)
     }
     fn shard_optimizer(&mut self, collective: std::sync::Arc<dyn Collective>) -> Result<()> {
-        self.model.shard_optimizer(collective).map_err(engine_err)?;
-        self.sharded = true;
-        Ok(())
+        self.model.shard_optimizer(collective).map_err(engine_err)
     }
     fn gather_for_checkpoint(&mut self) -> Result<()> {
-        if self.sharded {
+        if self.model.optimizer_sharded() {
             self.gathered = Some(self.model.optimizer_snapshot().map_err(engine_err)?);
         }
         Ok(())
@@ -309,7 +304,7 @@ impl<B: Backend + 'static> LanguageModel for Gpt2Model<B> {
     }
     fn save_optimizer(&self, dir: &Path) -> Result<()> {
         let local;
-        let snap = match (&self.gathered, self.sharded) {
+        let snap = match (&self.gathered, self.model.optimizer_sharded()) {
             (Some(g), _) => g,
             (None, false) => {
                 local = self.model.optimizer_snapshot().map_err(engine_err)?;
