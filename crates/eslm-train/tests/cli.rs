@@ -6,14 +6,15 @@
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eslm_train::checkpoint::list_checkpoints;
 use eslm_train::config::{parse_duration, RunConfig, TrainArgs};
 use eslm_train::metrics::read_metrics;
 use eslm_train::run::run_training;
+
+mod common;
+use common::no_stop;
 
 const SMALL: [&str; 14] = [
     "--model",
@@ -282,9 +283,7 @@ fn bad_ranges_are_refused_naming_the_flag() {
         no_progress: true,
         ..Default::default()
     };
-    let e = run_training(&a, Arc::new(AtomicBool::new(false)))
-        .unwrap_err()
-        .to_string();
+    let e = run_training(&a, no_stop()).unwrap_err().to_string();
     assert!(e.contains("--seq-len 2048") && e.contains("1024"), "{e}");
 }
 
@@ -320,7 +319,7 @@ fn time_budget_stops_cleanly_with_a_checkpoint_and_decays_the_lr() {
         ..Default::default()
     };
     let t0 = Instant::now();
-    let s = run_training(&a, Arc::new(AtomicBool::new(false))).unwrap();
+    let s = run_training(&a, no_stop()).unwrap();
     assert!(t0.elapsed() < Duration::from_secs(20));
     assert!(s.time_budget_reached && !s.interrupted);
     assert!(s.val_after.is_some(), "a clean finish evaluates");

@@ -1,14 +1,14 @@
 //! The `plot`, `eval` and `sample` commands on small bigram runs (fast), and training from shards on disk.
 
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-
 use eslm_data::synthetic::{write_synthetic_corpus, SyntheticConfig};
 use eslm_train::config::{PolicyKind, TrainArgs};
 use eslm_train::eval_cmd::{run_eval, EvalArgs};
 use eslm_train::plot::plot_runs;
 use eslm_train::run::run_training;
 use eslm_train::sample::{run_sample, SampleArgs};
+
+mod common;
+use common::no_stop;
 
 fn train(
     out: &std::path::Path,
@@ -33,10 +33,7 @@ fn train(
         no_progress: true,
         ..Default::default()
     };
-    run_training(&a, Arc::new(AtomicBool::new(false)))
-        .unwrap()
-        .checkpoint
-        .unwrap()
+    run_training(&a, no_stop()).unwrap().checkpoint.unwrap()
 }
 
 #[test]
@@ -169,10 +166,7 @@ fn eval_per_item_several_files_and_seq_len_check() {
         no_progress: true,
         ..Default::default()
     };
-    let ckpt = run_training(&a, Arc::new(AtomicBool::new(false)))
-        .unwrap()
-        .checkpoint
-        .unwrap();
+    let ckpt = run_training(&a, no_stop()).unwrap().checkpoint.unwrap();
     let data = dir.path().join("data");
     write_synthetic_corpus(
         &data,
@@ -317,7 +311,7 @@ fn bare_command_trains_the_policy_and_a_clm_baseline_in_a_fresh_directory() {
         ..Default::default()
     };
     let root = fresh_dir(&base);
-    let c = run_with_baseline(&args, &root, Arc::new(AtomicBool::new(false))).unwrap();
+    let c = run_with_baseline(&args, &root, no_stop()).unwrap();
     assert_eq!(c.policy.policy, "eslm");
     assert_eq!(c.clm.as_ref().unwrap().policy, "clm");
     assert!(root.join("eslm/metrics.jsonl").is_file() && root.join("clm/metrics.jsonl").is_file());

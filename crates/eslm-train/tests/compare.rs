@@ -1,10 +1,10 @@
 //! `eslm-train compare` on two tiny bigram runs: trains each (run, seed) once, writes done.json and a report with
 //! a row per run, skips finished runs when run again, and refuses specs the runner cannot honour.
 
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-
 use eslm_train::compare::{read_spec, run_compare, CompareArgs};
+
+mod common;
+use common::no_stop;
 
 const SPEC: &str = r#"
 name = "tiny"
@@ -42,7 +42,7 @@ fn compare_trains_every_run_and_seed_once_and_reports_them() {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("spec.toml");
     std::fs::write(&spec, SPEC).unwrap();
-    let report = run_compare(&args(dir.path(), &spec), Arc::new(AtomicBool::new(false))).unwrap();
+    let report = run_compare(&args(dir.path(), &spec), no_stop()).unwrap();
     let md = std::fs::read_to_string(&report).unwrap();
     for run in ["clm", "eslm"] {
         for seed in [1, 2] {
@@ -66,7 +66,7 @@ fn compare_trains_every_run_and_seed_once_and_reports_them() {
     // A second invocation trains nothing: the metrics files are untouched.
     let metrics = dir.path().join("out/eslm/seed1/metrics.jsonl");
     let before = std::fs::metadata(&metrics).unwrap().modified().unwrap();
-    run_compare(&args(dir.path(), &spec), Arc::new(AtomicBool::new(false))).unwrap();
+    run_compare(&args(dir.path(), &spec), no_stop()).unwrap();
     assert_eq!(
         std::fs::metadata(&metrics).unwrap().modified().unwrap(),
         before

@@ -6,42 +6,25 @@
 #![cfg(feature = "cuda")]
 
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use eslm_train::checkpoint::list_checkpoints;
 use eslm_train::config::{Device, PolicyKind, TrainArgs};
 use eslm_train::metrics::{read_metrics, StepRecord};
 use eslm_train::run::run_training;
 
-fn no_stop() -> Arc<AtomicBool> {
-    Arc::new(AtomicBool::new(false))
-}
+mod common;
+use common::no_stop;
 
 fn quick() -> bool {
     std::env::var("ESLM_TEST_QUICK").is_ok_and(|v| v == "1")
 }
 
-/// A small GPT-2 run on the synthetic corpus.
+/// A small GPT-2 run on the synthetic corpus on `device`.
 fn small(out: &Path, select: PolicyKind, steps: u64, device: Device) -> TrainArgs {
     TrainArgs {
-        model: Some("synth-tiny".into()),
-        n_layer: Some(2),
-        n_embd: Some(32),
-        n_head: Some(2),
-        synthetic_documents: Some(256),
-        select: Some(select),
-        steps: Some(steps),
-        batch_size: Some(4),
-        seq_len: Some(32),
-        lr: Some(3e-3),
-        warmup_steps: Some(2),
-        eval_every: Some(0),
-        eval_batches: Some(2),
         device: Some(device),
-        out: Some(out.to_path_buf()),
-        no_progress: true,
-        ..Default::default()
+        eval_batches: Some(2),
+        ..common::small_gpt2(out, select, steps)
     }
 }
 

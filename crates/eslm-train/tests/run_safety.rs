@@ -5,8 +5,6 @@
 //! checked against the run. Bigram test double and tiny GPT-2s: each test takes well under a second or two.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use eslm_train::bigram::BigramModel;
 use eslm_train::checkpoint::{
@@ -22,21 +20,15 @@ use eslm_train::outdir::RunDirLock;
 use eslm_train::run::run_training;
 use eslm_train::{Result, TrainError};
 
+mod common;
+use common::no_stop;
+
 fn args(out: &Path, steps: u64) -> TrainArgs {
     TrainArgs {
-        model: Some("bigram".into()),
         synthetic_documents: Some(128),
-        select: Some(PolicyKind::Clm),
-        steps: Some(steps),
-        batch_size: Some(4),
         seq_len: Some(16),
-        lr: Some(0.05),
-        warmup_steps: Some(2),
-        eval_every: Some(0),
         eval_batches: Some(2),
-        out: Some(out.to_path_buf()),
-        no_progress: true,
-        ..Default::default()
+        ..common::small_bigram(out, PolicyKind::Clm, steps)
     }
 }
 
@@ -54,10 +46,6 @@ fn loader_state() -> eslm_data::LoaderState {
         "rank": 0, "world_size": 1, "total_windows": 1
     }))
     .unwrap()
-}
-
-fn no_stop() -> Arc<AtomicBool> {
-    Arc::new(AtomicBool::new(false))
 }
 
 fn steps_of(out: &Path) -> Vec<u64> {

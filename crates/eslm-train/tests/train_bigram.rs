@@ -12,26 +12,11 @@ use eslm_train::metrics::read_metrics;
 use eslm_train::run::run_training;
 use eslm_train::TrainError;
 
-fn args(out: &Path, select: PolicyKind, steps: u64) -> TrainArgs {
-    TrainArgs {
-        model: Some("bigram".into()),
-        synthetic_documents: Some(256),
-        select: Some(select),
-        steps: Some(steps),
-        batch_size: Some(4),
-        seq_len: Some(32),
-        lr: Some(0.05),
-        warmup_steps: Some(2),
-        eval_every: Some(0),
-        eval_batches: Some(4),
-        out: Some(out.to_path_buf()),
-        no_progress: true,
-        ..Default::default()
-    }
-}
+mod common;
+use common::no_stop;
 
-fn no_stop() -> Arc<AtomicBool> {
-    Arc::new(AtomicBool::new(false))
+fn args(out: &Path, select: PolicyKind, steps: u64) -> TrainArgs {
+    common::small_bigram(out, select, steps)
 }
 
 #[test]
@@ -138,7 +123,7 @@ fn resume_continues_exactly() {
     let mut b = args(&part, PolicyKind::Random, 20);
     b.keep = Some(0.4);
     b.checkpoint_every = Some(10);
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = no_stop();
     // Stop after step 10 by resuming from a copy of the full run's step-10 checkpoint.
     let ckpts = list_checkpoints(&full).unwrap();
     let (_, ten) = ckpts.iter().find(|(s, _)| *s == 10).unwrap();
@@ -256,8 +241,6 @@ fn vocabulary_mismatch_is_an_error() {
 
 #[test]
 fn select_warmup_trains_every_token_first() {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let args = eslm_train::config::TrainArgs {
         model: Some("bigram".into()),
@@ -274,7 +257,7 @@ fn select_warmup_trains_every_token_first() {
         no_progress: true,
         ..Default::default()
     };
-    eslm_train::run::run_training(&args, Arc::new(AtomicBool::new(false))).unwrap();
+    eslm_train::run::run_training(&args, no_stop()).unwrap();
     let (steps, _) = eslm_train::metrics::read_metrics(&dir.path().join("metrics.jsonl")).unwrap();
     let kept: Vec<f64> = steps.iter().map(|s| s.kept_fraction).collect();
     assert!(kept[..3].iter().all(|&k| k == 1.0), "{kept:?}");
@@ -283,8 +266,6 @@ fn select_warmup_trains_every_token_first() {
 
 #[test]
 fn importance_policy_trains_and_resumes_its_rng() {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let args = |steps: u64, resume: bool| eslm_train::config::TrainArgs {
         model: Some("bigram".into()),
@@ -302,7 +283,7 @@ fn importance_policy_trains_and_resumes_its_rng() {
         no_progress: true,
         ..Default::default()
     };
-    let stop = || Arc::new(AtomicBool::new(false));
+    let stop = no_stop;
     let full = eslm_train::run::run_training(&args(8, false), stop()).unwrap();
     assert!(
         full.kept_fraction > 0.1 && full.kept_fraction < 0.5,

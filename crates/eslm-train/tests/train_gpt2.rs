@@ -3,8 +3,6 @@
 //! validation loss, and checkpoints load for eval / sample / as a teacher.
 
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use eslm_train::checkpoint::list_checkpoints;
 use eslm_train::config::{PolicyKind, TrainArgs};
@@ -13,29 +11,11 @@ use eslm_train::models::open_model;
 use eslm_train::run::run_training;
 use eslm_train::sample::generate;
 
-fn no_stop() -> Arc<AtomicBool> {
-    Arc::new(AtomicBool::new(false))
-}
+mod common;
+use common::no_stop;
 
 fn small(out: &Path, select: PolicyKind, steps: u64) -> TrainArgs {
-    TrainArgs {
-        model: Some("synth-tiny".into()),
-        n_layer: Some(2),
-        n_embd: Some(32),
-        n_head: Some(2),
-        synthetic_documents: Some(256),
-        select: Some(select),
-        steps: Some(steps),
-        batch_size: Some(4),
-        seq_len: Some(32),
-        lr: Some(3e-3),
-        warmup_steps: Some(2),
-        eval_every: Some(0),
-        eval_batches: Some(4),
-        out: Some(out.to_path_buf()),
-        no_progress: true,
-        ..Default::default()
-    }
+    common::small_gpt2(out, select, steps)
 }
 
 #[test]
@@ -164,8 +144,6 @@ fn every_policy_lowers_the_validation_loss_with_the_engine() {
 /// and the lazy one did fewer realized FLOPs.
 #[test]
 fn lazy_head_random_trains_like_random_with_fewer_flops() {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
     let run = |lazy: bool| {
         let dir = tempfile::tempdir().unwrap();
         let args = eslm_train::config::TrainArgs {
@@ -184,7 +162,7 @@ fn lazy_head_random_trains_like_random_with_fewer_flops() {
             no_progress: true,
             ..Default::default()
         };
-        let s = eslm_train::run::run_training(&args, Arc::new(AtomicBool::new(false))).unwrap();
+        let s = eslm_train::run::run_training(&args, no_stop()).unwrap();
         let (steps, _) =
             eslm_train::metrics::read_metrics(&dir.path().join("metrics.jsonl")).unwrap();
         let flops: f64 = steps.iter().map(|r| r.flops_realized).sum();

@@ -19,6 +19,19 @@ pub(super) fn cfg(blocks: u32, threads: u32) -> LaunchConfig {
     }
 }
 
+/// Launch configuration of a column-sum over row chunks: `x` blocks of `threads` columns, `y` one row chunk each.
+pub(super) fn chunk_grid(width: usize, chunks: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            width.div_ceil(threads as usize).max(1) as u32,
+            chunks as u32,
+            1,
+        ),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Elements a `[rows, Vp]` logits matrix spans (`(rows − 1)·Vp + V`), checked for overflow.
 pub(super) fn logits_extent(rows: usize, d: HeadDims) -> Result<usize> {
     rows.checked_sub(1)
@@ -189,4 +202,291 @@ pub(super) fn buckets(
     }
     starts.push(k as u32);
     (perm, keys, starts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_major_gemm_swaps_operands_for_cublas() {
+        // C [2, 3] = A [2, 4]·Bᵀ with B [3, 4]: column-major Cᵀ [3, 2] = op(B)ᵀ·op(A)ᵀ → (T, N, 3, 2, 4, B, A).
+        let g = Gemm {
+            ta: false,
+            tb: true,
+            m: 2,
+            n: 3,
+            k: 4,
+            a: 100,
+            lda: 4,
+            sa: 0,
+            b: 200,
+            ldb: 4,
+            sb: 0,
+            c: 300,
+            ldc: 3,
+            sc: 0,
+            batch: 1,
+            beta: 0.0,
+        };
+        assert_eq!(
+            column_major(&g),
+            Some(ColumnMajor {
+                ta: true,
+                tb: false,
+                m: 3,
+                n: 2,
+                k: 4,
+                a: 200,
+                lda: 4,
+                sa: 0,
+                b: 100,
+                ldb: 4,
+                sb: 0,
+                ldc: 3,
+                sc: 0,
+                batch: 1,
+            })
+        );
+        let huge = Gemm { m: 1 << 31, ..g };
+        assert_eq!(column_major(&huge), None);
+        assert_eq!(column_major(&Gemm { ldc: 1 << 31, ..g }), None);
+        assert_eq!(
+            column_major(&Gemm {
+                batch: 1 << 31,
+                ..g
+            }),
+            None
+        );
+    }
+
+    /// The GEMM mapping, executed on the host: a naive column-major SGEMM run with `column_major`'s arguments
+    /// reproduces the row-major product.
+
+    #[test]
+    fn row_major_gemm_through_a_column_major_reference() {
+        #[allow(clippy::too_many_arguments)]
+        fn colmajor(
+            ta: bool,
+            tb: bool,
+            m: usize,
+            n: usize,
+            k: usize,
+            a: &[f32],
+            lda: usize,
+            b: &[f32],
+            ldb: usize,
+            c: &mut [f32],
+            ldc: usize,
+            beta: f32,
+        ) {
+            for j in 0..n {
+                for i in 0..m {
+                    let mut acc = 0.0;
+                    for p in 0..k {
+                        let av = if ta { a[p + i * lda] } else { a[i + p * lda] };
+                        let bv = if tb { b[j + p * ldb] } else { b[p + j * ldb] };
+                        acc += av * bv;
+                    }
+                    c[i + j * ldc] = acc + beta * c[i + j * ldc];
+                }
+            }
+        }
+        // Every transpose combination, leading dimensions larger than the rows they hold (as for the LM head's
+        // Vp > V and qkv's 3C with a head offset), and β = 1 accumulating into C.
+        let (m, n, k, pad) = (3usize, 5usize, 4usize, 2usize);
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let (a_rows, a_cols) = if ta { (k, m) } else { (m, k) };
+            let (b_rows, b_cols) = if tb { (n, k) } else { (k, n) };
+            let (lda, ldb, ldc) = (a_cols + pad, b_cols + pad + 1, n + pad);
+            let a: Vec<f32> = (0..a_rows * lda).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..b_rows * ldb).map(|i| (i as f32 * 0.11).cos()).collect();
+            let c0: Vec<f32> = (0..m * ldc).map(|i| i as f32 * 0.01).collect();
+            let at = |i: usize, p: usize| if ta { a[p * lda + i] } else { a[i * lda + p] };
+            let bt = |p: usize, j: usize| if tb { b[j * ldb + p] } else { b[p * ldb + j] };
+            let mut want = c0.clone();
+            for i in 0..m {
+                for j in 0..n {
+                    want[i * ldc + j] += (0..k).map(|p| at(i, p) * bt(p, j)).sum::<f32>();
+                }
+            }
+            let g = Gemm {
+                ta,
+                tb,
+                m,
+                n,
+                k,
+                a: 0,
+                lda,
+                sa: 0,
+                b: 0,
+                ldb,
+                sb: 0,
+                c: 0,
+                ldc,
+                sc: 0,
+                batch: 1,
+                beta: 1.0,
+            };
+            let ColumnMajor {
+                ta: cta,
+                tb: ctb,
+                m: cm,
+                n: cn,
+                k: ck,
+                lda: clda,
+                ldb: cldb,
+                ..
+            } = column_major(&g).unwrap();
+            let mut got = c0.clone();
+            // Operands swapped: the first is B, the second A; C row-major [m, ldc] is column-major [n, m] in ldc.
+            colmajor(
+                cta,
+                ctb,
+                cm as usize,
+                cn as usize,
+                ck as usize,
+                &b,
+                clda as usize,
+                &a,
+                cldb as usize,
+                &mut got,
+                ldc,
+                1.0,
+            );
+            for i in 0..m {
+                for j in 0..ldc {
+                    let (x, y) = (got[i * ldc + j], want[i * ldc + j]);
+                    assert!(
+                        (x - y).abs() < 1e-5,
+                        "ta {ta} tb {tb}: C[{i},{j}] {x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The bf16 path converts exactly the elements a product reads: the extents of plain, transposed, strided
+    /// (qkv rows of 3C) and batched operands, by brute force over the index set.
+
+    #[test]
+    fn operand_extents_cover_what_the_product_reads() {
+        let read_a = |g: &Gemm| {
+            let mut last = 0;
+            for bi in 0..g.batch {
+                for i in 0..g.m {
+                    for p in 0..g.k {
+                        let idx = bi * g.sa + if g.ta { p * g.lda + i } else { i * g.lda + p };
+                        last = last.max(idx + 1);
+                    }
+                }
+            }
+            last
+        };
+        let read_b = |g: &Gemm| {
+            let mut last = 0;
+            for bi in 0..g.batch {
+                for p in 0..g.k {
+                    for j in 0..g.n {
+                        let idx = bi * g.sb + if g.tb { j * g.ldb + p } else { p * g.ldb + j };
+                        last = last.max(idx + 1);
+                    }
+                }
+            }
+            last
+        };
+        for (ta, tb, batch) in [
+            (false, true, 1),
+            (true, false, 3),
+            (false, false, 2),
+            (true, true, 4),
+        ] {
+            let (m, n, k) = (5usize, 3usize, 4usize);
+            let g = Gemm {
+                ta,
+                tb,
+                m,
+                n,
+                k,
+                a: 0,
+                lda: 3 * 8,
+                sa: 7,
+                b: 0,
+                ldb: 11,
+                sb: 50,
+                c: 0,
+                ldc: n,
+                sc: m * n,
+                batch,
+                beta: 0.0,
+            };
+            assert_eq!(
+                operand_extents(&g),
+                (read_a(&g), read_b(&g)),
+                "ta {ta} tb {tb} batch {batch}"
+            );
+        }
+        let empty = Gemm {
+            ta: false,
+            tb: false,
+            m: 0,
+            n: 2,
+            k: 0,
+            a: 0,
+            lda: 1,
+            sa: 0,
+            b: 0,
+            ldb: 2,
+            sb: 0,
+            c: 0,
+            ldc: 2,
+            sc: 0,
+            batch: 1,
+            beta: 0.0,
+        };
+        assert_eq!(operand_extents(&empty), (0, 0));
+    }
+
+    #[test]
+    fn merge_maps_match_the_cpu_union() {
+        let a = RowSet::Rows(vec![1, 4, 6]);
+        let b = RowSet::Rows(vec![0, 4, 7]);
+        let (u, ia, ib) = merge_maps(&a, &b, 8).unwrap();
+        assert_eq!(u, RowSet::Rows(vec![0, 1, 4, 6, 7]));
+        assert_eq!(ia, vec![-1, 0, 1, 2, -1]);
+        assert_eq!(ib, vec![0, -1, 1, -1, 2]);
+        let (u, ia, ib) = merge_maps(&RowSet::All, &RowSet::Rows(vec![2]), 3).unwrap();
+        assert_eq!(u, RowSet::All);
+        assert_eq!((ia, ib), (vec![0, 1, 2], vec![-1, -1, 0]));
+        assert!(merge_maps(&a, &a.clone(), 8).is_none());
+        let (u, ia, ib) = merge_maps(&RowSet::Rows(vec![]), &RowSet::Rows(vec![3]), 5).unwrap();
+        assert_eq!((u, ia, ib), (RowSet::Rows(vec![3]), vec![-1], vec![0]));
+    }
+
+    #[test]
+    fn buckets_keep_rows_ascending_within_a_destination() {
+        // Dense rows 0..6 with tokens [5, 2, 5, 2, 9, 5]: kept rows 0, 2, 3, 5 (compact 0..4).
+        let tokens = [5u32, 2, 5, 2, 9, 5];
+        let rows = RowSet::Rows(vec![0, 2, 3, 5]);
+        let (perm, keys, starts) = buckets(&rows, 6, |i| tokens[i]);
+        assert_eq!(keys, vec![2, 5]);
+        assert_eq!(starts, vec![0, 1, 4]);
+        assert_eq!(perm, vec![2, 0, 1, 3]);
+        let (perm, keys, starts) = buckets(&RowSet::All, 4, |i| (i % 2) as u32);
+        assert_eq!(
+            (perm, keys, starts),
+            (vec![0, 2, 1, 3], vec![0, 1], vec![0, 2, 4])
+        );
+        let (perm, keys, starts) = buckets(&RowSet::Rows(vec![]), 4, |i| i as u32);
+        assert!(perm.is_empty() && keys.is_empty());
+        assert_eq!(starts, vec![0]);
+    }
+
+    #[test]
+    fn launch_shapes() {
+        assert_eq!(grid(0, 256), 1);
+        assert_eq!(grid(257, 256), 2);
+        assert_eq!(grid(usize::MAX / 2, 256), MAX_GRID as u32);
+        assert_eq!(warp_grid(9, 256), 2);
+    }
 }

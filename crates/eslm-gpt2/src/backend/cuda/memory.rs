@@ -189,3 +189,19 @@ impl<T> Drop for Borrowed<T> {
         let _ = slice.leak();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_outside_a_view_have_no_memory() {
+        assert_eq!(sub(4096, 10, 2..5), (4096 + 8, 3));
+        assert_eq!(sub(4096, 10, 0..10), (4096, 10));
+        assert_eq!(sub(4096, 10, 5..11), (0, 6));
+        assert_eq!(sub(0, 10, 0..3), (0, 3));
+        #[allow(clippy::reversed_empty_ranges)]
+        let reversed = 5..2;
+        assert_eq!(sub(4096, 10, reversed), (0, 0));
+    }
+}
