@@ -270,10 +270,14 @@ fn write_checkpoint_files(
         &tmp.join("trainer.json"),
         serde_json::to_string_pretty(state)?.as_bytes(),
     )?;
-    // fsync every file the engine wrote and record its checksum, then write the manifest last.
+    write_manifest(tmp, state.step)
+}
+
+/// fsyncs every file of checkpoint `dir` and records its size and checksum in `COMPLETE`, written last.
+fn write_manifest(dir: &Path, step: u64) -> Result<()> {
     let mut files = std::collections::BTreeMap::new();
-    for entry in fs::read_dir(tmp)
-        .map_err(|e| TrainError::io(tmp, e))?
+    for entry in fs::read_dir(dir)
+        .map_err(|e| TrainError::io(dir, e))?
         .flatten()
     {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -285,15 +289,54 @@ fn write_checkpoint_files(
         f.sync_all().map_err(|e| TrainError::io(&path, e))?;
         files.insert(name, file_entry(&path)?);
     }
-    sync_dir(tmp);
-    let manifest = Manifest {
-        step: state.step,
-        files,
-    };
+    sync_dir(dir);
+    let manifest = Manifest { step, files };
     write_atomic(
-        &tmp.join(COMPLETE),
+        &dir.join(COMPLETE),
         serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )
+}
+
+/// Adopts the checkpoints of eslm versions before `COMPLETE` manifests (0.1 as first released): a `step_N`
+/// directory without `COMPLETE` whose `trainer.json` reads as this build's trainer state of step `N` gets a
+/// manifest of its files as they are, so that `--resume`, pruning and verification see it like a new one. That
+/// writer renamed finished directories into place, so such a directory was complete when written; one damaged
+/// since fails to load with an error naming the file. Directories that do not qualify are left alone. Call with
+/// the run directory locked; returns one line per checkpoint adopted.
+pub fn adopt_legacy_checkpoints(out: &Path) -> Result<Vec<String>> {
+    let root = checkpoints_dir(out);
+    let mut actions = Vec::new();
+    if !root.is_dir() {
+        return Ok(actions);
+    }
+    let mut legacy: Vec<(u64, PathBuf)> = fs::read_dir(&root)
+        .map_err(|e| TrainError::io(&root, e))?
+        .flatten()
+        .filter_map(|e| {
+            let step = parse_step(&e.file_name().to_string_lossy())?;
+            let path = e.path();
+            (path.is_dir() && !is_complete(&path)).then_some((step, path))
+        })
+        .collect();
+    legacy.sort();
+    for (step, dir) in legacy {
+        match load_trainer_state(&dir) {
+            Ok(state) if state.step == step => {
+                write_manifest(&dir, step)?;
+                actions.push(format!(
+                    "adopted {} (written by an eslm before checkpoint manifests; its files are checksummed as \
+                     they are now)",
+                    dir.display()
+                ));
+            }
+            _ => actions.push(format!(
+                "warning: {} has no {COMPLETE} manifest and no readable trainer.json of step {step}: not a \
+                 checkpoint this build can resume from (left as it is)",
+                dir.display()
+            )),
+        }
+    }
+    Ok(actions)
 }
 
 /// Writes a checkpoint of `model` and `state` under `out/checkpoints/` atomically and deletes all but the newest

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use crate::checkpoint::{latest_checkpoint, load_trainer_state, recover_checkpoints};
+use crate::checkpoint::{
+    adopt_legacy_checkpoints, latest_checkpoint, load_trainer_state, recover_checkpoints,
+};
 use crate::config::{PolicyKind, RunConfig, TrainArgs};
 use crate::data::open_run_data_for_rank;
 use crate::error::{Result, TrainError};
@@ -183,7 +185,11 @@ pub fn run_training_on(
         for action in recover_checkpoints(&pre.out)? {
             eprintln!("{action}");
         }
-        if !args.resume {
+        if args.resume {
+            for action in adopt_legacy_checkpoints(&pre.out)? {
+                eprintln!("{action}");
+            }
+        } else {
             for p in claim_fresh(&pre.out, args.overwrite)? {
                 eprintln!("--overwrite: removed {}", p.display());
             }

@@ -1,0 +1,105 @@
+//! Runs written by eslm 0.1 (checkpoints without `COMPLETE` manifests, `tests/fixtures/run-0.1`) resume under this
+//! build: `--resume` adopts their checkpoints (writes a manifest of the files as they are) and continues exactly
+//! where that build would have, and a `step_N` directory that is not a checkpoint is left alone.
+
+use std::fs;
+use std::path::Path;
+
+use eslm_train::checkpoint::{is_complete, list_checkpoints, verify_checkpoint};
+use eslm_train::config::TrainArgs;
+use eslm_train::metrics::read_metrics;
+use eslm_train::run::run_training;
+
+mod common;
+use common::no_stop;
+
+/// A copy of `src` (files and folders) at `dst`.
+fn copy_tree(src: &Path, dst: &Path) {
+    fs::create_dir_all(dst).unwrap();
+    for entry in fs::read_dir(src).unwrap().flatten() {
+        let to = dst.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_tree(&entry.path(), &to);
+        } else {
+            fs::copy(entry.path(), &to).unwrap();
+        }
+    }
+}
+
+fn fixture_copy(dir: &Path) -> std::path::PathBuf {
+    let out = dir.join("run");
+    copy_tree(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/run-0.1"),
+        &out,
+    );
+    out
+}
+
+fn resume_to(out: &Path, steps: u64) -> eslm_train::Result<eslm_train::TrainSummary> {
+    let args = TrainArgs {
+        out: Some(out.to_path_buf()),
+        resume: true,
+        steps: Some(steps),
+        no_progress: true,
+        ..Default::default()
+    };
+    run_training(&args, no_stop())
+}
+
+#[test]
+fn a_run_of_eslm_0_1_resumes_where_that_build_would_have_continued() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = fixture_copy(dir.path());
+    let ckpt = out.join("checkpoints/step_00000004");
+    assert!(
+        !is_complete(&ckpt),
+        "the fixture must be a pre-manifest checkpoint"
+    );
+
+    resume_to(&out, 6).unwrap();
+
+    // Adopted: a manifest now covers the old checkpoint's files, and the resumed run wrote its own.
+    assert!(is_complete(&ckpt));
+    verify_checkpoint(&ckpt).unwrap();
+    let steps: Vec<u64> = list_checkpoints(&out)
+        .unwrap()
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert!(steps.contains(&6), "{steps:?}");
+    // The same losses as eslm 0.1 logged running the same command straight to step 6 (fixture README).
+    let (records, _) = read_metrics(&out.join("metrics.jsonl")).unwrap();
+    let loss = |s: u64| {
+        records
+            .iter()
+            .filter(|r| r.step == s)
+            .next_back()
+            .unwrap_or_else(|| panic!("no record of step {s}"))
+            .loss
+    };
+    for (step, want) in [(5, 6.225058f32), (6, 6.267706)] {
+        assert!(
+            (loss(step) - want).abs() < 1e-4,
+            "step {step}: loss {} but eslm 0.1 logged {want}",
+            loss(step)
+        );
+    }
+}
+
+#[test]
+fn a_step_directory_that_is_no_checkpoint_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = fixture_copy(dir.path());
+    let ckpt = out.join("checkpoints/step_00000004");
+    // trainer.json of another step: not adopted, and --resume finds nothing to resume from.
+    let state = fs::read_to_string(ckpt.join("trainer.json")).unwrap();
+    fs::write(
+        ckpt.join("trainer.json"),
+        state.replacen("\"step\": 4", "\"step\": 3", 1),
+    )
+    .unwrap();
+    let err = resume_to(&out, 6).unwrap_err().to_string();
+    assert!(err.contains("no complete checkpoint"), "{err}");
+    assert!(!is_complete(&ckpt));
+    assert!(ckpt.join("model.safetensors").is_file());
+}
