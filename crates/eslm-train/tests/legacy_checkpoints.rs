@@ -72,8 +72,7 @@ fn a_run_of_eslm_0_1_resumes_where_that_build_would_have_continued() {
     let loss = |s: u64| {
         records
             .iter()
-            .filter(|r| r.step == s)
-            .next_back()
+            .rfind(|r| r.step == s)
             .unwrap_or_else(|| panic!("no record of step {s}"))
             .loss
     };
