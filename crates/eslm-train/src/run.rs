@@ -138,22 +138,55 @@ fn policy_name(p: PolicyKind) -> String {
         .unwrap_or_default()
 }
 
-/// Warnings for flags the user passed that the chosen `--select` policy ignores.
+/// Warnings for settings the chosen `--select` policy ignores: flags the user passed, and keys of the `--config`
+/// file set to other than their default (a `config.toml` a run wrote lists every key at its value, so keys left
+/// at the default say nothing about what the user meant).
 pub fn inapplicable_flags(cfg: &RunConfig, args: &TrainArgs) -> Result<Vec<String>> {
     let given = args.overrides()?;
-    Ok(POLICY_KEYS
+    let users = |ps: &[PolicyKind]| -> String {
+        let names: Vec<String> = ps.iter().map(|p| policy_name(*p)).collect();
+        names.join(", ")
+    };
+    let mut out: Vec<String> = POLICY_KEYS
         .iter()
         .filter(|(k, ps)| given.contains_key(*k) && !ps.contains(&cfg.select))
         .map(|(k, ps)| {
-            let users: Vec<String> = ps.iter().map(|p| policy_name(*p)).collect();
             format!(
                 "warning: --{} does not apply to --select {} (it is used by {}); it is ignored",
                 k.replace('_', "-"),
                 policy_name(cfg.select),
-                users.join(", ")
+                users(ps)
             )
         })
-        .collect())
+        .collect();
+    if let Some(path) = &args.config {
+        let file = config_file_keys(path)?;
+        let defaults = serde_json::to_value(RunConfig::default())?;
+        for (k, ps) in POLICY_KEYS.iter() {
+            let set = file.get(*k).filter(|v| defaults.get(*k) != Some(*v));
+            if set.is_some() && !given.contains_key(*k) && !ps.contains(&cfg.select) {
+                out.push(format!(
+                    "warning: `{k}` in {} does not apply to select = {} (it is used by {}); it is ignored",
+                    path.display(),
+                    policy_name(cfg.select),
+                    users(ps)
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The keys and values of a `--config` TOML file, as JSON values (comparable with a serialized [`RunConfig`]).
+fn config_file_keys(path: &std::path::Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+    match serde_json::to_value(table)? {
+        serde_json::Value::Object(m) => Ok(m),
+        _ => Ok(serde_json::Map::new()),
+    }
 }
 
 /// Runs a training invocation. `stop` is the Ctrl-C / SIGTERM flag (checked after every step).

@@ -180,6 +180,41 @@ fn sigterm_and_sigint_checkpoint_then_exit_130() {
     }
 }
 
+/// Config-file keys warn like flags when set away from their default; a `config.toml` a run wrote (every key at
+/// its value) does not.
+#[test]
+fn inapplicable_config_keys_warn_unless_at_their_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("mine.toml");
+    std::fs::write(
+        &cfg,
+        "select = \"clm\"\nalpha = 0.25\nkeep = 0.5\nsteps = 2\n",
+    )
+    .unwrap();
+    let o = run(&["--config", cfg.to_str().unwrap()], &dir.path().join("a"));
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains(&format!(
+            "warning: `alpha` in {} does not apply to select = clm",
+            cfg.display()
+        )),
+        "{e}"
+    );
+    assert!(!e.contains("`keep`"), "keep is at its default: {e}");
+    // The dump a plain clm run wrote (every key, most at their defaults) as --config of another run: no warnings.
+    let o = run(&["--select", "clm", "--steps", "2"], &dir.path().join("b"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let written = dir.path().join("b/config.toml");
+    let o = run(
+        &["--config", written.to_str().unwrap()],
+        &dir.path().join("c"),
+    );
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(!e.contains("warning:"), "{e}");
+}
+
 #[test]
 fn inapplicable_flags_warn_and_resume_names_the_changed_flag() {
     let dir = tempfile::tempdir().unwrap();
