@@ -46,8 +46,8 @@
 //! # Ok::<(), eslm_kernels::KernelError>(())
 //! ```
 //!
-//! The CUDA backend (module `cuda`, behind the `cuda` feature) has the same three calls on device buffers, stream-ordered, with
-//! the statistics and the kept indices staying on the device.
+//! The CUDA backend (module `cuda`, behind the `cuda` feature) has the same three calls on device buffers,
+//! stream-ordered, with the statistics and the kept indices staying on the device.
 
 #![warn(missing_docs)]
 
