@@ -354,10 +354,7 @@ impl Backend for Cpu {
         adamw_update_slice(t.p, t.g, t.m, t.v, decays, step);
     }
     fn sum_squares(&self, x: &[f32]) -> f64 {
-        let partial: Vec<f64> = x
-            .par_chunks(CHUNK)
-            .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-            .collect();
+        let partial: Vec<f64> = x.par_chunks(CHUNK).map(chunk_sum_squares).collect();
         partial.iter().sum::<f64>()
     }
     fn scale_rows(&mut self, x: &mut [f32], width: usize, weights: &[f32]) {
@@ -372,5 +369,61 @@ impl Backend for Cpu {
         collective: &dyn Collective,
     ) -> Result<()> {
         op.run_on_host(collective, x)
+    }
+}
+
+/// Lanes of [`chunk_sum_squares`].
+const SQ_LANES: usize = 8;
+
+/// `Σ x²` of one chunk in f64: element `i` goes to lane `i mod 8`, the lanes are added in order, then the tail. A
+/// single serial f64 sum is bound by the add latency (≈ 3× slower than streaming the gradient from memory, 124 M
+/// parameters on the 2-core VM: 34 ms vs 12–15 ms); the fixed lane order keeps the result the same on every run.
+fn chunk_sum_squares(c: &[f32]) -> f64 {
+    let mut acc = [0f64; SQ_LANES];
+    let mut it = c.chunks_exact(SQ_LANES);
+    for w in &mut it {
+        for (a, &v) in acc.iter_mut().zip(w) {
+            *a += (v as f64) * (v as f64);
+        }
+    }
+    let tail: f64 = it
+        .remainder()
+        .iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sum_squares_matches_an_f64_reference_on_ragged_lengths() {
+        let be = Cpu::new();
+        let mut seed = 0x9e37_79b9_u32;
+        for n in [0usize, 1, 7, 8, 9, 63, CHUNK - 1, CHUNK + 9, 3 * CHUNK + 5] {
+            let x: Vec<f32> = (0..n)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 17;
+                    seed ^= seed << 5;
+                    (seed as f32 / u32::MAX as f32 - 0.5) * 8.0
+                })
+                .collect();
+            let want: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+            let got = be.sum_squares(&x);
+            assert!(
+                (got - want).abs() <= 1e-12 * want.max(1.0),
+                "n {n}: {got} vs {want}"
+            );
+            assert_eq!(
+                got.to_bits(),
+                be.sum_squares(&x).to_bits(),
+                "n {n}: not reproducible"
+            );
+        }
+        assert!(be.sum_squares(&[1.0, f32::NAN, 2.0]).is_nan());
+        assert_eq!(be.sum_squares(&[f32::INFINITY; 9]), f64::INFINITY);
     }
 }
