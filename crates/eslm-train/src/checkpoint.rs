@@ -3,8 +3,8 @@
 //! loader position, policy state (RNG, adapted α), counters, the run config) and `COMPLETE` ([`Manifest`]).
 //!
 //! Atomicity: a checkpoint is written into a hidden temporary directory `.step_NNNNNNNN.tmp`, every file is
-//! fsynced, then `COMPLETE` is written last: it lists every file with its size and FNV-1a checksum (the weights
-//! included). The directory is then renamed to its final name and the parent directory is fsynced. Only a
+//! fsynced, then `COMPLETE` is written last: it lists every file with its size and CRC-32 (the weights included;
+//! `python3 -c "import zlib,sys; print('%08x' % zlib.crc32(open(sys.argv[1],'rb').read()))" FILE` recomputes one). The directory is then renamed to its final name and the parent directory is fsynced. Only a
 //! directory holding `COMPLETE` counts as a checkpoint, and its files are verified against the manifest before a
 //! resume (or any other load through [`verify_checkpoint`]).
 //!
@@ -16,7 +16,7 @@
 //! Only the newest `keep_last` checkpoints are kept; [`save_checkpoint_protecting`] never prunes a protected one.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -66,21 +66,37 @@ fn one() -> usize {
 
 /// Writes `bytes` to `path` atomically: a temporary sibling file, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] of what `write` streams into the temporary file (buffered). On failure the temporary file is
+/// removed and `path` is left as it was.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = File::create(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| TrainError::io(&tmp, e))?;
-        f.sync_all().map_err(|e| TrainError::io(&tmp, e))?;
+    let written = File::create(&tmp).and_then(|f| {
+        let mut w = BufWriter::with_capacity(IO_CHUNK, f);
+        write(&mut w)?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(TrainError::io(&tmp, e));
     }
     fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))?;
     sync_dir(dir);
     Ok(())
 }
+
+/// Bytes per read or write of the streamed checkpoint I/O.
+pub(crate) const IO_CHUNK: usize = 1 << 22;
 
 /// fsyncs a directory (best effort: not every platform allows opening directories).
 fn sync_dir(dir: &Path) {
@@ -107,8 +123,8 @@ pub const COMPLETE: &str = "COMPLETE";
 pub struct ManifestEntry {
     /// File size in bytes.
     pub bytes: u64,
-    /// FNV-1a 64-bit checksum of the file's bytes, as 16 hex digits.
-    pub fnv1a: String,
+    /// CRC-32 (IEEE, as zlib's `crc32` and the `crc32` tool compute it) of the file's bytes, as 8 hex digits.
+    pub crc32: String,
 }
 
 /// The content of `COMPLETE`: the step and every file of the checkpoint with its size and checksum.
@@ -120,11 +136,23 @@ pub struct Manifest {
     pub files: std::collections::BTreeMap<String, ManifestEntry>,
 }
 
+/// Size and CRC-32 of the file at `path`, read in chunks (never the whole file in memory).
 fn file_entry(path: &Path) -> Result<ManifestEntry> {
-    let bytes = fs::read(path).map_err(|e| TrainError::io(path, e))?;
+    let io = |e| TrainError::io(path, e);
+    let mut f = File::open(path).map_err(io)?;
+    let mut buf = vec![0u8; IO_CHUNK];
+    let (mut crc, mut bytes) = (crc32fast::Hasher::new(), 0u64);
+    loop {
+        let k = f.read(&mut buf).map_err(io)?;
+        if k == 0 {
+            break;
+        }
+        crc.update(&buf[..k]);
+        bytes += k as u64;
+    }
     Ok(ManifestEntry {
-        bytes: bytes.len() as u64,
-        fnv1a: format!("{:016x}", crate::tensor_file::fnv1a(&bytes)),
+        bytes,
+        crc32: format!("{:08x}", crc.finalize()),
     })
 }
 
@@ -145,7 +173,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     })
 }
 
-/// Verifies every file of checkpoint `dir` against its `COMPLETE` manifest (size and FNV-1a checksum). An
+/// Verifies every file of checkpoint `dir` against its `COMPLETE` manifest (size and CRC-32). An
 /// error names the file that differs. Directories without a manifest (HF model directories, checkpoints of
 /// older eslm versions) pass unchecked.
 pub fn verify_checkpoint(dir: &Path) -> Result<()> {
@@ -165,13 +193,13 @@ pub fn verify_checkpoint(dir: &Path) -> Result<()> {
         let got = file_entry(&path)?;
         if &got != want {
             return Err(TrainError::Checkpoint(format!(
-                "{}: checksum mismatch ({} bytes, fnv1a {} but the manifest says {} bytes, fnv1a {}); the file was \
+                "{}: checksum mismatch ({} bytes, crc32 {} but the manifest says {} bytes, crc32 {}); the file was \
                  altered or damaged after it was written. HINT: restore it, or resume from an older checkpoint",
                 path.display(),
                 got.bytes,
-                got.fnv1a,
+                got.crc32,
                 want.bytes,
-                want.fnv1a
+                want.crc32
             )));
         }
     }
