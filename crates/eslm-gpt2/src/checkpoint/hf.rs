@@ -394,13 +394,14 @@ pub fn infer_config(bytes: &[u8], n_head: usize, vocab_pad_multiple: usize) -> R
     Ok(cfg)
 }
 
-/// Owned little-endian f32 tensor bytes, for the safetensors writer.
-struct F32Tensor {
+/// Little-endian f32 tensor bytes for the safetensors writer: borrowed from the parameters where their layout is
+/// HF's (little-endian machines), owned where it is transposed.
+struct F32Tensor<'a> {
     shape: Vec<usize>,
-    bytes: Vec<u8>,
+    bytes: std::borrow::Cow<'a, [u8]>,
 }
 
-impl View for F32Tensor {
+impl View for F32Tensor<'_> {
     fn dtype(&self) -> Dtype {
         Dtype::F32
     }
@@ -408,17 +409,20 @@ impl View for F32Tensor {
         &self.shape
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.bytes)
+        std::borrow::Cow::Borrowed(self.bytes.as_ref())
     }
     fn data_len(&self) -> usize {
         self.bytes.len()
     }
 }
 
-fn hf_tensors(params: &ParamSet) -> Vec<(String, F32Tensor)> {
+fn hf_tensors(params: &ParamSet) -> Vec<(String, F32Tensor<'_>)> {
+    use std::borrow::Cow;
     let cfg = *params.config();
     let mut out = Vec::new();
     let mut scratch = Vec::new();
+    let owned =
+        |values: &[f32]| -> Vec<u8> { values.iter().flat_map(|x| x.to_le_bytes()).collect() };
     for (name, slot) in all_slots(&cfg) {
         let shape = hf_shape(slot.kind, &cfg);
         let n: usize = shape.iter().product();
@@ -428,15 +432,20 @@ fn hf_tensors(params: &ParamSet) -> Vec<(String, F32Tensor)> {
         } else {
             &t[..n]
         };
-        let values: &[f32] = if is_transposed(slot.kind) {
+        let bytes = if is_transposed(slot.kind) {
             scratch.resize(n, 0.0);
             // ours is [out, in] = [shape[1], shape[0]]
             transpose(src, shape[1], shape[0], &mut scratch);
-            &scratch
+            Cow::Owned(if cfg!(target_endian = "little") {
+                bytemuck::cast_slice(&scratch).to_vec()
+            } else {
+                owned(&scratch)
+            })
+        } else if cfg!(target_endian = "little") {
+            Cow::Borrowed(bytemuck::cast_slice(src))
         } else {
-            src
+            Cow::Owned(owned(src))
         };
-        let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
         out.push((name, F32Tensor { shape, bytes }));
     }
     out
