@@ -210,6 +210,10 @@ pub struct RunConfig {
     pub eval_batches: usize,
     /// Checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: u64,
+    /// Also checkpoint whenever this much wall-clock has passed since the last checkpoint (or the start), e.g.
+    /// `30m` ([`parse_duration`]): bounds the work a preempted or killed job loses, whatever the step speed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_interval: Option<String>,
     /// Checkpoints kept on disk (older ones are deleted).
     pub keep_last: usize,
     /// Selection policy.
@@ -305,6 +309,7 @@ impl Default for RunConfig {
             eval_every: 100,
             eval_batches: 16,
             checkpoint_every: 0,
+            checkpoint_interval: None,
             keep_last: 2,
             select: PolicyKind::Eslm,
             score: ScoreKind::Loss,
@@ -524,6 +529,10 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_every: Option<u64>,
+    /// Also checkpoint whenever this much wall-clock has passed since the last one: 90s, 30m, 2h.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_interval: Option<String>,
     /// Checkpoints kept on disk.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -799,6 +808,10 @@ impl RunConfig {
         if let Some(t) = &self.time_budget {
             parse_duration(t).map_err(|e| TrainError::Config(format!("--time-budget: {e}")))?;
         }
+        if let Some(t) = &self.checkpoint_interval {
+            parse_duration(t)
+                .map_err(|e| TrainError::Config(format!("--checkpoint-interval: {e}")))?;
+        }
         if self.select == PolicyKind::Rho1 && self.reference.is_none() {
             return bad("--select rho1 needs --reference CKPT (a checkpoint directory of the reference model)".into());
         }
@@ -816,6 +829,13 @@ impl RunConfig {
     /// The `--time-budget` in seconds, if set (validated by [`RunConfig::validate`]).
     pub fn time_budget_s(&self) -> Option<f64> {
         self.time_budget
+            .as_deref()
+            .and_then(|t| parse_duration(t).ok())
+    }
+
+    /// The `--checkpoint-interval` in seconds, if set (validated by [`RunConfig::validate`]).
+    pub fn checkpoint_interval_s(&self) -> Option<f64> {
+        self.checkpoint_interval
             .as_deref()
             .and_then(|t| parse_duration(t).ok())
     }

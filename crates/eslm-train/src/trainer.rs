@@ -197,6 +197,8 @@ pub struct Trainer {
     /// Scores a policy computed itself ([`Score::Host`]).
     host_scores: Vec<f32>,
     last_checkpoint: Option<PathBuf>,
+    /// When the last checkpoint was written by this process (or the trainer was built): `--checkpoint-interval`.
+    last_checkpoint_at: std::time::Instant,
     guard: crate::guard::RunGuard,
 }
 
@@ -247,6 +249,7 @@ impl Trainer {
             stats: TokenStats::default(),
             host_scores: Vec::new(),
             last_checkpoint: None,
+            last_checkpoint_at: std::time::Instant::now(),
             guard,
         })
     }
@@ -376,6 +379,7 @@ impl Trainer {
         let dir = self.save_state(state)?;
         self.guard.saved(self.step);
         self.last_checkpoint = Some(dir.clone());
+        self.last_checkpoint_at = std::time::Instant::now();
         Ok(dir)
     }
 
@@ -424,17 +428,29 @@ impl Trainer {
 
     /// Whether to stop after this step: `(interrupt, time budget spent)`, each true when it is on any rank,
     /// agreed by one sum over ranks (every rank calls this once per step, so all stop after the same step).
-    fn stop_flags(&self) -> Result<(bool, bool)> {
+    fn stop_flags(&self) -> Result<LoopFlags> {
+        let due = self
+            .cfg
+            .checkpoint_interval_s()
+            .is_some_and(|s| self.last_checkpoint_at.elapsed().as_secs_f64() >= s);
         let local = [
             self.stop.load(Ordering::SeqCst),
             self.guard.time_up(self.wall_s),
+            due,
         ];
-        if self.collective.world_size() == 1 {
-            return Ok((local[0], local[1]));
-        }
-        let mut v = local.map(|b| if b { 1.0 } else { 0.0 });
-        self.collective.all_reduce_sum_f64(&mut v)?;
-        Ok((v[0] > 0.0, v[1] > 0.0))
+        // Any rank's flag counts on every rank (each measures its own clock; all must take the same branch).
+        let agreed = if self.collective.world_size() == 1 {
+            local
+        } else {
+            let mut v = local.map(|b| if b { 1.0 } else { 0.0 });
+            self.collective.all_reduce_sum_f64(&mut v)?;
+            v.map(|x| x > 0.0)
+        };
+        Ok(LoopFlags {
+            interrupted: agreed[0],
+            time_up: agreed[1],
+            checkpoint_due: agreed[2],
+        })
     }
 
     /// The LR horizon under `--time-budget`, once estimated: the mean of the ranks' estimates (each rank
@@ -1080,17 +1096,17 @@ impl Trainer {
                     ));
                 }
             }
-            if !done && self.cfg.checkpoint_every > 0 && self.step % self.cfg.checkpoint_every == 0
-            {
-                self.checkpoint()?;
-            }
             if !done {
-                let (interrupted, time_up) = self.stop_flags()?;
-                if interrupted {
+                let flags = self.stop_flags()?;
+                let every = self.cfg.checkpoint_every;
+                if (every > 0 && self.step % every == 0) || flags.checkpoint_due {
+                    self.checkpoint()?;
+                }
+                if flags.interrupted {
                     summary.interrupted = true;
                     break;
                 }
-                if time_up {
+                if flags.time_up {
                     summary.time_budget_reached = true;
                     break;
                 }
@@ -1114,6 +1130,16 @@ impl Trainer {
         summary.final_alpha = self.policy.alpha();
         Ok(summary)
     }
+}
+
+/// What the ranks agreed after a step ([`Trainer::stop_flags`]).
+struct LoopFlags {
+    /// Ctrl-C / SIGTERM on some rank: stop (the final checkpoint follows).
+    interrupted: bool,
+    /// `--time-budget` reached: stop.
+    time_up: bool,
+    /// `--checkpoint-interval` passed since the last checkpoint: write one now.
+    checkpoint_due: bool,
 }
 
 /// The mean loss over valid rows when it is not finite (`None` when finite).

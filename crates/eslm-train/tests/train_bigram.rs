@@ -297,3 +297,39 @@ fn importance_policy_trains_and_resumes_its_rng() {
         full.losses
     );
 }
+
+/// `--checkpoint-interval`: a checkpoint whenever the interval has passed since the last one (here after every
+/// step), none in between when it has not (only the final one).
+#[test]
+fn checkpoint_interval_checkpoints_by_wall_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps_of = |out: &std::path::Path| -> Vec<u64> {
+        eslm_train::checkpoint::list_checkpoints(out)
+            .unwrap()
+            .iter()
+            .map(|c| c.0)
+            .collect()
+    };
+    let often = dir.path().join("often");
+    let a = TrainArgs {
+        checkpoint_interval: Some("0.000001".into()),
+        keep_last: Some(10),
+        ..args(&often, PolicyKind::Clm, 5)
+    };
+    run_training(&a, no_stop()).unwrap();
+    assert_eq!(steps_of(&often), [1, 2, 3, 4, 5]);
+    let rarely = dir.path().join("rarely");
+    let b = TrainArgs {
+        checkpoint_interval: Some("1h".into()),
+        keep_last: Some(10),
+        ..args(&rarely, PolicyKind::Clm, 5)
+    };
+    run_training(&b, no_stop()).unwrap();
+    assert_eq!(steps_of(&rarely), [5]);
+    let bad = TrainArgs {
+        checkpoint_interval: Some("soon".into()),
+        ..args(&dir.path().join("bad"), PolicyKind::Clm, 5)
+    };
+    let e = run_training(&bad, no_stop()).unwrap_err().to_string();
+    assert!(e.contains("--checkpoint-interval"), "{e}");
+}
