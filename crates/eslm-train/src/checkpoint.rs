@@ -4,7 +4,7 @@
 //!
 //! Atomicity: a checkpoint is written into a hidden temporary directory `.step_NNNNNNNN.tmp`, every file is
 //! fsynced, then `COMPLETE` is written last: it lists every file with its size and CRC-32 (the weights included;
-//! `python3 -c "import zlib,sys; print('%08x' % zlib.crc32(open(sys.argv[1],'rb').read()))" FILE` recomputes one). The directory is then renamed to its final name and the parent directory is fsynced. Only a
+//! zlib's CRC-32, so Python's `zlib.crc32` of a file's bytes, in 8 hex digits, recomputes one). The directory is then renamed to its final name and the parent directory is fsynced. Only a
 //! directory holding `COMPLETE` counts as a checkpoint, and its files are verified against the manifest before a
 //! resume (or any other load through [`verify_checkpoint`]).
 //!
@@ -325,12 +325,14 @@ fn write_manifest(dir: &Path, step: u64) -> Result<()> {
     )
 }
 
-/// Adopts the checkpoints of eslm versions before `COMPLETE` manifests (0.1 as first released): a `step_N`
-/// directory without `COMPLETE` whose `trainer.json` reads as this build's trainer state of step `N` gets a
-/// manifest of its files as they are, so that `--resume`, pruning and verification see it like a new one. That
-/// writer renamed finished directories into place, so such a directory was complete when written; one damaged
-/// since fails to load with an error naming the file. Directories that do not qualify are left alone. Call with
-/// the run directory locked; returns one line per checkpoint adopted.
+/// Adopts the checkpoints of eslm 0.1 (before `COMPLETE` manifests): a `step_N` directory without `COMPLETE` whose
+/// `trainer.json` reads as this build's trainer state of step `N` and whose optimizer file is in 0.1's format
+/// ([`crate::tensor_file::is_eslm_0_1_file`]: this build never writes one, so a directory of its own that lost its
+/// manifest is not mistaken for one) gets a manifest of its files as they are, so that `--resume`, pruning and
+/// verification see it like a new one. 0.1 renamed finished directories into place, so such a directory was
+/// complete when written; its `.bin` and JSON files carry their own checks, the safetensors data does not.
+/// Directories that do not qualify, or that cannot be read, are left alone with a warning (a newer checkpoint
+/// still resumes). Call with the run directory locked; returns one line per directory seen.
 pub fn adopt_legacy_checkpoints(out: &Path) -> Result<Vec<String>> {
     let root = checkpoints_dir(out);
     let mut actions = Vec::new();
@@ -348,21 +350,27 @@ pub fn adopt_legacy_checkpoints(out: &Path) -> Result<Vec<String>> {
         .collect();
     legacy.sort();
     for (step, dir) in legacy {
-        match load_trainer_state(&dir) {
-            Ok(state) if state.step == step => {
-                write_manifest(&dir, step)?;
-                actions.push(format!(
-                    "adopted {} (written by an eslm before checkpoint manifests; its files are checksummed as \
-                     they are now)",
-                    dir.display()
-                ));
-            }
-            _ => actions.push(format!(
-                "warning: {} has no {COMPLETE} manifest and no readable trainer.json of step {step}: not a \
-                 checkpoint this build can resume from (left as it is)",
+        let of_0_1 = ["optimizer_m.bin", "optimizer.bin"]
+            .iter()
+            .any(|f| crate::tensor_file::is_eslm_0_1_file(&dir.join(f)));
+        let state_ok = load_trainer_state(&dir).is_ok_and(|s| s.step == step);
+        let adopted = if of_0_1 && state_ok {
+            write_manifest(&dir, step)
+        } else {
+            Err(TrainError::Checkpoint(
+                "no COMPLETE manifest, and not an eslm 0.1 checkpoint of this step".into(),
+            ))
+        };
+        actions.push(match adopted {
+            Ok(()) => format!(
+                "adopted {} (an eslm 0.1 checkpoint; its files are checksummed as they are now)",
                 dir.display()
-            )),
-        }
+            ),
+            Err(e) => format!(
+                "warning: {}: {e}; not a checkpoint to resume from (left as it is)",
+                dir.display()
+            ),
+        });
     }
     Ok(actions)
 }

@@ -163,7 +163,7 @@ pub fn inapplicable_flags(cfg: &RunConfig, args: &TrainArgs) -> Result<Vec<Strin
         let file = config_file_keys(path)?;
         let defaults = serde_json::to_value(RunConfig::default())?;
         for (k, ps) in POLICY_KEYS.iter() {
-            let set = file.get(*k).filter(|v| defaults.get(*k) != Some(*v));
+            let set = file.get(*k).filter(|v| !same_value(defaults.get(*k), v));
             if set.is_some() && !given.contains_key(*k) && !ps.contains(&cfg.select) {
                 out.push(format!(
                     "warning: `{k}` in {} does not apply to select = {} (it is used by {}); it is ignored",
@@ -175,6 +175,14 @@ pub fn inapplicable_flags(cfg: &RunConfig, args: &TrainArgs) -> Result<Vec<Strin
         }
     }
     Ok(out)
+}
+
+/// Whether a config file's `value` equals the default `default` (numbers by value: `1` equals `1.0`).
+fn same_value(default: Option<&serde_json::Value>, value: &serde_json::Value) -> bool {
+    match (default.and_then(|d| d.as_f64()), value.as_f64()) {
+        (Some(a), Some(b)) => a == b,
+        _ => default == Some(value),
+    }
 }
 
 /// The keys and values of a `--config` TOML file, as JSON values (comparable with a serialized [`RunConfig`]).

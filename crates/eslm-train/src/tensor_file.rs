@@ -86,16 +86,23 @@ fn le_bytes<'a>(values: &'a [f32], scratch: &'a mut Vec<u8>) -> &'a [u8] {
     }
 }
 
+/// Whether `path` is an f32 state file in eslm 0.1's format (its magic; false for a missing or short file).
+pub fn is_eslm_0_1_file(path: &Path) -> bool {
+    let mut magic = [0u8; 8];
+    File::open(path).is_ok_and(|mut f| f.read_exact(&mut magic).is_ok()) && &magic == MAGIC_FNV
+}
+
 /// Reads a file written by [`write_f32`] (either version).
 pub fn read_f32(path: &Path) -> Result<Vec<f32>> {
     let bad = |m: &str| TrainError::Checkpoint(format!("{}: {m}", path.display()));
     let io = |e| TrainError::io(path, e);
     let mut f = File::open(path).map_err(io)?;
     let len = f.metadata().map_err(io)?.len();
-    let mut head = [0u8; 16];
-    if len < 24 || f.read_exact(&mut head).is_err() {
+    if len < 24 {
         return Err(bad("not an eslm f32 file (too short)"));
     }
+    let mut head = [0u8; 16];
+    f.read_exact(&mut head).map_err(io)?;
     let mut sum = match &head[..8] {
         m if m == MAGIC_CRC => Checksum::Crc32(crc32fast::Hasher::new()),
         m if m == MAGIC_FNV => Checksum::Fnv1a(FNV_OFFSET),

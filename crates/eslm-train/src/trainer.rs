@@ -369,11 +369,22 @@ impl Trainer {
     /// Writes a checkpoint of the current state (nothing when the last checkpoint already holds this step; with
     /// several ranks every rank calls it and rank 0 writes).
     pub fn checkpoint(&mut self) -> Result<PathBuf> {
-        if let Some(dir) = self.last_checkpoint.as_ref().filter(|d| {
-            d.ends_with(crate::checkpoint::checkpoint_name(self.step))
-                && crate::checkpoint::is_complete(d)
-        }) {
-            return Ok(dir.clone());
+        // Rank 0 decides whether this step is already saved (it owns the directory, which other ranks may not
+        // see), and every rank follows: the save is collective, so all must take the same branch.
+        let c = self.collective.as_ref();
+        let same_step = self
+            .last_checkpoint
+            .clone()
+            .filter(|d| d.ends_with(crate::checkpoint::checkpoint_name(self.step)));
+        let mut held = [same_step
+            .as_ref()
+            .is_some_and(|d| c.is_root() && crate::checkpoint::is_complete(d))
+            as u8 as f64];
+        if c.world_size() > 1 {
+            c.all_reduce_sum_f64(&mut held)?;
+        }
+        if let (true, Some(dir)) = (held[0] > 0.0, same_step) {
+            return Ok(dir);
         }
         let state = self.trainer_state(self.data.train.loader.state(), self.policy.state());
         let dir = self.save_state(state)?;
@@ -426,8 +437,9 @@ impl Trainer {
         c
     }
 
-    /// Whether to stop after this step: `(interrupt, time budget spent)`, each true when it is on any rank,
-    /// agreed by one sum over ranks (every rank calls this once per step, so all stop after the same step).
+    /// What to do after this step ([`LoopFlags`]: stop on an interrupt or a spent time budget, checkpoint when
+    /// `--checkpoint-interval` passed), each true when it is on any rank, agreed by one sum over ranks (every rank
+    /// calls this once per step, so all take the same branch after the same step).
     fn stop_flags(&self) -> Result<LoopFlags> {
         let due = self
             .cfg

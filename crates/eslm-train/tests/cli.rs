@@ -188,7 +188,7 @@ fn inapplicable_config_keys_warn_unless_at_their_default() {
     let cfg = dir.path().join("mine.toml");
     std::fs::write(
         &cfg,
-        "select = \"clm\"\nalpha = 0.25\nkeep = 0.5\nsteps = 2\n",
+        "select = \"clm\"\nalpha = 0.25\nkeep = 0.5\ntemperature = 1\nsteps = 2\n",
     )
     .unwrap();
     let o = run(&["--config", cfg.to_str().unwrap()], &dir.path().join("a"));
@@ -202,6 +202,7 @@ fn inapplicable_config_keys_warn_unless_at_their_default() {
         "{e}"
     );
     assert!(!e.contains("`keep`"), "keep is at its default: {e}");
+    assert!(!e.contains("`temperature`"), "1 is the default 1.0: {e}");
     // The dump a plain clm run wrote (every key, most at their defaults) as --config of another run: no warnings.
     let o = run(&["--select", "clm", "--steps", "2"], &dir.path().join("b"));
     assert!(o.status.success(), "{}", stderr(&o));

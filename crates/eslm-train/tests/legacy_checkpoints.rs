@@ -102,3 +102,29 @@ fn a_step_directory_that_is_no_checkpoint_is_left_alone() {
     assert!(!is_complete(&ckpt));
     assert!(ckpt.join("model.safetensors").is_file());
 }
+
+/// A checkpoint of this build that lost its manifest is not mistaken for an eslm 0.1 one: `--resume` warns and
+/// continues from the newest complete checkpoint before it.
+#[test]
+fn a_new_checkpoint_without_its_manifest_is_not_adopted() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = fixture_copy(dir.path());
+    resume_to(&out, 6).unwrap();
+    let newest = out.join("checkpoints/step_00000006");
+    fs::remove_file(newest.join("COMPLETE")).unwrap();
+    let summary = resume_to(&out, 7).unwrap();
+    assert_eq!(
+        summary.resumed_from.as_deref(),
+        Some(out.join("checkpoints/step_00000004").as_path()),
+        "resumed from the newest complete checkpoint"
+    );
+    // Step 5 again, with 0.1's loss (metrics rewound to step 4).
+    let (records, _) = read_metrics(&out.join("metrics.jsonl")).unwrap();
+    let fives: Vec<f32> = records
+        .iter()
+        .filter(|r| r.step == 5)
+        .map(|r| r.loss)
+        .collect();
+    assert_eq!(fives.len(), 1, "{fives:?}");
+    assert!((fives[0] - 6.225058).abs() < 1e-4, "{fives:?}");
+}
