@@ -4,15 +4,17 @@
 //!
 //! Atomicity: a checkpoint is written into a hidden temporary directory `.step_NNNNNNNN.tmp`, every file is
 //! fsynced, then `COMPLETE` is written last: it lists every file with its size and CRC-32 (the weights included;
-//! zlib's CRC-32, so Python's `zlib.crc32` of a file's bytes, in 8 hex digits, recomputes one). The directory is then renamed to its final name and the parent directory is fsynced. Only a
-//! directory holding `COMPLETE` counts as a checkpoint, and its files are verified against the manifest before a
-//! resume (or any other load through [`verify_checkpoint`]).
+//! zlib's CRC-32, so Python's `zlib.crc32` of a file's bytes, in 8 hex digits, recomputes one). The directory is
+//! then renamed to its final name and the parent directory is fsynced. Only a directory holding `COMPLETE` counts
+//! as a checkpoint, and its files are verified against the manifest before a resume (or any other load through
+//! [`verify_checkpoint`]).
 //!
 //! Re-saving an existing step never deletes the complete copy first: the old directory is renamed aside to
 //! `.step_NNNNNNNN.old`, the new one renamed into place, and only then the old one is deleted.
 //! [`recover_checkpoints`] (run when a trainer takes the run directory) finishes any of these moves that a crash
 //! interrupted: it puts a complete `.old` copy back when the final name is missing, promotes a complete `.tmp`
-//! copy, and deletes incomplete temporaries. A failed write (e.g. a full disk) deletes its temporary directory.
+//! copy (also an eslm 0.1 one whose rename a crash interrupted), and deletes incomplete temporaries. A failed
+//! write (e.g. a full disk) deletes its temporary directory.
 //! Only the newest `keep_last` checkpoints are kept; [`save_checkpoint_protecting`] never prunes a protected one.
 
 use std::fs::{self, File};
@@ -262,11 +264,20 @@ pub fn recover_checkpoints(out: &Path) -> Result<Vec<String>> {
         else {
             continue;
         };
-        if parse_step(base).is_none() {
+        let Some(step) = parse_step(base) else {
             continue;
-        }
+        };
         let final_dir = root.join(base);
-        if is_complete(&path) && !is_complete(&final_dir) {
+        if !final_dir.exists() && name.ends_with(".tmp") && is_eslm_0_1_checkpoint(&path, step) {
+            // eslm 0.1 finished this checkpoint but did not rename it (or, re-saving, deleted the old copy first):
+            // the only copy of the step; `--resume` adopts it.
+            fs::rename(&path, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+            actions.push(format!(
+                "recovered {} from {} (an eslm 0.1 checkpoint whose rename was interrupted)",
+                final_dir.display(),
+                name
+            ));
+        } else if is_complete(&path) && !is_complete(&final_dir) {
             if final_dir.exists() {
                 fs::remove_dir_all(&final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
             }
@@ -325,6 +336,16 @@ fn write_manifest(dir: &Path, step: u64) -> Result<()> {
     )
 }
 
+/// Whether `dir` holds a checkpoint of step `step` as eslm 0.1 wrote it: its optimizer file in 0.1's format
+/// ([`crate::tensor_file::is_eslm_0_1_file`]; this build never writes one) and a `trainer.json` of that step (0.1
+/// wrote it last, atomically, so the other files were finished).
+fn is_eslm_0_1_checkpoint(dir: &Path, step: u64) -> bool {
+    let format = ["optimizer_m.bin", "optimizer.bin"]
+        .iter()
+        .any(|f| crate::tensor_file::is_eslm_0_1_file(&dir.join(f)));
+    format && load_trainer_state(dir).is_ok_and(|s| s.step == step)
+}
+
 /// Adopts the checkpoints of eslm 0.1 (before `COMPLETE` manifests): a `step_N` directory without `COMPLETE` whose
 /// `trainer.json` reads as this build's trainer state of step `N` and whose optimizer file is in 0.1's format
 /// ([`crate::tensor_file::is_eslm_0_1_file`]: this build never writes one, so a directory of its own that lost its
@@ -350,11 +371,7 @@ pub fn adopt_legacy_checkpoints(out: &Path) -> Result<Vec<String>> {
         .collect();
     legacy.sort();
     for (step, dir) in legacy {
-        let of_0_1 = ["optimizer_m.bin", "optimizer.bin"]
-            .iter()
-            .any(|f| crate::tensor_file::is_eslm_0_1_file(&dir.join(f)));
-        let state_ok = load_trainer_state(&dir).is_ok_and(|s| s.step == step);
-        let adopted = if of_0_1 && state_ok {
+        let adopted = if is_eslm_0_1_checkpoint(&dir, step) {
             write_manifest(&dir, step)
         } else {
             Err(TrainError::Checkpoint(

@@ -128,3 +128,19 @@ fn a_new_checkpoint_without_its_manifest_is_not_adopted() {
     assert_eq!(fives.len(), 1, "{fives:?}");
     assert!((fives[0] - 6.225058).abs() < 1e-4, "{fives:?}");
 }
+
+/// eslm 0.1 killed between finishing `.step_N.tmp` and renaming it: that copy is the step's only one, and the
+/// next trainer recovers it (before this build, temporaries without a manifest were deleted).
+#[test]
+fn an_eslm_0_1_checkpoint_left_in_its_temporary_directory_is_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = fixture_copy(dir.path());
+    let root = out.join("checkpoints");
+    fs::rename(root.join("step_00000004"), root.join(".step_00000004.tmp")).unwrap();
+    let summary = resume_to(&out, 6).unwrap();
+    assert_eq!(
+        summary.resumed_from.as_deref(),
+        Some(root.join("step_00000004").as_path())
+    );
+    assert!(!root.join(".step_00000004.tmp").exists());
+}

@@ -50,7 +50,15 @@ pub(super) fn forward(
     if cuda.healthy() {
         // SAFETY: matches attention_softmax_forward (attention.cu); att holds B·H·T·T floats.
         unsafe {
-            launch!(cuda, attention_softmax_forward, cfg(warp_grid(rows, ESLM_ATT_THREADS), ESLM_ATT_THREADS); &att.ptr, &rows64, &t64, &scale)
+            launch!(
+                cuda,
+                attention_softmax_forward,
+                cfg(warp_grid(rows, ESLM_ATT_THREADS), ESLM_ATT_THREADS),
+                &att.ptr,
+                &rows64,
+                &t64,
+                &scale
+            )
         };
     }
     for bi in 0..b {
@@ -152,7 +160,16 @@ pub(super) fn backward(
     if cuda.healthy() {
         // SAFETY: matches attention_softmax_backward; datt and att hold B·H·T·T floats.
         unsafe {
-            launch!(cuda, attention_softmax_backward, cfg(warp_grid(nrows, ESLM_ATT_THREADS), ESLM_ATT_THREADS); &datt, &att.ptr, &rows64, &t64, &scale)
+            launch!(
+                cuda,
+                attention_softmax_backward,
+                cfg(warp_grid(nrows, ESLM_ATT_THREADS), ESLM_ATT_THREADS),
+                &datt,
+                &att.ptr,
+                &rows64,
+                &t64,
+                &scale
+            )
         };
     }
     for bi in 0..b {

@@ -39,7 +39,18 @@ pub(super) fn forward(
     let (tok, n64, t64, c64) = (tokens.ptr(), n as u64, t as u64, c as u64);
     // SAFETY: matches encoder_forward (encoder.cu); lengths checked above.
     unsafe {
-        launch!(cuda, encoder_forward, cfg(grid(n * c, ESLM_ENC_THREADS), ESLM_ENC_THREADS); &out.ptr, &tok, &emb.wte.ptr, &emb.wpe.ptr, &n64, &t64, &c64)
+        launch!(
+            cuda,
+            encoder_forward,
+            cfg(grid(n * c, ESLM_ENC_THREADS), ESLM_ENC_THREADS),
+            &out.ptr,
+            &tok,
+            &emb.wte.ptr,
+            &emb.wpe.ptr,
+            &n64,
+            &t64,
+            &c64
+        )
     };
 }
 
@@ -108,6 +119,17 @@ pub(super) fn bucket_add(
     // SAFETY: matches encoder_backward_buckets (encoder.cu); every key is a row of dw (token < Vp or position
     // < T), every perm entry a row of g (checked by the caller's lengths).
     unsafe {
-        launch!(cuda, encoder_backward_buckets, cfg(nb.min(MAX_GRID) as u32, ESLM_ENC_THREADS); &dw, &g, &base, &keys_p, &starts_p, &nb64, &c64)
+        launch!(
+            cuda,
+            encoder_backward_buckets,
+            cfg(nb.min(MAX_GRID) as u32, ESLM_ENC_THREADS),
+            &dw,
+            &g,
+            &base,
+            &keys_p,
+            &starts_p,
+            &nb64,
+            &c64
+        )
     };
 }

@@ -11,7 +11,14 @@ pub(super) fn forward(cuda: &mut Cuda, y: DevViewMut<'_>, x: DevView<'_>) {
     let len64 = len as u64;
     // SAFETY: matches gelu_forward (gelu.cu); both hold len floats.
     unsafe {
-        launch!(cuda, gelu_forward, cfg(grid(len, ESLM_EW_THREADS), ESLM_EW_THREADS); &y.ptr, &x.ptr, &len64)
+        launch!(
+            cuda,
+            gelu_forward,
+            cfg(grid(len, ESLM_EW_THREADS), ESLM_EW_THREADS),
+            &y.ptr,
+            &x.ptr,
+            &len64
+        )
     };
 }
 
@@ -39,6 +46,16 @@ pub(super) fn backward(
     let (k64, w64) = (k as u64, width as u64);
     // SAFETY: matches gelu_backward; lengths checked, K row indices < n uploaded.
     unsafe {
-        launch!(cuda, gelu_backward, cfg(grid(k * width, ESLM_EW_THREADS), ESLM_EW_THREADS); &dx.ptr, &dy.g.ptr, &x.ptr, &rows_p, &k64, &w64)
+        launch!(
+            cuda,
+            gelu_backward,
+            cfg(grid(k * width, ESLM_EW_THREADS), ESLM_EW_THREADS),
+            &dx.ptr,
+            &dy.g.ptr,
+            &x.ptr,
+            &rows_p,
+            &k64,
+            &w64
+        )
     };
 }

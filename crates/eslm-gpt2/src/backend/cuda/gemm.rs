@@ -138,7 +138,14 @@ impl Cuda {
         // SAFETY: matches f32_to_bf16 (convert.cu): `src` holds the `len` floats the product reads (its extent),
         // `out` at least `len` u16.
         let queued = unsafe {
-            launch!(self, f32_to_bf16, cfg(grid(len, ESLM_EW_THREADS), ESLM_EW_THREADS); &out, &src, &len64)
+            launch!(
+                self,
+                f32_to_bf16,
+                cfg(grid(len, ESLM_EW_THREADS), ESLM_EW_THREADS),
+                &out,
+                &src,
+                &len64
+            )
         };
         queued.then_some(out)
     }

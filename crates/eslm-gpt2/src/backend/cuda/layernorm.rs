@@ -27,7 +27,19 @@ pub(super) fn forward(
     let (n64, c64) = (n as u64, c as u64);
     // SAFETY: matches layernorm_forward (layernorm.cu); lengths checked above.
     unsafe {
-        launch!(cuda, layernorm_forward, cfg(warp_grid(n, ESLM_LN_THREADS), ESLM_LN_THREADS); &y.ptr, &stats.mean.ptr, &stats.rstd.ptr, &x.ptr, &p.w.ptr, &p.b.ptr, &n64, &c64)
+        launch!(
+            cuda,
+            layernorm_forward,
+            cfg(warp_grid(n, ESLM_LN_THREADS), ESLM_LN_THREADS),
+            &y.ptr,
+            &stats.mean.ptr,
+            &stats.rstd.ptr,
+            &x.ptr,
+            &p.w.ptr,
+            &p.b.ptr,
+            &n64,
+            &c64
+        )
     };
 }
 
@@ -83,19 +95,52 @@ pub(super) fn backward(
     let (mean, rstd) = (saved.stats.mean.ptr, saved.stats.rstd.ptr);
     // SAFETY: matches layernorm_backward_dx; lengths checked above, row list uploaded (K entries < n).
     if !unsafe {
-        launch!(cuda, layernorm_backward_dx, cfg(warp_grid(k, ESLM_LN_THREADS), ESLM_LN_THREADS); &dx.ptr, &dy.g.ptr, &saved.x.ptr, &mean, &rstd, &saved.w.ptr, &rows_p, &k64, &c64)
+        launch!(
+            cuda,
+            layernorm_backward_dx,
+            cfg(warp_grid(k, ESLM_LN_THREADS), ESLM_LN_THREADS),
+            &dx.ptr,
+            &dy.g.ptr,
+            &saved.x.ptr,
+            &mean,
+            &rstd,
+            &saved.w.ptr,
+            &rows_p,
+            &k64,
+            &c64
+        )
     } {
         return;
     }
     // SAFETY: matches layernorm_backward_params; partial holds chunks·2C floats.
     if !unsafe {
-        launch!(cuda, layernorm_backward_params, chunk_grid(c, chunks, ESLM_LN_THREADS);
-            &partial, &dy.g.ptr, &saved.x.ptr, &mean, &rstd, &rows_p, &k64, &c64)
+        launch!(
+            cuda,
+            layernorm_backward_params,
+            chunk_grid(c, chunks, ESLM_LN_THREADS),
+            &partial,
+            &dy.g.ptr,
+            &saved.x.ptr,
+            &mean,
+            &rstd,
+            &rows_p,
+            &k64,
+            &c64
+        )
     } {
         return;
     }
     // SAFETY: matches layernorm_reduce_params; dw, db hold C floats.
     unsafe {
-        launch!(cuda, layernorm_reduce_params, cfg(grid(c, ESLM_LN_THREADS), ESLM_LN_THREADS); &dp.w.ptr, &dp.b.ptr, &partial, &ch64, &c64)
+        launch!(
+            cuda,
+            layernorm_reduce_params,
+            cfg(grid(c, ESLM_LN_THREADS), ESLM_LN_THREADS),
+            &dp.w.ptr,
+            &dp.b.ptr,
+            &partial,
+            &ch64,
+            &c64
+        )
     };
 }

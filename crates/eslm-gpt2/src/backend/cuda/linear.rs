@@ -1,5 +1,6 @@
-//! The linear layers and the LM head (`kernels/linear.cu` for the bias; CPU counterparts `crate::ops::linear`): cuBLAS products ([`Cuda::gemm`]) over the dense rows or the gathered kept rows,
-//! the bias as a separate kernel, its gradient a deterministic column sum.
+//! The linear layers and the LM head (`kernels/linear.cu` for the bias; CPU counterpart `crate::ops::linear`):
+//! cuBLAS products ([`Cuda::gemm`]) over the dense rows or the gathered kept rows, the bias as a separate kernel,
+//! its gradient a deterministic column sum.
 
 use super::*;
 
@@ -25,7 +26,15 @@ pub(super) fn forward(
     let (n64, w64) = (n as u64, d_out as u64);
     // SAFETY: matches bias_forward (linear.cu); y holds n·out, b out floats.
     if !unsafe {
-        launch!(cuda, bias_forward, cfg(grid(n * d_out, ESLM_EW_THREADS), ESLM_EW_THREADS); &y.ptr, &p.b.ptr, &n64, &w64)
+        launch!(
+            cuda,
+            bias_forward,
+            cfg(grid(n * d_out, ESLM_EW_THREADS), ESLM_EW_THREADS),
+            &y.ptr,
+            &p.b.ptr,
+            &n64,
+            &w64
+        )
     } {
         return 0.0;
     }
@@ -243,12 +252,28 @@ pub(super) fn colsum_add(cuda: &mut Cuda, dst: u64, dy: u64, k: usize, width: us
     let (k64, w64, c64) = (k as u64, width as u64, chunks as u64);
     // SAFETY: matches colsum_partial (linear.cu); partial holds chunks·width, dy K·width floats.
     if !unsafe {
-        launch!(cuda, colsum_partial, chunk_grid(width, chunks, ESLM_EW_THREADS); &partial, &dy, &k64, &w64)
+        launch!(
+            cuda,
+            colsum_partial,
+            chunk_grid(width, chunks, ESLM_EW_THREADS),
+            &partial,
+            &dy,
+            &k64,
+            &w64
+        )
     } {
         return;
     }
     // SAFETY: matches colsum_reduce_add; dst holds width floats.
     unsafe {
-        launch!(cuda, colsum_reduce_add, cfg(grid(width, ESLM_EW_THREADS), ESLM_EW_THREADS); &dst, &partial, &c64, &w64)
+        launch!(
+            cuda,
+            colsum_reduce_add,
+            cfg(grid(width, ESLM_EW_THREADS), ESLM_EW_THREADS),
+            &dst,
+            &partial,
+            &c64,
+            &w64
+        )
     };
 }

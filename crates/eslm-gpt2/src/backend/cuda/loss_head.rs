@@ -210,7 +210,24 @@ pub(super) fn kd_grad(
     // teacher's logits were written on the teacher backend's own stream; its statistics were read back to the
     // host (a synchronisation) before the trainer asks for this gradient, so they are complete here.
     if !unsafe {
-        launch!(cuda, kd_grad_rows, cfg(k.min(MAX_GRID) as u32, ESLM_KD_THREADS); &z.ptr, &teacher.z.ptr, &tgt_ptr, &idx_ptr, &k64, &v64, &vp64, &vp64, &w, &tau, &scale, &dlogits.ptr, &loss_ptr)
+        launch!(
+            cuda,
+            kd_grad_rows,
+            cfg(k.min(MAX_GRID) as u32, ESLM_KD_THREADS),
+            &z.ptr,
+            &teacher.z.ptr,
+            &tgt_ptr,
+            &idx_ptr,
+            &k64,
+            &v64,
+            &vp64,
+            &vp64,
+            &w,
+            &tau,
+            &scale,
+            &dlogits.ptr,
+            &loss_ptr
+        )
     } {
         return cuda.recorded().map(|_| f32::NAN);
     }
@@ -242,6 +259,14 @@ pub(super) fn scale_rows(cuda: &mut Cuda, x: DevViewMut<'_>, width: usize, weigh
     let (k64, w64) = (k as u64, width as u64);
     // SAFETY: matches scale_rows (scale.cu); x holds K·width floats.
     unsafe {
-        launch!(cuda, scale_rows, cfg(grid(k * width, ESLM_EW_THREADS), ESLM_EW_THREADS); &x.ptr, &w, &k64, &w64)
+        launch!(
+            cuda,
+            scale_rows,
+            cfg(grid(k * width, ESLM_EW_THREADS), ESLM_EW_THREADS),
+            &x.ptr,
+            &w,
+            &k64,
+            &w64
+        )
     };
 }

@@ -74,7 +74,7 @@ use crate::optim::AdamWStep;
 /// the backend's stream; records a failed launch and evaluates to whether it was queued. Expands to an unsafe
 /// launch: the caller's `unsafe` block states why the arguments match the kernel and the buffers are large enough.
 macro_rules! launch {
-    ($cuda:expr, $func:ident, $cfg:expr; $($arg:expr),+ $(,)?) => {{
+    ($cuda:expr, $func:ident, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         let cuda: &Cuda = $cuda;
         let mut builder = cuda.stream().launch_builder(&cuda.f.$func);
         $(builder.arg($arg);)+

@@ -24,7 +24,23 @@ pub(super) fn adamw(
     let len64 = len as u64;
     // SAFETY: matches adamw_update (adamw.cu); all four hold len floats.
     unsafe {
-        launch!(cuda, adamw_update, cfg(grid(len, ESLM_ADAMW_THREADS), ESLM_ADAMW_THREADS); &t.p.ptr, &t.g.ptr, &t.m.ptr, &t.v.ptr, &len64, &beta1, &beta2, &eps, &step_size, &inv_sqrt_bc2, &decay, &grad_scale)
+        launch!(
+            cuda,
+            adamw_update,
+            cfg(grid(len, ESLM_ADAMW_THREADS), ESLM_ADAMW_THREADS),
+            &t.p.ptr,
+            &t.g.ptr,
+            &t.m.ptr,
+            &t.v.ptr,
+            &len64,
+            &beta1,
+            &beta2,
+            &eps,
+            &step_size,
+            &inv_sqrt_bc2,
+            &decay,
+            &grad_scale
+        )
     };
 }
 
@@ -42,13 +58,27 @@ pub(super) fn sum_squares(cuda: &Cuda, x: DevView<'_>) -> f64 {
     // SAFETY: matches sum_squares_partial (global_norm.cu): exactly ESLM_NORM_BLOCKS blocks write one partial
     // each into `norm` (ESLM_NORM_BLOCKS + 1 doubles).
     if !unsafe {
-        launch!(cuda, sum_squares_partial, cfg(ESLM_NORM_BLOCKS, ESLM_NORM_THREADS); &base, &x.ptr, &len64)
+        launch!(
+            cuda,
+            sum_squares_partial,
+            cfg(ESLM_NORM_BLOCKS, ESLM_NORM_THREADS),
+            &base,
+            &x.ptr,
+            &len64
+        )
     } {
         return f64::NAN;
     }
     // SAFETY: matches sum_squares_final; writes the last double of `norm`.
     if !unsafe {
-        launch!(cuda, sum_squares_final, cfg(1, ESLM_NORM_THREADS); &total, &base, &blocks64)
+        launch!(
+            cuda,
+            sum_squares_final,
+            cfg(1, ESLM_NORM_THREADS),
+            &total,
+            &base,
+            &blocks64
+        )
     } {
         return f64::NAN;
     }

@@ -17,7 +17,15 @@ pub(super) fn forward(cuda: &mut Cuda, out: DevViewMut<'_>, a: DevView<'_>, b: D
     let len64 = len as u64;
     // SAFETY: matches residual_forward (residual.cu); all hold len floats.
     unsafe {
-        launch!(cuda, residual_forward, cfg(grid(len, ESLM_EW_THREADS), ESLM_EW_THREADS); &out.ptr, &a.ptr, &b.ptr, &len64)
+        launch!(
+            cuda,
+            residual_forward,
+            cfg(grid(len, ESLM_EW_THREADS), ESLM_EW_THREADS),
+            &out.ptr,
+            &a.ptr,
+            &b.ptr,
+            &len64
+        )
     };
 }
 
@@ -63,7 +71,18 @@ pub(super) fn merge(
     let (k64, w64) = (k as u64, width as u64);
     // SAFETY: matches residual_merge; every map entry is -1 or a row of its compact buffer.
     unsafe {
-        launch!(cuda, residual_merge, cfg(grid(k * width, ESLM_EW_THREADS), ESLM_EW_THREADS); &out.ptr, &a.g.ptr, &base, &b.g.ptr, &ib_p, &k64, &w64)
+        launch!(
+            cuda,
+            residual_merge,
+            cfg(grid(k * width, ESLM_EW_THREADS), ESLM_EW_THREADS),
+            &out.ptr,
+            &a.g.ptr,
+            &base,
+            &b.g.ptr,
+            &ib_p,
+            &k64,
+            &w64
+        )
     };
     union
 }

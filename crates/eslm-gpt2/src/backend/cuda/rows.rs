@@ -1,6 +1,6 @@
-//! Row movement (`kernels/rows.cu`; CPU counterparts `crate::ops::gather`, `crate::ops::scatter_add`): gathering kept rows into
-//! compact buffers, scatter-adding compact gradients back, and compacting whole sequences in place (hierarchical
-//! ESLM's reuse of the shallow pass).
+//! Row movement (`kernels/rows.cu`; CPU counterparts `crate::ops::gather`, `crate::ops::scatter_add`): gathering
+//! kept rows into compact buffers, scatter-adding compact gradients back, and compacting whole sequences in place
+//! (hierarchical ESLM's reuse of the shallow pass).
 
 use super::*;
 
@@ -93,7 +93,16 @@ pub(super) fn scatter_add_rows(
     let (k64, w64) = (k as u64, width as u64);
     // SAFETY: matches scatter_add_rows (rows.cu); distinct rows < max_row.
     unsafe {
-        launch!(cuda, scatter_add_rows, cfg(grid(k * width, ESLM_EW_THREADS), ESLM_EW_THREADS); &dst.ptr, &g.g.ptr, &rows_p, &k64, &w64)
+        launch!(
+            cuda,
+            scatter_add_rows,
+            cfg(grid(k * width, ESLM_EW_THREADS), ESLM_EW_THREADS),
+            &dst.ptr,
+            &g.g.ptr,
+            &rows_p,
+            &k64,
+            &w64
+        )
     };
 }
 
@@ -133,6 +142,15 @@ pub(super) fn gather_launch(
     let (k64, w64) = (k as u64, width as u64);
     // SAFETY: matches gather_rows (rows.cu); dst holds K·width floats, every row < the rows of src.
     unsafe {
-        launch!(cuda, gather_rows, cfg(grid(k * width, ESLM_EW_THREADS), ESLM_EW_THREADS); &dst, &src, &rows_p, &k64, &w64)
+        launch!(
+            cuda,
+            gather_rows,
+            cfg(grid(k * width, ESLM_EW_THREADS), ESLM_EW_THREADS),
+            &dst,
+            &src,
+            &rows_p,
+            &k64,
+            &w64
+        )
     }
 }
