@@ -53,6 +53,13 @@ timeout "$TIMEOUT" "${MPIRUN[@]}" "$CHECK" zero "$WORK/zero"
 # A small run of the real binary; extra flags are appended.
 TRAIN=(--model bigram --synthetic-documents 256 --batch-size 2 --seq-len 32 --no-progress --eval-every 0 --eval-batches 2)
 
+step "--checkpoint-interval at 2 ranks: every rank agrees when a checkpoint is due"
+# An interval shorter than any step: a checkpoint after every step, written once, with no rank left waiting.
+timeout "$TIMEOUT" "${MPIRUN[@]}" "$BIN" "${TRAIN[@]}" --steps 4 --keep-last 10 --checkpoint-interval 0.000001 \
+  --out "$WORK/interval" >/dev/null || fail "the run with --checkpoint-interval failed or hung"
+got=$(ls "$WORK/interval/checkpoints" | tr '\n' ' ')
+[ "$got" = "step_00000001 step_00000002 step_00000003 step_00000004 " ] || fail "checkpoints: $got"
+
 step "resume on another world size is refused"
 timeout "$TIMEOUT" "${MPIRUN[@]}" "$BIN" "${TRAIN[@]}" --steps 3 --out "$WORK/ws" >/dev/null
 [ "$(grep -c '"kind":"step"' "$WORK/ws/metrics.jsonl")" = 3 ] || fail "expected 3 step lines written once by rank 0"
