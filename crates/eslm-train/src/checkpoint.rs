@@ -145,10 +145,12 @@ fn file_entry(path: &Path) -> Result<ManifestEntry> {
     let mut buf = vec![0u8; IO_CHUNK];
     let (mut crc, mut bytes) = (crc32fast::Hasher::new(), 0u64);
     loop {
-        let k = f.read(&mut buf).map_err(io)?;
-        if k == 0 {
-            break;
-        }
+        let k = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io(e)),
+        };
         crc.update(&buf[..k]);
         bytes += k as u64;
     }
