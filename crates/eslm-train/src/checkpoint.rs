@@ -218,22 +218,36 @@ fn parse_step(name: &str) -> Option<u64> {
 /// Complete checkpoints (directories `step_N` holding `COMPLETE`) under `out/checkpoints`, oldest first, as
 /// `(step, dir)`.
 pub fn list_checkpoints(out: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let dir = checkpoints_dir(out);
-    if !dir.exists() {
-        return Ok(Vec::new());
-    }
-    let mut found = Vec::new();
-    for entry in fs::read_dir(&dir).map_err(|e| TrainError::io(&dir, e))? {
-        let entry = entry.map_err(|e| TrainError::io(&dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(step) = parse_step(&name) {
-            if is_complete(&entry.path()) {
-                found.push((step, entry.path()));
-            }
-        }
-    }
+    let mut found: Vec<(u64, PathBuf)> = step_dirs(&checkpoints_dir(out))?
+        .into_iter()
+        .filter(|(_, p)| is_complete(p))
+        .collect();
     found.sort();
     Ok(found)
+}
+
+/// The entries of `dir` as `(file name, path)`; none when `dir` does not exist.
+fn entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| TrainError::io(dir, e))? {
+        let entry = entry.map_err(|e| TrainError::io(dir, e))?;
+        out.push((
+            entry.file_name().to_string_lossy().into_owned(),
+            entry.path(),
+        ));
+    }
+    Ok(out)
+}
+
+/// The `step_N` entries of `dir` as `(N, path)`, complete or not.
+fn step_dirs(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    Ok(entries(dir)?
+        .into_iter()
+        .filter_map(|(name, path)| Some((parse_step(&name)?, path)))
+        .collect())
 }
 
 /// The newest complete checkpoint of a run, if any.
@@ -251,10 +265,8 @@ pub fn recover_checkpoints(out: &Path) -> Result<Vec<String>> {
     if !root.is_dir() {
         return Ok(actions);
     }
-    let mut hidden: Vec<(String, PathBuf)> = fs::read_dir(&root)
-        .map_err(|e| TrainError::io(&root, e))?
-        .flatten()
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+    let mut hidden: Vec<(String, PathBuf)> = entries(&root)?
+        .into_iter()
         .filter(|(n, _)| n.starts_with(".step_"))
         .collect();
     // `.old` first: a complete previous copy is preferred to a temporary one.
@@ -357,19 +369,10 @@ fn is_eslm_0_1_checkpoint(dir: &Path, step: u64) -> bool {
 /// Directories that do not qualify, or that cannot be read, are left alone with a warning (a newer checkpoint
 /// still resumes). Call with the run directory locked; returns one line per directory seen.
 pub fn adopt_legacy_checkpoints(out: &Path) -> Result<Vec<String>> {
-    let root = checkpoints_dir(out);
     let mut actions = Vec::new();
-    if !root.is_dir() {
-        return Ok(actions);
-    }
-    let mut legacy: Vec<(u64, PathBuf)> = fs::read_dir(&root)
-        .map_err(|e| TrainError::io(&root, e))?
-        .flatten()
-        .filter_map(|e| {
-            let step = parse_step(&e.file_name().to_string_lossy())?;
-            let path = e.path();
-            (path.is_dir() && !is_complete(&path)).then_some((step, path))
-        })
+    let mut legacy: Vec<(u64, PathBuf)> = step_dirs(&checkpoints_dir(out))?
+        .into_iter()
+        .filter(|(_, p)| p.is_dir() && !is_complete(p))
         .collect();
     legacy.sort();
     for (step, dir) in legacy {
