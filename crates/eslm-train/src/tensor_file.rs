@@ -44,11 +44,6 @@ impl Checksum {
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
-/// FNV-1a 64-bit hash of `bytes`.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    fnv1a_update(FNV_OFFSET, bytes)
-}
-
 /// FNV-1a 64 continued from state `h` over `bytes`.
 fn fnv1a_update(mut h: u64, bytes: &[u8]) -> u64 {
     for &b in bytes {
@@ -169,7 +164,7 @@ mod tests {
         let mut file = MAGIC_FNV.to_vec();
         file.extend_from_slice(&(x.len() as u64).to_le_bytes());
         file.extend_from_slice(&body);
-        file.extend_from_slice(&fnv1a(&body).to_le_bytes());
+        file.extend_from_slice(&fnv1a_update(FNV_OFFSET, &body).to_le_bytes());
         let path = dir.path().join("old.bin");
         std::fs::write(&path, &file).unwrap();
         assert_eq!(read_f32(&path).unwrap(), x);
