@@ -18,7 +18,7 @@ use eslm_kernels::kd::KdParams;
 use eslm_kernels::select::{SelectRule, Selection};
 use eslm_kernels::token_stats::TokenStats;
 
-use crate::backend::{Backend, KeptTargets};
+use crate::backend::{Backend, KeptTargets, OwnStat, RowScores};
 use crate::error::{check_len, Gpt2Error, Result};
 use crate::model::{logits_of, Gpt2};
 
@@ -56,6 +56,8 @@ pub(crate) struct LossHead<B: Backend> {
     stats: TokenStats,
     /// The last selection (kept rows ascending).
     selection: Selection,
+    /// `selection` came from the backend's own [`Backend::select`] (a device backend holds a device copy).
+    own_selection: bool,
     /// Compact `[K, Vp]` loss gradient of the kept rows (grown on demand), valid when `grad_ready`.
     dlogits: Option<B::Buf>,
     grad_ready: bool,
@@ -70,6 +72,7 @@ impl<B: Backend> LossHead<B> {
             targets: backend.alloc_targets(n_max),
             stats: TokenStats::default(),
             selection: Selection::default(),
+            own_selection: false,
             dlogits: None,
             grad_ready: false,
             head_rows: None,
@@ -172,6 +175,7 @@ impl<B: Backend> Gpt2<B> {
         let head = &mut self.head;
         head.grad_ready = false;
         head.selection = Selection::default();
+        head.own_selection = false;
         self.backend.upload_targets(&mut head.targets, targets);
         let logits = logits_of::<B>(&self.acts.logits, self.last_logits, &self.config)?;
         self.backend
@@ -193,21 +197,31 @@ impl<B: Backend> Gpt2<B> {
     pub fn select(&mut self, score: ScoreSource<'_>, keep: Keep) -> Result<&Selection> {
         let head = &mut self.head;
         head.grad_ready = false;
+        head.own_selection = false;
         let n = head.stats.rows();
-        let scores: &[f32] = match score {
-            ScoreSource::Loss => &head.stats.loss,
-            ScoreSource::Entropy => &head.stats.entropy,
+        let scores = match score {
+            ScoreSource::Loss => RowScores {
+                host: &head.stats.loss,
+                own: Some(OwnStat::Loss),
+            },
+            ScoreSource::Entropy => RowScores {
+                host: &head.stats.entropy,
+                own: Some(OwnStat::Entropy),
+            },
             ScoreSource::Host(s) => {
                 check_len("scores", s.len(), n)?;
-                s
+                RowScores { host: s, own: None }
             }
         };
         let valid = &head.stats.valid;
         let sel = &mut head.selection;
         match keep {
-            Keep::Rule(rule) => self.backend.select(scores, valid, rule, sel)?,
-            Keep::AllValid => keep_at_least(scores, valid, None, sel)?,
-            Keep::AtLeast(th) => keep_at_least(scores, valid, Some(th), sel)?,
+            Keep::Rule(rule) => {
+                self.backend.select(scores, valid, rule, sel)?;
+                head.own_selection = true;
+            }
+            Keep::AllValid => keep_at_least(scores.host, valid, None, sel)?,
+            Keep::AtLeast(th) => keep_at_least(scores.host, valid, Some(th), sel)?,
         }
         Ok(&self.head.selection)
     }
@@ -236,6 +250,7 @@ impl<B: Backend> Gpt2<B> {
             let rows = KeptTargets {
                 targets: &head.targets,
                 kept: &head.selection.indices,
+                own_selection: head.own_selection,
             };
             self.backend
                 .sparse_ce(logits, rows, &head.stats.lse, scale, B::view_mut(&mut dz))
@@ -285,6 +300,7 @@ impl<B: Backend> Gpt2<B> {
             let rows = KeptTargets {
                 targets: &head.targets,
                 kept: &head.selection.indices,
+                own_selection: head.own_selection,
             };
             self.backend.kd_grad(
                 logits,

@@ -293,16 +293,13 @@ fn block_forward<B: Backend>(
         c,
     );
     let fc_p = Affine { w: w.fcw, b: w.fcb };
-    flops += be.linear_forward(
+    flops += be.linear_gelu_forward(
         wr::<B>(&mut a.fch, n * 4 * c),
+        wr::<B>(&mut a.fch_gelu, n * 4 * c),
         rd::<B>(&a.ln2, n * c),
         fc_p,
         n,
         lin(c, 4 * c),
-    );
-    be.gelu_forward(
-        wr::<B>(&mut a.fch_gelu, n * 4 * c),
-        rd::<B>(&a.fch, n * 4 * c),
     );
     let fcproj_p = Affine {
         w: w.fcprojw,

@@ -18,7 +18,7 @@
 use eslm_gpt2::backend::CollectiveOp;
 use eslm_gpt2::backend::{
     AdamWSlices, Affine, Embeddings, HeadDims, KeptTargets, LinearDims, LnSaved, LnStats, Logits,
-    RowGrad,
+    OwnStat, RowGrad, RowScores,
 };
 use eslm_gpt2::ops::attention::AttnDims;
 use eslm_gpt2::optim::{AdamWConfig, AdamWStep};
@@ -283,25 +283,111 @@ fn run_linear<B: Backend>(
     [down(be, &y), down(be, &dx), down(be, &dw), down(be, &db)]
 }
 
+/// The forward linear layer with the bias in cuBLASLt's epilogue (on) and as a separate kernel (off).
 #[test]
 fn linear_matches_cpu() {
     let Some(mut gpu) = gpu("linear_matches_cpu") else {
         return;
     };
     let mut r = rng(3);
-    for (n, d_in, d_out) in [(1, 5, 3), (29, 16, 48), (70, 64, 33)] {
-        let d = LinearDims { d_in, d_out };
-        let x = randn(&mut r, n * d_in, 1.0);
-        let (w, bias) = (randn(&mut r, d_out * d_in, 0.3), randn(&mut r, d_out, 0.3));
-        for rows in row_sets(n, &mut r) {
-            let dy = randn(&mut r, rows.count(n) * d_out, 1.0);
-            let want = run_linear(&mut Cpu::new(), &x, &w, &bias, &dy, &rows, d);
-            let got = run_linear(&mut gpu, &x, &w, &bias, &dy, &rows, d);
-            for (i, name) in ["y", "dx", "dw", "db"].iter().enumerate() {
-                close(name, &got[i], &want[i], 1e-4, 1e-3);
+    for fused in [true, false] {
+        gpu.set_fused_epilogues(fused);
+        for (n, d_in, d_out) in [(1, 5, 3), (29, 16, 48), (70, 64, 33)] {
+            let d = LinearDims { d_in, d_out };
+            let x = randn(&mut r, n * d_in, 1.0);
+            let (w, bias) = (randn(&mut r, d_out * d_in, 0.3), randn(&mut r, d_out, 0.3));
+            for rows in row_sets(n, &mut r) {
+                let dy = randn(&mut r, rows.count(n) * d_out, 1.0);
+                let want = run_linear(&mut Cpu::new(), &x, &w, &bias, &dy, &rows, d);
+                let got = run_linear(&mut gpu, &x, &w, &bias, &dy, &rows, d);
+                for (i, name) in ["y", "dx", "dw", "db"].iter().enumerate() {
+                    close(
+                        &format!("{name} (fused {fused})"),
+                        &got[i],
+                        &want[i],
+                        1e-4,
+                        1e-3,
+                    );
+                }
             }
         }
     }
+    gpu.status().unwrap();
+}
+
+/// `linear_gelu_forward` of views starting `offset` floats into their buffers: `[pre, post]`.
+fn run_linear_gelu<B: Backend>(
+    be: &mut B,
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    d: LinearDims,
+    offset: usize,
+) -> [Vec<f32>; 2] {
+    let n = x.len() / d.d_in;
+    let pad = |v: &[f32]| [vec![0.5; offset], v.to_vec()].concat();
+    let (xb, wb, bb) = (up(be, &pad(x)), up(be, &pad(w)), up(be, &pad(bias)));
+    let len = n * d.d_out;
+    let (mut pre, mut post) = (be.alloc(offset + len), be.alloc(offset + len));
+    let at = |b| B::slice(B::view(b), offset..offset + B::len(b) - offset);
+    be.linear_gelu_forward(
+        B::slice_mut(B::view_mut(&mut pre), offset..offset + len),
+        B::slice_mut(B::view_mut(&mut post), offset..offset + len),
+        at(&xb),
+        Affine {
+            w: at(&wb),
+            b: at(&bb),
+        },
+        n,
+        d,
+    );
+    [
+        down(be, &pre)[offset..].to_vec(),
+        down(be, &post)[offset..].to_vec(),
+    ]
+}
+
+/// The MLP's first layer and GELU: cuBLASLt's `GELU_AUX_BIAS` epilogue (widths that are multiples of 8, aligned
+/// outputs) and the fallback (width 33, or outputs 4 bytes off 16-byte alignment), views at aligned and unaligned
+/// offsets, each precision, against the CPU's linear then tanh GELU.
+#[test]
+fn linear_gelu_forward_matches_cpu() {
+    let Some(mut gpu) = gpu("linear_gelu_forward_matches_cpu") else {
+        return;
+    };
+    let mut r = rng(17);
+    for (n, d_in, d_out) in [(29, 16, 48), (70, 64, 33), (64, 768, 3072)] {
+        let d = LinearDims { d_in, d_out };
+        let x = randn(&mut r, n * d_in, 1.0);
+        let (w, bias) = (randn(&mut r, d_out * d_in, 0.1), randn(&mut r, d_out, 0.3));
+        let want = run_linear_gelu(&mut Cpu::new(), &x, &w, &bias, d, 0);
+        let scale = want[0].iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        for (precision, rel) in [
+            (MatmulPrecision::F32, 1e-5f32),
+            (MatmulPrecision::Tf32, 4e-3),
+            (MatmulPrecision::Bf16, 3e-2),
+        ] {
+            gpu.set_matmul_precision(precision).unwrap();
+            for (fused, offset) in [(true, 0), (true, 1), (true, 4), (false, 0)] {
+                gpu.set_fused_epilogues(fused);
+                let got = run_linear_gelu(&mut gpu, &x, &w, &bias, d, offset);
+                for (i, name) in ["pre", "post"].iter().enumerate() {
+                    let worst = got[i]
+                        .iter()
+                        .zip(&want[i])
+                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(
+                        worst <= rel * scale,
+                        "{name} {n}x{d_in}->{d_out} {precision:?} fused {fused} offset {offset}: worst error \
+                         {worst} vs {} allowed",
+                        rel * scale
+                    );
+                }
+            }
+        }
+    }
+    gpu.set_matmul_precision(MatmulPrecision::F32).unwrap();
+    gpu.set_fused_epilogues(true);
     gpu.status().unwrap();
 }
 
@@ -683,13 +769,16 @@ fn nccl_collectives_on_one_rank_keep_the_buffer() {
     gpu.status().unwrap();
 }
 
-/// Token statistics, selection and sparse CE of one logits matrix.
+/// Token statistics, selection and sparse CE of one logits matrix. `own`: the selection ranks the backend's own
+/// loss statistic and the sparse CE reads its own kept list (on the GPU: the device copies); otherwise both are
+/// handed over as host vectors (uploaded).
 fn run_loss_head<B: Backend>(
     be: &mut B,
     z: &[f32],
     targets: &[i32],
     d: HeadDims,
     rule: SelectRule,
+    own: bool,
 ) -> (TokenStats, Selection, Vec<f32>, f32) {
     let n = targets.len();
     let zb = up(be, z);
@@ -703,13 +792,17 @@ fn run_loss_head<B: Backend>(
     let mut stats = TokenStats::default();
     be.token_stats(logits, &tg, &mut stats).unwrap();
     let mut sel = Selection::default();
-    be.select(&stats.loss, &stats.valid, rule, &mut sel)
-        .unwrap();
+    let scores = RowScores {
+        host: &stats.loss,
+        own: own.then_some(OwnStat::Loss),
+    };
+    be.select(scores, &stats.valid, rule, &mut sel).unwrap();
     let k = sel.indices.len();
     let mut dz = up(be, &vec![9.0; k * d.vp]);
     let rows = KeptTargets {
         targets: &tg,
         kept: &sel.indices,
+        own_selection: own,
     };
     let loss = be
         .sparse_ce(
@@ -746,14 +839,22 @@ fn loss_head_matches_cpu_with_the_gpt2_vocabulary() {
                 }
             })
             .collect();
-        for rule in [SelectRule::Var { alpha: 0.5 }, SelectRule::TopK { k: 1 }] {
-            let (ws, wsel, wdz, wl) = run_loss_head(&mut Cpu::new(), &z, &targets, d, rule);
-            let (gs, gsel, gdz, gl) = run_loss_head(&mut gpu, &z, &targets, d, rule);
+        for (rule, own) in [SelectRule::Var { alpha: 0.5 }, SelectRule::TopK { k: 1 }]
+            .into_iter()
+            .flat_map(|rule| [(rule, true), (rule, false)])
+        {
+            let (ws, wsel, wdz, wl) = run_loss_head(&mut Cpu::new(), &z, &targets, d, rule, own);
+            let (gs, gsel, gdz, gl) = run_loss_head(&mut gpu, &z, &targets, d, rule, own);
             close("lse", &gs.lse, &ws.lse, 1e-5, 1e-4);
             close("loss", &gs.loss, &ws.loss, 1e-5, 1e-4);
             close("entropy", &gs.entropy, &ws.entropy, 1e-5, 1e-4);
             assert_eq!(gs.valid, ws.valid);
-            assert_eq!(gsel.indices, wsel.indices, "kept rows");
+            assert_eq!(
+                gsel.indices, wsel.indices,
+                "kept rows (own device copies: {own})"
+            );
+            assert_eq!(gsel.keep, wsel.keep, "keep mask (own: {own})");
+            assert_eq!(gsel.k, wsel.k, "k (own: {own})");
             close("dlogits", &gdz, &wdz, 1e-7, 1e-4);
             close("ce loss", &[gl], &[wl], 1e-5, 1e-4);
         }
@@ -782,7 +883,11 @@ fn run_kd<B: Backend>(
         rows: n,
         dims: d,
     };
-    let rows = KeptTargets { targets: &tg, kept };
+    let rows = KeptTargets {
+        targets: &tg,
+        kept,
+        own_selection: false,
+    };
     let loss = be
         .kd_grad(
             logits(&zb),

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::{
     AdamWSlices, Affine, Backend, CollectiveOp, Embeddings, HeadDims, KeptTargets, LinearDims,
-    LnSaved, LnStats, Logits, RowGrad,
+    LnSaved, LnStats, Logits, RowGrad, RowScores,
 };
 use crate::error::Result;
 use crate::ops::attention::{self, AttnDims};
@@ -308,12 +308,12 @@ impl Backend for Cpu {
     }
     fn select(
         &mut self,
-        scores: &[f32],
+        scores: RowScores<'_>,
         valid: &[bool],
         rule: SelectRule,
         out: &mut Selection,
     ) -> Result<()> {
-        select(scores, Some(valid), rule, out)?;
+        select(scores.host, Some(valid), rule, out)?;
         Ok(())
     }
     fn sparse_ce(

@@ -140,6 +140,29 @@ pub struct KeptTargets<'a, T> {
     pub targets: &'a T,
     /// Kept rows, strictly ascending, each with a valid target.
     pub kept: &'a [u32],
+    /// `kept` is the host copy of this backend's own last [`Backend::select`] result (over the statistics of its
+    /// last [`Backend::token_stats`] call): a device backend then reads its device copy and uploads nothing.
+    pub own_selection: bool,
+}
+
+/// One of the per-row statistics a backend computed in its last [`Backend::token_stats`] call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnStat {
+    /// The token loss `lse − z_y`.
+    Loss,
+    /// The predictive entropy.
+    Entropy,
+}
+
+/// Per-row scores for [`Backend::select`]: the host values, and which of the backend's own statistics of its
+/// last [`Backend::token_stats`] call they are, if any (a device backend then ranks its device copy: the
+/// statistics never travel back to the device).
+#[derive(Debug, Clone, Copy)]
+pub struct RowScores<'a> {
+    /// One score per row of the last forward.
+    pub host: &'a [f32],
+    /// `Some` when `host` is the host copy of that statistic.
+    pub own: Option<OwnStat>,
 }
 
 impl<T> Clone for KeptTargets<'_, T> {
@@ -269,6 +292,22 @@ pub trait Backend: Sized + Send {
         n: usize,
         d: LinearDims,
     ) -> f64;
+    /// The MLP's first layer and its activation: `pre [n, out] = x·Wᵀ + b`, `post = GELU(pre)`. By default
+    /// [`Backend::linear_forward`] then [`Backend::gelu_forward`]; the CUDA backend fuses both into one
+    /// cuBLASLt product (the bias and the GELU in its epilogue).
+    fn linear_gelu_forward(
+        &mut self,
+        mut pre: Self::ViewMut<'_>,
+        post: Self::ViewMut<'_>,
+        x: Self::View<'_>,
+        p: Affine<Self::View<'_>>,
+        n: usize,
+        d: LinearDims,
+    ) -> f64 {
+        let flops = self.linear_forward(Self::reborrow(&mut pre), x, p, n, d);
+        self.gelu_forward(post, Self::freeze(&pre));
+        flops
+    }
     /// Linear backward on the rows of `dy`: compact `dx = dy·W` (if given), `dW += dyᵀ·x_R` (the rows of `x`
     /// gathered), `db += Σ dy`.
     fn linear_backward(
@@ -367,16 +406,18 @@ pub trait Backend: Sized + Send {
         targets: &Self::Targets,
         out: &mut TokenStats,
     ) -> Result<()>;
-    /// VaR / top-k selection over host per-row `scores` among the `valid` rows ([`eslm_kernels::select::select`]).
+    /// VaR / top-k selection over per-row `scores` among the `valid` rows ([`eslm_kernels::select::select`]);
+    /// `valid` is the host copy of the last [`Backend::token_stats`] call's flags.
     fn select(
         &mut self,
-        scores: &[f32],
+        scores: RowScores<'_>,
         valid: &[bool],
         rule: SelectRule,
         out: &mut Selection,
     ) -> Result<()>;
     /// Sparse cross-entropy gradient of the kept rows, compact `dlogits [K, Vp]`; `lse` is the host copy of the
-    /// statistics. Returns the mean loss over the kept rows.
+    /// last [`Backend::token_stats`] call's (a device backend reads its device copy). Returns the mean loss over
+    /// the kept rows.
     fn sparse_ce(
         &mut self,
         logits: Logits<Self::View<'_>>,
@@ -473,7 +514,7 @@ impl CollectiveOp {
 }
 
 /// Precision of the matrix products ([`Backend::set_matmul_precision`]); storage stays f32 either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum MatmulPrecision {
     /// IEEE f32 products with f32 accumulation.
     #[default]

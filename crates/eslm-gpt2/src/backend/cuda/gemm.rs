@@ -126,7 +126,7 @@ impl Cuda {
     }
 
     /// Converts `len` f32 at `src` to bf16 into `slot` (grown as needed); its device pointer.
-    fn to_bf16(&self, slot: &mut Grow<u16>, src: u64, len: usize) -> Option<u64> {
+    pub(super) fn to_bf16(&self, slot: &mut Grow<u16>, src: u64, len: usize) -> Option<u64> {
         let out = match slot.ensure(self.stream(), len) {
             Ok(s) => raw_ptr(s),
             Err(e) => {

@@ -2,8 +2,34 @@
 //! cuBLAS products ([`Cuda::gemm`]) over the dense rows or the gathered kept rows, the bias as a separate kernel,
 //! its gradient a deterministic column sum.
 
+use super::epilogue::{Epilogue, FusedLinear};
 use super::*;
 
+/// Whether a forward linear layer can be queued: `n > 0` and every view of the stated length (outputs `[n, out]`
+/// named in `outs`); records a mismatch.
+fn forward_ready(
+    cuda: &Cuda,
+    outs: &[(&'static str, &DevViewMut<'_>)],
+    x: DevView<'_>,
+    p: Affine<DevView<'_>>,
+    n: usize,
+    d: LinearDims,
+) -> bool {
+    let LinearDims { d_in, d_out } = d;
+    let mut views: Vec<(&'static str, usize, usize, u64)> = outs
+        .iter()
+        .map(|(name, v)| (*name, v.len, n * d_out, v.ptr))
+        .collect();
+    views.extend([
+        ("linear x", x.len, n * d_in, x.ptr),
+        ("linear w", p.w.len, d_out * d_in, p.w.ptr),
+        ("linear b", p.b.len, d_out, p.b.ptr),
+    ]);
+    n > 0 && cuda.ready(&views)
+}
+
+/// `y = x·Wᵀ + b`: one cuBLASLt product with the bias in its epilogue where it applies ([`super::epilogue`]),
+/// else the bias broadcast then a GEMM accumulating onto it.
 pub(super) fn forward(
     cuda: &mut Cuda,
     y: DevViewMut<'_>,
@@ -13,15 +39,22 @@ pub(super) fn forward(
     d: LinearDims,
 ) -> f64 {
     let LinearDims { d_in, d_out } = d;
-    if n == 0
-        || !cuda.ready(&[
-            ("linear y", y.len, n * d_out, y.ptr),
-            ("linear x", x.len, n * d_in, x.ptr),
-            ("linear w", p.w.len, d_out * d_in, p.w.ptr),
-            ("linear b", p.b.len, d_out, p.b.ptr),
-        ])
-    {
+    if !forward_ready(cuda, &[("linear y", &y)], x, p, n, d) {
         return 0.0;
+    }
+    let flops = 2.0 * (n * d_in * d_out) as f64;
+    let fused = FusedLinear {
+        x: x.ptr,
+        w: p.w.ptr,
+        b: p.b.ptr,
+        y: y.ptr,
+        aux: 0,
+        n,
+        d,
+        epilogue: Epilogue::Bias,
+    };
+    if cuda.fused_linear(fused) {
+        return flops;
     }
     let (n64, w64) = (n as u64, d_out as u64);
     // SAFETY: matches bias_forward (linear.cu); y holds n·out, b out floats.
@@ -56,7 +89,40 @@ pub(super) fn forward(
         batch: 1,
         beta: 1.0,
     });
-    2.0 * (n * d_in * d_out) as f64
+    flops
+}
+
+/// `pre = x·Wᵀ + b`, `post = GELU(pre)`: one cuBLASLt product with the bias and the GELU in its epilogue where it
+/// applies ([`super::epilogue`]), else [`forward`] then the GELU kernel.
+pub(super) fn forward_gelu(
+    cuda: &mut Cuda,
+    mut pre: DevViewMut<'_>,
+    post: DevViewMut<'_>,
+    x: DevView<'_>,
+    p: Affine<DevView<'_>>,
+    n: usize,
+    d: LinearDims,
+) -> f64 {
+    let outs = [("linear pre", &pre), ("linear post", &post)];
+    if !forward_ready(cuda, &outs, x, p, n, d) {
+        return 0.0;
+    }
+    let fused = FusedLinear {
+        x: x.ptr,
+        w: p.w.ptr,
+        b: p.b.ptr,
+        y: post.ptr,
+        aux: pre.ptr,
+        n,
+        d,
+        epilogue: Epilogue::GeluAuxBias,
+    };
+    if cuda.fused_linear(fused) {
+        return 2.0 * (n * d.d_in * d.d_out) as f64;
+    }
+    let flops = forward(cuda, Cuda::reborrow(&mut pre), x, p, n, d);
+    gelu::forward(cuda, post, Cuda::freeze(&pre));
+    flops
 }
 
 pub(super) fn backward(

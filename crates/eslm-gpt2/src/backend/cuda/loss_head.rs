@@ -1,8 +1,15 @@
 //! The loss head on the device: eslm-kernels' token statistics and sparse cross-entropy launchers on this
 //! backend's stream, the distillation gradient (`kernels/kd.cu`; CPU counterpart `eslm_kernels::kd`), the
-//! importance weights of kept rows (`kernels/scale.cu`). Selection runs on the host copy of the per-row scores.
+//! importance weights of kept rows (`kernels/scale.cu`).
+//!
+//! What travels: the statistics are read back once per forward (the host copy the trainer sees). A selection
+//! over the model's own loss or entropy ranks the device statistics (`kernels/select.cu`) and reads back the kept
+//! list; the sparse CE and KD then read `lse`, the kept list and its count from the device. Only host-made scores
+//! (random keys, a reference model's excess loss) and host-made selections (every valid row, a global threshold)
+//! are uploaded.
 
 use super::*;
+use cudarc::driver::DevicePtr;
 
 /// The CPU's check of a loss gradient's kept rows (each needs a target in `[0, V)`), on the targets' host copy:
 /// the same typed error before anything is launched.
@@ -28,6 +35,7 @@ pub(super) fn token_stats(
     out: &mut TokenStats,
 ) -> Result<()> {
     cuda.recorded()?;
+    (cuda.stats_fresh, cuda.sel_fresh) = (false, false);
     let Logits { z, rows, dims } = logits;
     crate::error::check_len("targets", targets.len(), rows)?;
     let vocab = dims.v;
@@ -66,19 +74,100 @@ pub(super) fn token_stats(
         .token_stats(&view, &tgt.slice(0..rows), DEFAULT_IGNORE_INDEX, stats)?;
     stats.check_status(&cuda.kernels)?;
     stats.to_host(&cuda.kernels, out)?;
+    cuda.stats_fresh = true;
     Ok(())
+}
+
+/// The device statistics of the last `token_stats` call when they cover `rows` rows.
+fn fresh_stats(cuda: &Cuda, rows: usize) -> Option<&DeviceTokenStats> {
+    let stats = cuda.stats.as_ref().filter(|s| s.rows() == rows);
+    stats.filter(|_| cuda.stats_fresh)
+}
+
+/// The device selection of the last `select` call over `rows` rows when the loss head says its kept list is that
+/// selection's host copy (`own`; the host copy was read back from it, so the two agree).
+fn fresh_selection(cuda: &Cuda, rows: usize, own: bool) -> Option<&DeviceSelection> {
+    let sel = cuda.sel.as_ref().filter(|s| s.rows() == rows);
+    sel.filter(|_| own && cuda.sel_fresh && fresh_stats(cuda, rows).is_some())
 }
 
 pub(super) fn select(
     cuda: &mut Cuda,
-    scores: &[f32],
+    scores: RowScores<'_>,
     valid: &[bool],
     rule: SelectRule,
     out: &mut Selection,
 ) -> Result<()> {
     cuda.recorded()?;
-    cuda.kernels.select_host(scores, Some(valid), rule, out)?;
+    cuda.sel_fresh = false;
+    let n = scores.host.len();
+    let own = scores.own.filter(|_| fresh_stats(cuda, n).is_some());
+    let Some(stat) = own else {
+        // Scores made on the host: uploaded, ranked on the device, read back.
+        cuda.kernels
+            .select_host(scores.host, Some(valid), rule, out)?;
+        return Ok(());
+    };
+    crate::error::check_len("valid", valid.len(), n)?;
+    if cuda.sel.as_ref().is_none_or(|s| s.capacity() < n) {
+        cuda.sel = Some(DeviceSelection::new(&cuda.kernels, n)?);
+    }
+    let (Some(stats), Some(sel)) = (cuda.stats.as_ref(), cuda.sel.as_mut()) else {
+        return cuda.recorded();
+    };
+    let src = match stat {
+        OwnStat::Loss => &stats.loss,
+        OwnStat::Entropy => &stats.entropy,
+    };
+    let valid_dev = stats.valid.slice(0..n);
+    cuda.kernels
+        .select(&src.slice(0..n), Some(&valid_dev), rule, sel)?;
+    sel.to_host(&cuda.kernels, out)?;
+    cuda.sel_fresh = true;
     Ok(())
+}
+
+/// Device pointers of a loss gradient's kept list `[K]`, its count (one u32) and, when `lse_rows > 0`, the
+/// `lse [lse_rows]` of the logits: the loss head's own device copies where they are this forward's, else
+/// uploaded from the host. `None` after recording a failure.
+fn kept_on_device(
+    cuda: &mut Cuda,
+    n: usize,
+    kept: &[u32],
+    own_selection: bool,
+    lse: &[f32],
+) -> Option<(u64, u64, Option<u64>)> {
+    let k = kept.len();
+    let own_lse = fresh_stats(cuda, n).map(|s| raw_ptr(&s.lse));
+    let own_kept = fresh_selection(cuda, n, own_selection).map(|s| {
+        let count_view = s.count();
+        let (count, _sync) = count_view.device_ptr(cuda.stream());
+        (raw_ptr(&s.indices), count)
+    });
+    let (idx, count) = match own_kept {
+        Some(p) => p,
+        None => {
+            // Kept rows then the count, in the index scratch.
+            let mut idx: Vec<u32> = kept.to_vec();
+            idx.push(k as u32);
+            let p = cuda.upload_idx(&idx)?;
+            (p, p + 4 * k as u64)
+        }
+    };
+    let lse_ptr = match (lse.is_empty(), own_lse) {
+        (true, _) => None,
+        (false, Some(p)) => Some(p),
+        (false, None) => {
+            let p = cuda.scratch(3, lse.len())?;
+            // SAFETY: the lse scratch holds ≥ lse.len() floats; staged before return (pageable host memory).
+            let r = unsafe { drv::memcpy_htod_async(p, lse, cuda.stream().cu_stream()) };
+            if !cuda.check(r) {
+                return None;
+            }
+            Some(p)
+        }
+    };
+    Some((idx, count, lse_ptr))
 }
 
 pub(super) fn sparse_ce(
@@ -108,17 +197,11 @@ pub(super) fn sparse_ce(
         return cuda.recorded().map(|_| f32::NAN);
     }
     let stream = cuda.stream().clone();
-    // Kept rows then the count, in the index scratch; lse in its own.
-    let mut idx: Vec<u32> = kept.to_vec();
-    idx.push(k as u32);
-    let idx_ptr = cuda.upload_idx(&idx);
-    let lse_ptr = cuda.scratch(3, n);
-    let (Some(idx_ptr), Some(lse_ptr)) = (idx_ptr, lse_ptr) else {
+    let Some((idx_ptr, count_ptr, Some(lse_ptr))) =
+        kept_on_device(cuda, n, kept, rows.own_selection, lse)
+    else {
         return cuda.recorded().map(|_| f32::NAN);
     };
-    // SAFETY: lse scratch holds ≥ n floats; staged before return.
-    let r = unsafe { drv::memcpy_htod_async(lse_ptr, lse, stream.cu_stream()) };
-    r.map_err(KernelError::from)?;
     if cuda.ce.as_ref().is_none_or(|w| w.capacity() < k) {
         cuda.ce = Some(DeviceSparseCe::new(&cuda.kernels, k)?);
     }
@@ -130,11 +213,12 @@ pub(super) fn sparse_ce(
     };
     // SAFETY: each borrowed range is live device memory of this context of the stated length (checked above
     // or just uploaded), used only during this call.
-    let (logits_b, lse_b, idx_b, mut dz_b) = unsafe {
+    let (logits_b, lse_b, idx_b, count_b, mut dz_b) = unsafe {
         (
             Borrowed::<f32>::new(&stream, z.ptr, used),
             Borrowed::<f32>::new(&stream, lse_ptr, n),
-            Borrowed::<u32>::new(&stream, idx_ptr, k + 1),
+            Borrowed::<u32>::new(&stream, idx_ptr, k),
+            Borrowed::<u32>::new(&stream, count_ptr, 1),
             Borrowed::<f32>::new(&stream, dlogits.ptr, k * dims.vp),
         )
     };
@@ -146,7 +230,7 @@ pub(super) fn sparse_ce(
             targets: &tgt.slice(0..n),
             lse: &lse_b.slice(0..n),
             kept: &idx_b.slice(0..k),
-            count: &idx_b.slice(k..k + 1),
+            count: &count_b.slice(0..1),
             dlogits: &mut dz,
             out_stride: dims.vp,
             scale: GradScale::Constant(scale),
@@ -194,7 +278,7 @@ pub(super) fn kd_grad(
     ]) {
         return cuda.recorded().map(|_| f32::NAN);
     }
-    let idx_ptr = cuda.upload_idx(kept);
+    let idx_ptr = kept_on_device(cuda, n, kept, rows.own_selection, &[]).map(|(idx, _, _)| idx);
     let loss_ptr = cuda.scratch(3, k);
     let (Some(idx_ptr), Some(loss_ptr)) = (idx_ptr, loss_ptr) else {
         return cuda.recorded().map(|_| f32::NAN);

@@ -48,8 +48,8 @@ use eslm_kernels::cuda::engine_block_sizes::{
     ESLM_KD_THREADS, ESLM_LN_THREADS, ESLM_NORM_BLOCKS, ESLM_NORM_THREADS,
 };
 use eslm_kernels::cuda::{
-    alloc_len, CudaKernels, DeviceLogits, DeviceSparseCe, DeviceTokenStats, GradScale,
-    SparseCeArgs, ENGINE_FATBINS,
+    alloc_len, CudaKernels, DeviceLogits, DeviceSelection, DeviceSparseCe, DeviceTokenStats,
+    GradScale, SparseCeArgs, ENGINE_FATBINS,
 };
 use eslm_kernels::kd::KdParams;
 use eslm_kernels::select::{SelectRule, Selection};
@@ -63,7 +63,7 @@ use cudarc::driver::{
 
 use super::{
     AdamWSlices, Affine, Backend, CollectiveOp, Embeddings, HeadDims, KeptTargets, LinearDims,
-    LnSaved, LnStats, Logits, MatmulPrecision, RowGrad,
+    LnSaved, LnStats, Logits, MatmulPrecision, OwnStat, RowGrad, RowScores,
 };
 use crate::error::{Gpt2Error, Result};
 use crate::ops::attention::AttnDims;
@@ -84,6 +84,7 @@ macro_rules! launch {
 
 mod attention;
 mod encoder;
+mod epilogue;
 mod functions;
 mod gelu;
 mod gemm;
@@ -118,6 +119,8 @@ pub struct Cuda {
     /// The NCCL communicator of a multi-rank job ([`Backend::connect`]); `None`: collectives through the host.
     /// First, so that it is destroyed before the stream and the context it uses.
     nccl: Option<nccl::Nccl>,
+    /// cuBLASLt for the forward linear layers with fused epilogues ([`epilogue`]).
+    lt: epilogue::LtState,
     kernels: CudaKernels,
     blas: CudaBlas,
     f: Functions,
@@ -135,9 +138,16 @@ pub struct Cuda {
     partial: Grow<f32>,
     /// `dP` / `dS` `[B, H, T, T]` of the attention backward.
     datt: Grow<f32>,
-    /// The loss head: host `lse` uploaded for the sparse CE.
+    /// Per-row loss-head scratch: an uploaded `lse` (only when the device statistics are not this forward's),
+    /// KD's per-row losses.
     lse: Grow<f32>,
+    /// The loss head's device state: the statistics of the last `token_stats` call (`stats_fresh` after it
+    /// succeeded), the last selection over them (`sel_fresh` after it succeeded: its kept rows are the host
+    /// copy the loss head passes back with `own_selection`), the sparse CE's workspace.
     stats: Option<DeviceTokenStats>,
+    stats_fresh: bool,
+    sel: Option<DeviceSelection>,
+    sel_fresh: bool,
     ce: Option<DeviceSparseCe>,
     /// The precision of the matrix products ([`Backend::set_matmul_precision`]).
     precision: MatmulPrecision,
@@ -200,8 +210,16 @@ impl Cuda {
             datt: Grow::new(),
             lse: Grow::new(),
             stats: None,
+            stats_fresh: false,
+            sel: None,
+            sel_fresh: false,
             ce: None,
             nccl: None,
+            lt: if std::env::var_os("ESLM_NO_CUBLASLT").is_some_and(|v| v == "1") {
+                epilogue::LtState::Off
+            } else {
+                epilogue::LtState::Untried
+            },
             precision: MatmulPrecision::F32,
             bf16_operands: Mutex::new((Grow::new(), Grow::new())),
         })
@@ -585,6 +603,17 @@ impl Backend for Cuda {
     ) -> f64 {
         linear::forward(self, y, x, p, n, d)
     }
+    fn linear_gelu_forward(
+        &mut self,
+        pre: DevViewMut<'_>,
+        post: DevViewMut<'_>,
+        x: DevView<'_>,
+        p: Affine<DevView<'_>>,
+        n: usize,
+        d: LinearDims,
+    ) -> f64 {
+        linear::forward_gelu(self, pre, post, x, p, n, d)
+    }
     fn linear_backward(
         &mut self,
         dx: Option<DevViewMut<'_>>,
@@ -680,7 +709,7 @@ impl Backend for Cuda {
     }
     fn select(
         &mut self,
-        scores: &[f32],
+        scores: RowScores<'_>,
         valid: &[bool],
         rule: SelectRule,
         out: &mut Selection,
