@@ -471,8 +471,47 @@ mod tests {
         assert_eq!(alignment(0), 256);
     }
 
+    /// cuBLASLt's product as documented, column-major: `D (m×n, ldd) = op(A)·B + bias` over rows, with
+    /// op(A) = Aᵀ for A (k×m, lda) and B (k×n, ldb).
+    fn column_major_reference(p: LtProblem, a: &[f32], b: &[f32], bias: &[f32]) -> Vec<f32> {
+        let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
+        let (lda, ldb, ldd) = (p.lda as usize, p.ldb as usize, p.ldd as usize);
+        let mut d = vec![f32::NAN; ldd * n];
+        for j in 0..n {
+            for i in 0..m {
+                let dot: f64 = (0..k)
+                    .map(|l| a[l + i * lda] as f64 * b[l + j * ldb] as f64)
+                    .sum();
+                d[i + j * ldd] = (dot + bias[i] as f64) as f32;
+            }
+        }
+        d
+    }
+
     #[test]
-    fn problem_maps_the_row_major_layer_to_column_major_at_b_d() {
+    fn the_column_major_problem_computes_the_row_major_layer() {
+        let (n, d_in, d_out) = (5usize, 3usize, 8usize);
+        let x: Vec<f32> = (0..n * d_in).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..d_out * d_in).map(|i| (i as f32 * 0.11).cos()).collect();
+        let bias: Vec<f32> = (0..d_out).map(|i| i as f32 * 0.5 - 1.0).collect();
+        let d = LinearDims { d_in, d_out };
+        let p = problem(n, d, Epilogue::GeluAuxBias).unwrap();
+        // The row-major buffers handed over as they are: A = W, B = x, D read back as y [n, out].
+        let got = column_major_reference(p, &w, &x, &bias);
+        for r in 0..n {
+            for o in 0..d_out {
+                let want: f64 = (0..d_in)
+                    .map(|i| x[r * d_in + i] as f64 * w[o * d_in + i] as f64)
+                    .sum::<f64>()
+                    + bias[o] as f64;
+                let y = got[r * d_out + o] as f64;
+                assert!((y - want).abs() < 1e-6, "y[{r}, {o}] = {y}, want {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn problem_maps_the_row_major_layer_to_column_major() {
         let d = LinearDims {
             d_in: 768,
             d_out: 3072,
