@@ -15,7 +15,9 @@
 //! the model's parameter count in place (what `reduce_grads` does on each step of a multi-rank job), timed
 //! against the CLM step (target < 3 % of a step).
 //!
-//! Every mode runs with f32 products, then TF32 and bf16 tensor-core products (`--matmul tf32|bf16`). Prints one
+//! Every mode runs with f32 products, then TF32 and bf16 tensor-core products (`--matmul tf32|bf16`); then CLM and
+//! ESLM keep 0.3 with bf16 products once more without the fused cuBLASLt epilogues (bias and GELU as separate
+//! kernels, `Cuda::set_fused_epilogues(false)`), for the epilogues' share of a step. Prints one
 //! markdown table (also written to `ESLM_BENCH_OUT`): median step time, tokens/s, the ratio to CLM of the same precision, kept
 //! tokens, and the device memory in use after the run. **Never run yet** (no GPU in any session so far).
 //!
@@ -212,13 +214,17 @@ fn run(a: &Args) -> BenchResult<String> {
         a.steps, a.warmup, a.exit_layer
     );
     let mut clm_f32 = f64::NAN;
-    for (label, precision) in [
-        ("f32", MatmulPrecision::F32),
-        ("tf32", MatmulPrecision::Tf32),
-        ("bf16", MatmulPrecision::Bf16),
+    let unfused = [Mode::Clm, Mode::Eslm { keep: 0.3 }];
+    for (label, precision, fused) in [
+        ("f32", MatmulPrecision::F32, true),
+        ("tf32", MatmulPrecision::Tf32, true),
+        ("bf16", MatmulPrecision::Bf16, true),
+        ("bf16, epilogues not fused", MatmulPrecision::Bf16, false),
     ] {
         model.set_matmul(precision)?;
-        let (medians, kept) = time_modes(&mut model, &modes, a, (&inputs, &targets), (b, t))?;
+        model.inner_mut().backend_mut().set_fused_epilogues(fused);
+        let modes: &[Mode] = if fused { &modes } else { &unfused };
+        let (medians, kept) = time_modes(&mut model, modes, a, (&inputs, &targets), (b, t))?;
         let clm = medians[0];
         if precision == MatmulPrecision::F32 {
             clm_f32 = clm;

@@ -745,6 +745,12 @@ impl<B: Backend> Gpt2<B> {
         &self.backend
     }
 
+    /// The backend, for its own settings (e.g. `Cuda::set_fused_epilogues`); the model's buffers stay the
+    /// model's.
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
     /// The parameters in the backend's buffer.
     pub fn device_params(&self) -> &ParamSet<B> {
         &self.params

@@ -100,6 +100,11 @@ impl<B: Backend + 'static> Gpt2Model<B> {
         &self.model
     }
 
+    /// The engine model, mutable (backend settings; benchmarks).
+    pub fn inner_mut(&mut self) -> &mut Gpt2<B> {
+        &mut self.model
+    }
+
     /// The model configuration.
     pub fn config(&self) -> &GptConfig {
         self.model.config()
