@@ -23,39 +23,46 @@
 #define ATT_WARPS (ATT_THREADS / 32)
 static_assert(ATT_THREADS % 32 == 0, "attention: whole warps");
 
-extern "C" __global__ void __launch_bounds__(ATT_THREADS)
-attention_softmax_forward(float* __restrict__ att, uint64_t rows, uint64_t t, float scale) {
+/* bf16 twins (common.cuh, ESLM_TWINS): att / datt in bf16. The forward keeps the unnormalised exponentials in
+ * registers' precision only through the row sum: each e is stored (rounded) and re-read for the final scaling,
+ * as in the f32 kernel, so the bf16 probabilities are round(round(e) / s). */
+#define SOFTMAX_FORWARD_PARAMS(A) A *__restrict__ att, uint64_t rows, uint64_t t, float scale
+template <typename A>
+__device__ __forceinline__ void attention_softmax_forward_t(SOFTMAX_FORWARD_PARAMS(A)) {
     ESLM_REQUIRE_BLOCK(ATT_THREADS);
     const uint64_t r = (uint64_t)blockIdx.x * ATT_WARPS + threadIdx.x / 32;
     const unsigned lane = threadIdx.x % 32;
     if (r >= rows) return;
     const uint64_t i = r % t;
-    float* p = att + r * t;
+    A* p = att + r * t;
     float m = -INFINITY;
-    for (uint64_t j = lane; j <= i; j += 32) m = fmaxf(m, p[j] * scale);
+    for (uint64_t j = lane; j <= i; j += 32) m = fmaxf(m, ld(p + j) * scale);
     m = warp_max(m);
     float s = 0.0f;
     for (uint64_t j = lane; j <= i; j += 32) {
-        const float e = expf(p[j] * scale - m);
-        p[j] = e;
+        const float e = expf(ld(p + j) * scale - m);
+        st(p + j, e);
         s += e;
     }
     const float inv = 1.0f / warp_sum(s);
-    for (uint64_t j = lane; j < t; j += 32) p[j] = j <= i ? p[j] * inv : 0.0f;
+    for (uint64_t j = lane; j < t; j += 32) st(p + j, j <= i ? ld(p + j) * inv : 0.0f);
 }
+ESLM_TWINS(attention_softmax_forward, ATT_THREADS, SOFTMAX_FORWARD_PARAMS, (att, rows, t, scale))
 
-extern "C" __global__ void __launch_bounds__(ATT_THREADS)
-attention_softmax_backward(float* __restrict__ datt, const float* __restrict__ att, uint64_t rows, uint64_t t,
-                           float scale) {
+#define SOFTMAX_BACKWARD_PARAMS(A)                                                                             \
+    A *__restrict__ datt, const A *__restrict__ att, uint64_t rows, uint64_t t, float scale
+template <typename A>
+__device__ __forceinline__ void attention_softmax_backward_t(SOFTMAX_BACKWARD_PARAMS(A)) {
     ESLM_REQUIRE_BLOCK(ATT_THREADS);
     const uint64_t r = (uint64_t)blockIdx.x * ATT_WARPS + threadIdx.x / 32;
     const unsigned lane = threadIdx.x % 32;
     if (r >= rows) return;
     const uint64_t i = r % t;
-    float* d = datt + r * t;
-    const float* p = att + r * t;
+    A* d = datt + r * t;
+    const A* p = att + r * t;
     float dot = 0.0f;
-    for (uint64_t j = lane; j <= i; j += 32) dot += p[j] * d[j];
+    for (uint64_t j = lane; j <= i; j += 32) dot += ld(p + j) * ld(d + j);
     dot = warp_sum(dot);
-    for (uint64_t j = lane; j < t; j += 32) d[j] = j <= i ? p[j] * (d[j] - dot) * scale : 0.0f;
+    for (uint64_t j = lane; j < t; j += 32) st(d + j, j <= i ? ld(p + j) * (ld(d + j) - dot) * scale : 0.0f);
 }
+ESLM_TWINS(attention_softmax_backward, ATT_THREADS, SOFTMAX_BACKWARD_PARAMS, (datt, att, rows, t, scale))

@@ -68,6 +68,21 @@ __device__ __forceinline__ uint64_t head_elems(const T* p) {
 
 /* ---- helpers of the engine's kernels (encoder.cu ... global_norm.cu) ---- */
 
+/* Activation storage. The engine's row-wise kernels are templates over the element type A of the activations
+ * and their gradients: float (f32 storage) or uint16_t holding bf16 bits (bf16 storage: llm.c's mixed-precision
+ * recipe). Parameters, parameter gradients, layer-norm statistics and every accumulation stay f32: ld() widens
+ * on load (exact), st() rounds to nearest even on store. ESLM_TWINS(NAME, THREADS, PARAMS, ARGS) emits the
+ * extern "C" kernels NAME (A = float) and NAME_bf16 (A = uint16_t), both calling the device template
+ * NAME_t<A> ARGS; PARAMS is a function-like macro of A giving the parameter list, ARGS the parenthesised names. */
+template <typename A>
+__device__ __forceinline__ float ld(const A* p) { return Elem<A>::load(p); }
+template <typename A>
+__device__ __forceinline__ void st(A* p, float x) { Elem<A>::store(p, x); }
+
+#define ESLM_TWINS(NAME, THREADS, PARAMS, ARGS)                                                               \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(PARAMS(float)) { NAME##_t<float> ARGS; }       \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME##_bf16(PARAMS(uint16_t)) { NAME##_t<uint16_t> ARGS; }
+
 /* Sum over the 32 lanes of a warp (every lane gets the result; fixed butterfly order: deterministic). */
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -12,6 +12,8 @@
  * columns for dw, the next C for db), layernorm_reduce_params adds the chunks in order into dw, db.
  *
  * Launch: ESLM_LN_THREADS threads (ESLM_LN_THREADS / 32 rows per block); params: grid (ceil(C / threads), chunks).
+ * Every kernel but layernorm_reduce_params has a bf16-activation twin (NAME_bf16: x, y, dy, dx in bf16; w, b,
+ * mean, rstd, the partials and the parameter gradients f32; common.cuh, ESLM_TWINS).
  */
 #include <math.h>
 
@@ -22,67 +24,74 @@
 #define LN_EPS 1e-5f
 static_assert(LN_THREADS % 32 == 0, "layernorm: whole warps");
 
-extern "C" __global__ void __launch_bounds__(LN_THREADS)
-layernorm_forward(float* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
-                  const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b, uint64_t n,
-                  uint64_t c) {
+#define LN_FORWARD_PARAMS(A)                                                                                   \
+    A *__restrict__ y, float *__restrict__ mean, float *__restrict__ rstd, const A *__restrict__ x,              \
+        const float *__restrict__ w, const float *__restrict__ b, uint64_t n, uint64_t c
+template <typename A>
+__device__ __forceinline__ void layernorm_forward_t(LN_FORWARD_PARAMS(A)) {
     ESLM_REQUIRE_BLOCK(LN_THREADS);
     const uint64_t row = (uint64_t)blockIdx.x * LN_WARPS + threadIdx.x / 32;
     const unsigned lane = threadIdx.x % 32;
     if (row >= n) return;
-    const float* xr = x + row * c;
+    const A* xr = x + row * c;
     const float inv_c = 1.0f / (float)c;
     float s = 0.0f;
-    for (uint64_t k = lane; k < c; k += 32) s += xr[k];
+    for (uint64_t k = lane; k < c; k += 32) s += ld(xr + k);
     const float m = warp_sum(s) * inv_c;
     float v = 0.0f;
     for (uint64_t k = lane; k < c; k += 32) {
-        const float d = xr[k] - m;
+        const float d = ld(xr + k) - m;
         v += d * d;
     }
     const float r = 1.0f / sqrtf(warp_sum(v) * inv_c + LN_EPS);
-    float* yr = y + row * c;
-    for (uint64_t k = lane; k < c; k += 32) yr[k] = (xr[k] - m) * r * w[k] + b[k];
+    A* yr = y + row * c;
+    for (uint64_t k = lane; k < c; k += 32) st(yr + k, (ld(xr + k) - m) * r * w[k] + b[k]);
     if (lane == 0) {
         mean[row] = m;
         rstd[row] = r;
     }
 }
+ESLM_TWINS(layernorm_forward, LN_THREADS, LN_FORWARD_PARAMS, (y, mean, rstd, x, w, b, n, c))
 
-extern "C" __global__ void __launch_bounds__(LN_THREADS)
-layernorm_backward_dx(float* __restrict__ dx, const float* __restrict__ dy, const float* __restrict__ x,
-                      const float* __restrict__ mean, const float* __restrict__ rstd, const float* __restrict__ w,
-                      const uint32_t* __restrict__ rows, uint64_t k, uint64_t c) {
+#define LN_DX_PARAMS(A)                                                                                        \
+    A *__restrict__ dx, const A *__restrict__ dy, const A *__restrict__ x, const float *__restrict__ mean,       \
+        const float *__restrict__ rstd, const float *__restrict__ w, const uint32_t *__restrict__ rows,          \
+        uint64_t k, uint64_t c
+template <typename A>
+__device__ __forceinline__ void layernorm_backward_dx_t(LN_DX_PARAMS(A)) {
     ESLM_REQUIRE_BLOCK(LN_THREADS);
     const uint64_t j = (uint64_t)blockIdx.x * LN_WARPS + threadIdx.x / 32;
     const unsigned lane = threadIdx.x % 32;
     if (j >= k) return;
     const uint64_t i = dense_row(rows, j);
-    const float* xr = x + i * c;
-    const float* dyr = dy + j * c;
+    const A* xr = x + i * c;
+    const A* dyr = dy + j * c;
     const float m = mean[i], r = rstd[i];
     float a = 0.0f, bsum = 0.0f;
     for (uint64_t q = lane; q < c; q += 32) {
-        const float nv = (xr[q] - m) * r;
-        const float dn = dyr[q] * w[q];
+        const float nv = (ld(xr + q) - m) * r;
+        const float dn = ld(dyr + q) * w[q];
         a += dn;
         bsum += dn * nv;
     }
     const float inv_c = 1.0f / (float)c;
     const float mean_dn = warp_sum(a) * inv_c;
     const float mean_dn_n = warp_sum(bsum) * inv_c;
-    float* dxr = dx + j * c;
+    A* dxr = dx + j * c;
     for (uint64_t q = lane; q < c; q += 32) {
-        const float nv = (xr[q] - m) * r;
-        dxr[q] = r * (dyr[q] * w[q] - mean_dn - nv * mean_dn_n);
+        const float nv = (ld(xr + q) - m) * r;
+        st(dxr + q, r * (ld(dyr + q) * w[q] - mean_dn - nv * mean_dn_n));
     }
 }
+ESLM_TWINS(layernorm_backward_dx, LN_THREADS, LN_DX_PARAMS, (dx, dy, x, mean, rstd, w, rows, k, c))
 
 /* partial [chunks, 2C]: chunk blockIdx.y covers compact rows [y * ESLM_COLSUM_ROWS, ...). */
-extern "C" __global__ void __launch_bounds__(LN_THREADS)
-layernorm_backward_params(float* __restrict__ partial, const float* __restrict__ dy, const float* __restrict__ x,
-                          const float* __restrict__ mean, const float* __restrict__ rstd,
-                          const uint32_t* __restrict__ rows, uint64_t k, uint64_t c) {
+#define LN_PARAMS_PARAMS(A)                                                                                    \
+    float *__restrict__ partial, const A *__restrict__ dy, const A *__restrict__ x,                             \
+        const float *__restrict__ mean, const float *__restrict__ rstd, const uint32_t *__restrict__ rows,       \
+        uint64_t k, uint64_t c
+template <typename A>
+__device__ __forceinline__ void layernorm_backward_params_t(LN_PARAMS_PARAMS(A)) {
     ESLM_REQUIRE_BLOCK(LN_THREADS);
     const uint64_t col = (uint64_t)blockIdx.x * LN_THREADS + threadIdx.x;
     if (col >= c) return;
@@ -91,13 +100,14 @@ layernorm_backward_params(float* __restrict__ partial, const float* __restrict__
     float dw = 0.0f, db = 0.0f;
     for (uint64_t j = j0; j < j1; ++j) {
         const uint64_t i = dense_row(rows, j);
-        const float g = dy[j * c + col];
-        dw += g * ((x[i * c + col] - mean[i]) * rstd[i]);
+        const float g = ld(dy + j * c + col);
+        dw += g * ((ld(x + i * c + col) - mean[i]) * rstd[i]);
         db += g;
     }
     partial[blockIdx.y * 2 * c + col] = dw;
     partial[blockIdx.y * 2 * c + c + col] = db;
 }
+ESLM_TWINS(layernorm_backward_params, LN_THREADS, LN_PARAMS_PARAMS, (partial, dy, x, mean, rstd, rows, k, c))
 
 extern "C" __global__ void __launch_bounds__(LN_THREADS)
 layernorm_reduce_params(float* __restrict__ dw, float* __restrict__ db, const float* __restrict__ partial,

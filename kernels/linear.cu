@@ -15,24 +15,29 @@
 
 #define EW_THREADS ESLM_EW_THREADS
 
-extern "C" __global__ void __launch_bounds__(EW_THREADS)
-bias_forward(float* __restrict__ y, const float* __restrict__ b, uint64_t n, uint64_t width) {
+/* bf16 twins: y / dy in bf16, b and the partials f32 (common.cuh, ESLM_TWINS). */
+#define BIAS_PARAMS(A) A *__restrict__ y, const float *__restrict__ b, uint64_t n, uint64_t width
+template <typename A>
+__device__ __forceinline__ void bias_forward_t(BIAS_PARAMS(A)) {
     ESLM_REQUIRE_BLOCK(EW_THREADS);
     const uint64_t total = n * width;
-    for (uint64_t i = gs_start(); i < total; i += gs_stride()) y[i] = b[i % width];
+    for (uint64_t i = gs_start(); i < total; i += gs_stride()) st(y + i, b[i % width]);
 }
+ESLM_TWINS(bias_forward, EW_THREADS, BIAS_PARAMS, (y, b, n, width))
 
-extern "C" __global__ void __launch_bounds__(EW_THREADS)
-colsum_partial(float* __restrict__ partial, const float* __restrict__ dy, uint64_t k, uint64_t width) {
+#define COLSUM_PARAMS(A) float *__restrict__ partial, const A *__restrict__ dy, uint64_t k, uint64_t width
+template <typename A>
+__device__ __forceinline__ void colsum_partial_t(COLSUM_PARAMS(A)) {
     ESLM_REQUIRE_BLOCK(EW_THREADS);
     const uint64_t col = (uint64_t)blockIdx.x * EW_THREADS + threadIdx.x;
     if (col >= width) return;
     const uint64_t j0 = (uint64_t)blockIdx.y * ESLM_COLSUM_ROWS;
     const uint64_t j1 = min(k, j0 + ESLM_COLSUM_ROWS);
     float acc = 0.0f;
-    for (uint64_t j = j0; j < j1; ++j) acc += dy[j * width + col];
+    for (uint64_t j = j0; j < j1; ++j) acc += ld(dy + j * width + col);
     partial[blockIdx.y * width + col] = acc;
 }
+ESLM_TWINS(colsum_partial, EW_THREADS, COLSUM_PARAMS, (partial, dy, k, width))
 
 extern "C" __global__ void __launch_bounds__(EW_THREADS)
 colsum_reduce_add(float* __restrict__ dst, const float* __restrict__ partial, uint64_t chunks, uint64_t width) {
