@@ -15,11 +15,12 @@
 //! the model's parameter count in place (what `reduce_grads` does on each step of a multi-rank job), timed
 //! against the CLM step (target < 3 % of a step).
 //!
-//! Every mode runs with f32 products, then TF32 and bf16 tensor-core products (`--matmul tf32|bf16`); then CLM and
-//! ESLM keep 0.3 with bf16 products once more without the fused cuBLASLt epilogues (bias and GELU as separate
-//! kernels, `Cuda::set_fused_epilogues(false)`), for the epilogues' share of a step. Prints one
-//! markdown table (also written to `ESLM_BENCH_OUT`): median step time, tokens/s, the ratio to CLM of the same precision, kept
-//! tokens, and the device memory in use after the run. **Never run yet** (no GPU in any session so far).
+//! Every mode runs with f32 storage and f32 products, then TF32 and bf16 tensor-core products (`--matmul
+//! tf32|bf16`), then with bf16 storage (`--storage bf16`, llm.c's mixed-precision recipe: a second model); CLM and
+//! ESLM keep 0.3 also run without the fused cuBLASLt epilogues (bias and GELU as separate kernels,
+//! `Cuda::set_fused_epilogues(false)`), for the epilogues' share of a step. Prints one
+//! markdown table (also written to `ESLM_BENCH_OUT`): median step time, tokens/s, the ratio to CLM of the same storage
+//! and precision, kept tokens, and the device memory in use after each storage's runs. **Never run yet** (no GPU in any session so far).
 //!
 //! `cargo bench --features cuda --bench train_step_cuda -- [--batch 8] [--steps 5] [--warmup 2] [--exit-layer 4]`
 
@@ -29,6 +30,7 @@ use std::time::Instant;
 mod common;
 
 use eslm_collective::SingleProcess;
+use eslm_gpt2::backend::cuda::Dtype;
 use eslm_gpt2::backend::CollectiveOp;
 use eslm_gpt2::{Backend, Cuda, GptConfig, MatmulPrecision};
 use eslm_kernels::select::SelectRule;
@@ -195,59 +197,102 @@ fn time_modes(
     Ok((times.iter().map(|v| common::median(v)).collect(), kept))
 }
 
+/// Table rows of `modes` timed on `model` (label in the first column), each step's ratio to the first mode (CLM).
+fn rows_of(
+    label: &str,
+    model: &mut Gpt2Model<Cuda>,
+    modes: &[Mode],
+    a: &Args,
+    data: (&[u32], &[i32]),
+    (b, t): (usize, usize),
+) -> BenchResult<(String, f64)> {
+    let (medians, kept) = time_modes(model, modes, a, data, (b, t))?;
+    let clm = medians[0];
+    let mut text = String::new();
+    for (m, mode) in modes.iter().enumerate() {
+        text += &format!(
+            "| {label} | {} | {:.4} | {:.0} | {:.3} | {} |\n",
+            mode.name(),
+            medians[m],
+            (b * t) as f64 / medians[m],
+            medians[m] / clm,
+            kept[m]
+        );
+    }
+    Ok((text, clm))
+}
+
+/// `(used, total)` GiB of device memory.
+fn memory_gib(model: &Gpt2Model<Cuda>) -> BenchResult<(f64, f64)> {
+    let (free, total) = model.inner().backend().memory_info()?;
+    let gib = |x: usize| x as f64 / (1u64 << 30) as f64;
+    Ok((gib(total - free), gib(total)))
+}
+
 fn run(a: &Args) -> BenchResult<String> {
     let (b, t) = (a.batch, 1024);
     let config = GptConfig::gpt2_124m();
     let n = b * t;
     let (inputs, targets) = batch(n, config.vocab_size);
-    let mut model = Gpt2Model::new_on(Cuda::new(0)?, config, b, t, 0)?;
+    let data = (&inputs[..], &targets[..]);
     let modes = [
         Mode::Clm,
         Mode::Eslm { keep: 0.5 },
         Mode::Eslm { keep: 0.3 },
         Mode::Hierarchical { keep: 0.3 },
     ];
+    let unfused = [Mode::Clm, Mode::Eslm { keep: 0.3 }];
     let mut text = format!(
-        "GPT-2 124M, B={b}, T={t}, f32 storage (bf16 not written yet), {} timed steps per mode after {} warm-up, \
-         exit layer {}\n\n| products | mode | median step s | tokens/s | step / CLM | kept tokens |\n\
+        "GPT-2 124M, B={b}, T={t}, {} timed steps per mode after {} warm-up, exit layer {}\n\n\
+         | storage, products | mode | median step s | tokens/s | step / CLM | kept tokens |\n\
          |---|---|---|---|---|---|\n",
         a.steps, a.warmup, a.exit_layer
     );
+    let mut model = Gpt2Model::new_on(Cuda::new(0)?, config, b, t, 0)?;
     let mut clm_f32 = f64::NAN;
-    let unfused = [Mode::Clm, Mode::Eslm { keep: 0.3 }];
     for (label, precision, fused) in [
-        ("f32", MatmulPrecision::F32, true),
-        ("tf32", MatmulPrecision::Tf32, true),
-        ("bf16", MatmulPrecision::Bf16, true),
-        ("bf16, epilogues not fused", MatmulPrecision::Bf16, false),
+        ("f32, f32", MatmulPrecision::F32, true),
+        ("f32, tf32", MatmulPrecision::Tf32, true),
+        ("f32, bf16", MatmulPrecision::Bf16, true),
+        (
+            "f32, bf16, epilogues not fused",
+            MatmulPrecision::Bf16,
+            false,
+        ),
     ] {
         model.set_matmul(precision)?;
         model.inner_mut().backend_mut().set_fused_epilogues(fused);
         let modes: &[Mode] = if fused { &modes } else { &unfused };
-        let (medians, kept) = time_modes(&mut model, modes, a, (&inputs, &targets), (b, t))?;
-        let clm = medians[0];
+        let (rows, clm) = rows_of(label, &mut model, modes, a, data, (b, t))?;
+        text += &rows;
         if precision == MatmulPrecision::F32 {
             clm_f32 = clm;
         }
-        for (m, mode) in modes.iter().enumerate() {
-            text += &format!(
-                "| {label} | {} | {:.4} | {:.0} | {:.3} | {} |\n",
-                mode.name(),
-                medians[m],
-                n as f64 / medians[m],
-                medians[m] / clm,
-                kept[m]
-            );
-        }
     }
-    let (free, total) = model.inner().backend().memory_info()?;
-    text += &format!(
-        "\ndevice memory in use after the run: {:.1} GiB of {:.1} GiB\n",
-        (total - free) as f64 / (1u64 << 30) as f64,
-        total as f64 / (1u64 << 30) as f64
-    );
+    let (used_f32, total) = memory_gib(&model)?;
     let params = model.inner().device_params().len();
     drop(model);
+    // llm.c's recipe: bf16 activations and products, f32 master weights and AdamW state (`--storage bf16`).
+    let mut gpu = Cuda::new(0)?;
+    gpu.set_activation_dtype(Dtype::Bf16)?;
+    let mut model = Gpt2Model::new_on(gpu, config, b, t, 0)?;
+    text += &rows_of("bf16, bf16", &mut model, &modes, a, data, (b, t))?.0;
+    model.inner_mut().backend_mut().set_fused_epilogues(false);
+    text += &rows_of(
+        "bf16, bf16, epilogues not fused",
+        &mut model,
+        &unfused,
+        a,
+        data,
+        (b, t),
+    )?
+    .0;
+    let (used_bf16, _) = memory_gib(&model)?;
+    drop(model);
+    text += &format!(
+        "\ndevice memory in use after the runs: {used_f32:.1} GiB (f32 storage), {used_bf16:.1} GiB (bf16 storage) \
+         of {total:.1} GiB\n"
+    );
     match nccl_all_reduce_s(params, 10) {
         Ok(s) => {
             text += &format!(

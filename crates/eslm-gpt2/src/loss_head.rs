@@ -236,7 +236,7 @@ impl<B: Backend> Gpt2<B> {
         let need = self.head.selection.indices.len() * self.config().padded_vocab_size;
         match self.head.dlogits.take() {
             Some(buf) if B::len(&buf) >= need => buf,
-            _ => self.backend.alloc(need),
+            _ => self.backend.alloc_act(need),
         }
     }
 

@@ -80,19 +80,19 @@ impl<B: Backend> LayerActs<B> {
     fn new(be: &mut B, cfg: &GptConfig, b: usize, t: usize) -> Self {
         let (c, n, nh) = (cfg.n_embd, b * t, cfg.n_head);
         Self {
-            ln1: be.alloc(n * c),
+            ln1: be.alloc_act(n * c),
             ln1_mean: be.alloc(n),
             ln1_rstd: be.alloc(n),
-            qkv: be.alloc(n * 3 * c),
-            atty: be.alloc(n * c),
-            att: be.alloc(b * nh * t * t),
-            residual2: be.alloc(n * c),
-            ln2: be.alloc(n * c),
+            qkv: be.alloc_act(n * 3 * c),
+            atty: be.alloc_act(n * c),
+            att: be.alloc_act(b * nh * t * t),
+            residual2: be.alloc_act(n * c),
+            ln2: be.alloc_act(n * c),
             ln2_mean: be.alloc(n),
             ln2_rstd: be.alloc(n),
-            fch: be.alloc(n * 4 * c),
-            fch_gelu: be.alloc(n * 4 * c),
-            residual3: be.alloc(n * c),
+            fch: be.alloc_act(n * 4 * c),
+            fch_gelu: be.alloc_act(n * 4 * c),
+            residual3: be.alloc_act(n * c),
         }
     }
 }
@@ -124,7 +124,9 @@ impl<B: Backend> LayerActs<B> {
     }
 }
 
-/// Forward activations outside the blocks, and the blocks'.
+/// Forward activations outside the blocks, and the blocks'. Activations and the logits come from
+/// [`Backend::alloc_act`] (bf16 on a CUDA backend with bf16 storage), the layer-norm statistics from
+/// [`Backend::alloc`] (f32 always).
 #[derive(Debug, Clone)]
 pub(crate) struct Activations<B: Backend> {
     /// `[N, C]` embeddings (the first block's input).
@@ -147,15 +149,15 @@ impl<B: Backend> Activations<B> {
     fn new(be: &mut B, cfg: &GptConfig, b: usize, t: usize) -> Self {
         let (c, n) = (cfg.n_embd, b * t);
         Self {
-            encoded: be.alloc(n * c),
+            encoded: be.alloc_act(n * c),
             layers: (0..cfg.n_layer)
                 .map(|_| LayerActs::new(be, cfg, b, t))
                 .collect(),
-            lnf: be.alloc(n * c),
+            lnf: be.alloc_act(n * c),
             lnf_mean: be.alloc(n),
             lnf_rstd: be.alloc(n),
-            logits: be.alloc(n * cfg.padded_vocab_size),
-            proj: be.alloc(n * c),
+            logits: be.alloc_act(n * cfg.padded_vocab_size),
+            proj: be.alloc_act(n * c),
         }
     }
 }
@@ -173,7 +175,8 @@ fn block_output<'a, B: Backend>(
     }
 }
 
-/// Gradient work buffers (compact gradients of at most `N_max` rows).
+/// Gradient work buffers (compact gradients of at most `N_max` rows), activations like the forward's
+/// ([`Backend::alloc_act`]).
 #[derive(Debug, Clone)]
 pub(crate) struct GradBuffers<B: Backend> {
     /// `[N, C]` each: the residual stream's gradient and three temporaries.
@@ -189,13 +192,13 @@ impl<B: Backend> GradBuffers<B> {
         let c = cfg.n_embd;
         Self {
             g: [
-                be.alloc(n * c),
-                be.alloc(n * c),
-                be.alloc(n * c),
-                be.alloc(n * c),
+                be.alloc_act(n * c),
+                be.alloc_act(n * c),
+                be.alloc_act(n * c),
+                be.alloc_act(n * c),
             ],
-            g4: [be.alloc(n * 4 * c), be.alloc(n * 4 * c)],
-            gqkv: be.alloc(n * 3 * c),
+            g4: [be.alloc_act(n * 4 * c), be.alloc_act(n * 4 * c)],
+            gqkv: be.alloc_act(n * 3 * c),
         }
     }
 }

@@ -1033,3 +1033,86 @@ fn a_step_of_the_gpt2_head_matches_cpu() {
     close("gradients", &gg, &wg, 1e-4, 1e-3);
     close("parameters", &gp, &wp, 1e-4, 1e-3);
 }
+
+/// Largest `|gpu − cpu|` relative to the largest `|cpu|`.
+fn worst_relative(gpu: &[f32], cpu: &[f32]) -> f32 {
+    let scale = cpu.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    let worst = gpu
+        .iter()
+        .zip(cpu)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    worst / scale
+}
+
+/// bf16 storage (llm.c's recipe: bf16 activations, their gradients and the logits; bf16 products with f32
+/// accumulation; f32 master weights, gradients and AdamW state) against the CPU's f32 over whole training steps:
+/// the loss within 2e-2, gradients and updated parameters within bf16's precision relative to their largest
+/// magnitude, the kept rows of CLM exact and ESLM's kept count at least k.
+#[test]
+fn bf16_storage_training_steps_are_close_to_cpu() {
+    let Some(mut gpu) = gpu("bf16_storage_training_steps_are_close_to_cpu") else {
+        return;
+    };
+    gpu.set_activation_dtype(eslm_gpt2::backend::cuda::Dtype::Bf16)
+        .unwrap();
+    let cfg = GptConfig::tiny();
+    let (b, t) = (2, 16);
+    let mut r = rng(19);
+    let inputs: Vec<u32> = (0..b * t)
+        .map(|_| r.gen_range(0..cfg.vocab_size as u32))
+        .collect();
+    let targets: Vec<i32> = (0..b * t)
+        .map(|i| {
+            if i == 3 {
+                -100
+            } else {
+                r.gen_range(0..cfg.vocab_size as i32)
+            }
+        })
+        .collect();
+    let mut on_gpu = Gpt2::new_on(gpu, cfg, b, t, 7).unwrap();
+    let mut on_cpu = Gpt2::new_on(Cpu::new(), cfg, b, t, 7).unwrap();
+    for keep in [Keep::AllValid, Keep::Rule(SelectRule::Var { alpha: 0.5 })] {
+        let (wl, wk, wg, wp, _) = train_step(&mut on_cpu, &inputs, &targets, b, t, keep);
+        let (gl, gk, gg, gp, gn) = train_step(&mut on_gpu, &inputs, &targets, b, t, keep);
+        match keep {
+            Keep::AllValid => assert_eq!(gk, wk, "CLM keeps every valid row"),
+            // M = 31 valid rows, k = ⌈0.5·31⌉ = 16 (more only with ties at the threshold).
+            _ => assert!(
+                (16..=31).contains(&gk.len()),
+                "{keep:?} kept {} rows",
+                gk.len()
+            ),
+        }
+        assert!(gn.is_finite(), "grad norm {gn}");
+        assert!((gl - wl).abs() <= 2e-2, "{keep:?} loss {gl} vs CPU {wl}");
+        if keep == Keep::AllValid {
+            let g = worst_relative(&gg, &wg);
+            assert!(g <= 5e-2, "{keep:?} gradients: worst relative error {g}");
+        }
+        let p = worst_relative(&gp, &wp);
+        assert!(
+            p <= 1e-2,
+            "{keep:?} parameters after AdamW: worst relative error {p}"
+        );
+    }
+    on_gpu.status().unwrap();
+}
+
+/// An op given views of two element types records a typed error (no kernel reads bf16 bits as f32).
+#[test]
+fn mixed_element_types_are_a_recorded_error() {
+    let Some(mut gpu) = gpu("mixed_element_types_are_a_recorded_error") else {
+        return;
+    };
+    let f = up(&mut gpu, &[1.0, 2.0, 3.0]);
+    gpu.set_activation_dtype(eslm_gpt2::backend::cuda::Dtype::Bf16)
+        .unwrap();
+    let mut h = gpu.alloc_act(3);
+    gpu.upload(Cuda::view_mut(&mut h), &[0.5, 0.25, 2.0]);
+    assert_eq!(down(&gpu, &h), vec![0.5, 0.25, 2.0], "bf16 round trip");
+    let mut out = gpu.alloc(3);
+    gpu.residual_forward(Cuda::view_mut(&mut out), Cuda::view(&f), Cuda::view(&h));
+    let e = gpu.status().unwrap_err().to_string();
+    assert!(e.contains("Bf16") && e.contains("residual"), "{e}");
+}

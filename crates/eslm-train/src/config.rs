@@ -46,7 +46,26 @@ pub enum QuantileScope {
     Global,
 }
 
-/// Precision of the trained model's matrix products on a GPU (`--matmul`; storage stays f32).
+/// Storage of the trained model's activations on a GPU (`--storage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    /// f32 activations (the default; what the CPU stores).
+    #[default]
+    F32,
+    /// bf16 activations, their gradients and the logits, bf16 products with f32 accumulation; f32 master
+    /// weights, gradients and AdamW state (llm.c's mixed-precision recipe). Implies `--matmul bf16`.
+    Bf16,
+}
+
+impl Storage {
+    /// Whether activations are bf16.
+    pub fn is_bf16(self) -> bool {
+        self == Storage::Bf16
+    }
+}
+
+/// Precision of the trained model's matrix products on a GPU (`--matmul`; storage is `--storage`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Matmul {
@@ -57,6 +76,17 @@ pub enum Matmul {
     Tf32,
     /// bf16 tensor cores (operands rounded to bf16, f32 accumulation and storage).
     Bf16,
+}
+
+impl RunConfig {
+    /// The precision of the trained model's products: bf16 under `--storage bf16`, else `--matmul`.
+    pub fn effective_matmul(&self) -> Matmul {
+        if self.storage.is_bf16() {
+            Matmul::Bf16
+        } else {
+            self.matmul
+        }
+    }
 }
 
 impl Matmul {
@@ -262,8 +292,10 @@ pub struct RunConfig {
     pub skip_nonfinite: bool,
     /// Data parallel: shard the AdamW state over the ranks (ZeRO-1; docs/distributed.md).
     pub shard_optimizer: bool,
-    /// CUDA: the precision of the trained model's matrix products (f32 storage either way).
+    /// CUDA: the precision of the trained model's matrix products (bf16 whenever `storage` is bf16).
     pub matmul: Matmul,
+    /// CUDA: the storage of the trained model's activations.
+    pub storage: Storage,
     /// Divergence rule F: stop when the loss exceeds F·ln V or F × its running median (0: off; see `guard`).
     pub divergence_factor: f64,
     /// Divergence rule G: stop when the gradient norm exceeds G × its running median (0: off).
@@ -335,6 +367,7 @@ impl Default for RunConfig {
             skip_nonfinite: false,
             shard_optimizer: false,
             matmul: Matmul::F32,
+            storage: Storage::F32,
             divergence_factor: 3.0,
             grad_spike_factor: 100.0,
             time_budget: None,
@@ -636,6 +669,12 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub matmul: Option<Matmul>,
+    /// CUDA: storage of the activations, their gradients and the logits: f32 (the default) or bf16 (llm.c's
+    /// mixed-precision recipe: f32 master weights, gradients and AdamW state, bf16 products; implies --matmul
+    /// bf16; not with --select eslm-kd).
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<Storage>,
     /// Stop when the loss exceeds F·ln(vocab) or F × its running median (0: off).
     #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -745,6 +784,27 @@ impl RunConfig {
                 self.matmul, self.device
             )
             .to_lowercase());
+        }
+        if self.storage.is_bf16() {
+            if !self.device.is_cuda() {
+                return bad(format!(
+                    "--storage bf16 stores the GPU's activations in bf16; it needs --device cuda (got --device {})",
+                    self.device
+                ));
+            }
+            if !matches!(self.matmul, Matmul::F32 | Matmul::Bf16) {
+                return bad(format!(
+                    "--storage bf16 multiplies bf16 operands; drop --matmul {:?} (bf16 storage implies --matmul \
+                     bf16)",
+                    self.matmul
+                )
+                .to_lowercase());
+            }
+            if self.select == PolicyKind::EslmKd {
+                return bad("--storage bf16 with --select eslm-kd: the distillation kernel reads f32 logits; \
+                            use --storage f32"
+                    .into());
+            }
         }
         if self.token_budget == Some(0) {
             return bad(

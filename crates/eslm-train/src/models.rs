@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::bigram::BigramModel;
-use crate::config::{Device, PolicyKind, RunConfig};
+use crate::config::{Device, PolicyKind, RunConfig, Storage};
 use crate::error::{Result, TrainError};
 use eslm_gpt2::GptConfig;
 
@@ -64,8 +64,10 @@ pub fn gpt_config(cfg: &RunConfig, vocab: usize) -> Result<Option<GptConfig>> {
 mod on_cuda {
     use std::path::Path;
 
+    use eslm_gpt2::backend::cuda::Dtype;
     use eslm_gpt2::{Cuda, GptConfig};
 
+    use crate::config::Storage;
     use crate::engine::Gpt2Model;
     use crate::error::{Result, TrainError};
     use crate::model::LanguageModel;
@@ -84,19 +86,27 @@ mod on_cuda {
         Ok(())
     }
 
-    fn backend(ordinal: usize) -> Result<Cuda> {
-        Cuda::new(ordinal).map_err(|e| TrainError::Device(format!("--device cuda:{ordinal}: {e}")))
+    /// GPU `ordinal` with activations stored as `storage` says (before any model allocates on it).
+    fn backend(ordinal: usize, storage: Storage) -> Result<Cuda> {
+        let device = |e| TrainError::Device(format!("--device cuda:{ordinal}: {e}"));
+        let mut gpu = Cuda::new(ordinal).map_err(device)?;
+        if storage.is_bf16() {
+            gpu.set_activation_dtype(Dtype::Bf16).map_err(|e| {
+                TrainError::Device(format!("--storage bf16 on cuda:{ordinal}: {e}"))
+            })?;
+        }
+        Ok(gpu)
     }
 
     pub fn new_model(
         ordinal: usize,
         config: GptConfig,
-        b_max: usize,
-        t_max: usize,
+        (b_max, t_max): (usize, usize),
         seed: u64,
+        storage: Storage,
     ) -> Result<Box<dyn LanguageModel>> {
         Ok(Box::new(Gpt2Model::new_on(
-            backend(ordinal)?,
+            backend(ordinal, storage)?,
             config,
             b_max,
             t_max,
@@ -107,11 +117,11 @@ mod on_cuda {
     pub fn open_model(
         ordinal: usize,
         dir: &Path,
-        b_max: usize,
-        t_max: usize,
+        (b_max, t_max): (usize, usize),
+        storage: Storage,
     ) -> Result<Box<dyn LanguageModel>> {
         Ok(Box::new(Gpt2Model::open_on(
-            backend(ordinal)?,
+            backend(ordinal, storage)?,
             dir,
             b_max,
             t_max,
@@ -125,6 +135,7 @@ mod on_cuda {
 
     use eslm_gpt2::GptConfig;
 
+    use crate::config::Storage;
     use crate::error::{Result, TrainError};
     use crate::model::LanguageModel;
 
@@ -135,9 +146,9 @@ mod on_cuda {
     pub fn new_model(
         _ordinal: usize,
         _config: GptConfig,
-        _b_max: usize,
-        _t_max: usize,
+        _batch: (usize, usize),
         _seed: u64,
+        _storage: Storage,
     ) -> Result<Box<dyn LanguageModel>> {
         Err(TrainError::CudaUnavailable)
     }
@@ -145,8 +156,8 @@ mod on_cuda {
     pub fn open_model(
         _ordinal: usize,
         _dir: &Path,
-        _b_max: usize,
-        _t_max: usize,
+        _batch: (usize, usize),
+        _storage: Storage,
     ) -> Result<Box<dyn LanguageModel>> {
         Err(TrainError::CudaUnavailable)
     }
@@ -166,7 +177,8 @@ pub fn check_device(device: Device) -> Result<()> {
 /// `cfg.seed` (the same parameters on every device), or loaded from `cfg.init_from`.
 pub fn build_model(cfg: &RunConfig, vocab: usize) -> Result<Box<dyn LanguageModel>> {
     if let Some(dir) = &cfg.init_from {
-        let model = open_model_on(dir, cfg.batch_size, cfg.seq_len, cfg.device)?;
+        let batch = (cfg.batch_size, cfg.seq_len);
+        let model = open_model_stored(dir, batch, cfg.device, cfg.storage)?;
         if model.vocab_size() != vocab {
             return Err(TrainError::Config(format!(
                 "--init-from {}: model vocabulary {} differs from the data's {vocab}",
@@ -186,7 +198,8 @@ pub fn build_model(cfg: &RunConfig, vocab: usize) -> Result<Box<dyn LanguageMode
             cfg.seed,
         )?)),
         (Some(gc), Device::Cuda(n)) => {
-            on_cuda::new_model(n, gc, cfg.batch_size, cfg.seq_len, cfg.seed)
+            let batch = (cfg.batch_size, cfg.seq_len);
+            on_cuda::new_model(n, gc, batch, cfg.seed, cfg.storage)
         }
     }
 }
@@ -203,12 +216,22 @@ pub fn open_model(dir: &Path, b_max: usize, t_max: usize) -> Result<Box<dyn Lang
     open_model_on(dir, b_max, t_max, Device::Cpu)
 }
 
-/// [`open_model`] on `device` (checkpoints have one format on every device).
+/// [`open_model`] on `device` (checkpoints have one format on every device), f32 activations.
 pub fn open_model_on(
     dir: &Path,
     b_max: usize,
     t_max: usize,
     device: Device,
+) -> Result<Box<dyn LanguageModel>> {
+    open_model_stored(dir, (b_max, t_max), device, Storage::F32)
+}
+
+/// [`open_model_on`] with the activations of a GPU model stored as `storage` says (`--storage`).
+pub fn open_model_stored(
+    dir: &Path,
+    (b_max, t_max): (usize, usize),
+    device: Device,
+    storage: Storage,
 ) -> Result<Box<dyn LanguageModel>> {
     crate::checkpoint::verify_checkpoint(dir)?;
     let bigram = dir.join("bigram.bin");
@@ -234,7 +257,7 @@ pub fn open_model_on(
     }
     match device {
         Device::Cpu => Ok(Box::new(Gpt2Model::open(dir, b_max, t_max)?)),
-        Device::Cuda(n) => on_cuda::open_model(n, dir, b_max, t_max),
+        Device::Cuda(n) => on_cuda::open_model(n, dir, (b_max, t_max), storage),
     }
 }
 
@@ -247,7 +270,7 @@ fn open_scorer(
     flag: &str,
     vocab: usize,
 ) -> Result<Box<dyn LanguageModel>> {
-    let m = open_model_on(path, cfg.batch_size, cfg.seq_len, cfg.device)?;
+    let m = open_model_stored(path, (cfg.batch_size, cfg.seq_len), cfg.device, cfg.storage)?;
     if m.vocab_size() != vocab {
         return Err(TrainError::Config(format!(
             "{flag} {}: its vocabulary has {} ids but the trained model's has {vocab}; its token scores would \

@@ -255,7 +255,7 @@ pub fn run_training_on(
     if world > 1 {
         model.connect_ranks(collective.as_ref())?;
     }
-    model.set_matmul(cfg.matmul.precision())?;
+    model.set_matmul(cfg.effective_matmul().precision())?;
     if cfg.shard_optimizer {
         model.shard_optimizer(collective.clone())?;
     }

@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use eslm_train::checkpoint::list_checkpoints;
-use eslm_train::config::{parse_duration, RunConfig, TrainArgs};
+use eslm_train::config::{parse_duration, Device, PolicyKind, RunConfig, Storage, TrainArgs};
 use eslm_train::metrics::read_metrics;
 use eslm_train::run::run_training;
 
@@ -304,6 +304,33 @@ fn bad_ranges_are_refused_naming_the_flag() {
                 ..base()
             },
             "--matmul bf16",
+        ),
+        (
+            TrainArgs {
+                storage: Some(Storage::Bf16),
+                ..base()
+            },
+            "--storage bf16 stores the GPU's activations in bf16; it needs --device cuda",
+        ),
+        (
+            TrainArgs {
+                storage: Some(Storage::Bf16),
+                matmul: Some(eslm_train::config::Matmul::Tf32),
+                device: Some(Device::Cuda(0)),
+                model: Some("tiny".into()),
+                ..base()
+            },
+            "drop --matmul tf32",
+        ),
+        (
+            TrainArgs {
+                storage: Some(Storage::Bf16),
+                select: Some(PolicyKind::EslmKd),
+                device: Some(Device::Cuda(0)),
+                model: Some("tiny".into()),
+                ..base()
+            },
+            "--storage bf16 with --select eslm-kd",
         ),
     ] {
         let e = resolve(a);

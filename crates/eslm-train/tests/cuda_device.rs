@@ -213,3 +213,36 @@ fn tensor_core_products_train_close_to_the_cpu() {
         }
     }
 }
+
+/// `--storage bf16` (bf16 activations and products, f32 master weights and optimizer state) for 20 steps of CLM
+/// and of ESLM against the CPU's f32 run: every step's loss finite and within 5e-2 of the CPU's.
+#[test]
+fn bf16_storage_trains_close_to_the_cpu() {
+    if !gpu_or_skip("bf16_storage_trains_close_to_the_cpu") {
+        return;
+    }
+    if quick() {
+        println!("skipping bf16_storage_trains_close_to_the_cpu under ESLM_TEST_QUICK=1");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for select in [PolicyKind::Clm, PolicyKind::Eslm] {
+        let cpu_out = dir.path().join(format!("{select:?}-cpu"));
+        run_training(&small(&cpu_out, select, 20, Device::Cpu), no_stop()).unwrap();
+        let out = dir.path().join(format!("{select:?}-bf16"));
+        let mut a = small(&out, select, 20, Device::Cuda(0));
+        a.storage = Some(eslm_train::config::Storage::Bf16);
+        run_training(&a, no_stop()).unwrap_or_else(|e| panic!("--storage bf16 {select:?}: {e}"));
+        let (gpu, cpu) = (steps_of(&out), steps_of(&cpu_out));
+        assert_eq!(gpu.len(), cpu.len(), "{select:?}: steps logged");
+        for (x, y) in gpu.iter().zip(&cpu) {
+            assert!(
+                x.loss.is_finite() && (x.loss - y.loss).abs() <= 5e-2,
+                "--storage bf16 {select:?} step {}: loss {} vs CPU {}",
+                x.step,
+                x.loss,
+                y.loss
+            );
+        }
+    }
+}

@@ -210,6 +210,12 @@ pub trait Backend: Sized + Send {
 
     /// A zero-filled buffer of `len` floats.
     fn alloc(&mut self, len: usize) -> Self::Buf;
+    /// A zero-filled buffer of `len` activations (activations, their gradients, the logits and their gradient):
+    /// f32 like [`Backend::alloc`] by default; a device backend may store them narrower (the CUDA backend's bf16
+    /// storage). Its values still read and write as f32 through [`Backend::upload`] / [`Backend::download`].
+    fn alloc_act(&mut self, len: usize) -> Self::Buf {
+        self.alloc(len)
+    }
     /// An empty token buffer with room for `len` ids.
     fn alloc_tokens(&mut self, len: usize) -> Self::Tokens;
     /// An empty target buffer with room for `len` targets.

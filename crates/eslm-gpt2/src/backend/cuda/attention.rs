@@ -22,9 +22,18 @@ pub(super) fn forward(
     {
         return 0.0;
     }
+    let acts = [
+        ("attention y", y.dtype),
+        ("attention att", att.dtype),
+        ("attention qkv", qkv.dtype),
+    ];
+    let Some(dt) = cuda.op_dtype(&acts, &[]) else {
+        return 0.0;
+    };
+    let o = |p: u64, elems: usize| at(p, elems, dt);
     let hs = c / nh;
     for bi in 0..b {
-        let base = qkv.ptr + 4 * (bi * t * 3 * c) as u64;
+        let base = o(qkv.ptr, bi * t * 3 * c);
         cuda.gemm(Gemm {
             ta: false,
             tb: true,
@@ -34,25 +43,27 @@ pub(super) fn forward(
             a: base,
             lda: 3 * c,
             sa: hs,
-            b: base + 4 * c as u64,
+            b: o(base, c),
             ldb: 3 * c,
             sb: hs,
-            c: att.ptr + 4 * (bi * nh * t * t) as u64,
+            c: o(att.ptr, bi * nh * t * t),
             ldc: t,
             sc: t * t,
             batch: nh,
             beta: 0.0,
+            types: [dt; 3],
         });
     }
     let (rows, t64) = (b * nh * t, t as u64);
     let rows64 = rows as u64;
     let scale = (1.0 / (hs as f64).sqrt()) as f32;
     if cuda.healthy() {
-        // SAFETY: matches attention_softmax_forward (attention.cu); att holds B·H·T·T floats.
+        // SAFETY: matches attention_softmax_forward (attention.cu; the twin of att's type); att holds B·H·T·T
+        // elements.
         unsafe {
             launch!(
                 cuda,
-                attention_softmax_forward,
+                attention_softmax_forward[dt],
                 cfg(warp_grid(rows, ESLM_ATT_THREADS), ESLM_ATT_THREADS),
                 &att.ptr,
                 &rows64,
@@ -62,24 +73,25 @@ pub(super) fn forward(
         };
     }
     for bi in 0..b {
-        let base = qkv.ptr + 4 * (bi * t * 3 * c) as u64;
+        let base = o(qkv.ptr, bi * t * 3 * c);
         cuda.gemm(Gemm {
             ta: false,
             tb: false,
             m: t,
             n: hs,
             k: t,
-            a: att.ptr + 4 * (bi * nh * t * t) as u64,
+            a: o(att.ptr, bi * nh * t * t),
             lda: t,
             sa: t * t,
-            b: base + 4 * (2 * c) as u64,
+            b: o(base, 2 * c),
             ldb: 3 * c,
             sb: hs,
-            c: y.ptr + 4 * (bi * t * c) as u64,
+            c: o(y.ptr, bi * t * c),
             ldc: c,
             sc: hs,
             batch: nh,
             beta: 0.0,
+            types: [dt; 3],
         });
     }
     4.0 * (b * t * t * c) as f64
@@ -107,6 +119,16 @@ pub(super) fn backward(
     {
         return 0.0;
     }
+    let acts = [
+        ("attention dqkv", dqkv.dtype),
+        ("attention dy", dy.g.dtype),
+        ("attention qkv", qkv.dtype),
+        ("attention att", att.dtype),
+    ];
+    let Some(dt) = cuda.op_dtype(&acts, &[]) else {
+        return 0.0;
+    };
+    let o = |p: u64, elems: usize| at(p, elems, dt);
     let hs = c / nh;
     // Dense dY [B·T, C]: the kept rows' gradient, zeros elsewhere.
     let dy_dense = match rows {
@@ -115,17 +137,14 @@ pub(super) fn backward(
             let Some(dense) = cuda.scratch(0, b * t * c) else {
                 return 0.0;
             };
-            let view = DevViewMut {
+            let dense_view = || DevViewMut {
                 ptr: dense,
                 len: b * t * c,
+                dtype: dt,
                 _buf: PhantomData,
             };
-            cuda.fill_zero(view);
-            let dst = DevViewMut {
-                ptr: dense,
-                len: b * t * c,
-                _buf: PhantomData,
-            };
+            cuda.fill_zero(dense_view());
+            let dst = dense_view();
             cuda.scatter_add_rows(dst, dy, c);
             dense
         }
@@ -134,35 +153,37 @@ pub(super) fn backward(
         return 0.0;
     };
     for bi in 0..b {
-        let base = qkv.ptr + 4 * (bi * t * 3 * c) as u64;
+        let base = o(qkv.ptr, bi * t * 3 * c);
         cuda.gemm(Gemm {
             ta: false,
             tb: true,
             m: t,
             n: t,
             k: hs,
-            a: dy_dense + 4 * (bi * t * c) as u64,
+            a: o(dy_dense, bi * t * c),
             lda: c,
             sa: hs,
-            b: base + 4 * (2 * c) as u64,
+            b: o(base, 2 * c),
             ldb: 3 * c,
             sb: hs,
-            c: datt + 4 * (bi * nh * t * t) as u64,
+            c: o(datt, bi * nh * t * t),
             ldc: t,
             sc: t * t,
             batch: nh,
             beta: 0.0,
+            types: [dt; 3],
         });
     }
     let (nrows, t64) = (b * nh * t, t as u64);
     let rows64 = nrows as u64;
     let scale = (1.0 / (hs as f64).sqrt()) as f32;
     if cuda.healthy() {
-        // SAFETY: matches attention_softmax_backward; datt and att hold B·H·T·T floats.
+        // SAFETY: matches attention_softmax_backward (the twin of the activations' type); datt (scratch sized in
+        // f32) and att hold B·H·T·T elements.
         unsafe {
             launch!(
                 cuda,
-                attention_softmax_backward,
+                attention_softmax_backward[dt],
                 cfg(warp_grid(nrows, ESLM_ATT_THREADS), ESLM_ATT_THREADS),
                 &datt,
                 &att.ptr,
@@ -173,11 +194,11 @@ pub(super) fn backward(
         };
     }
     for bi in 0..b {
-        let base = qkv.ptr + 4 * (bi * t * 3 * c) as u64;
-        let dbase = dqkv.ptr + 4 * (bi * t * 3 * c) as u64;
-        let ds = datt + 4 * (bi * nh * t * t) as u64;
-        let p = att.ptr + 4 * (bi * nh * t * t) as u64;
-        let dyb = dy_dense + 4 * (bi * t * c) as u64;
+        let base = o(qkv.ptr, bi * t * 3 * c);
+        let dbase = o(dqkv.ptr, bi * t * 3 * c);
+        let ds = o(datt, bi * nh * t * t);
+        let p = o(att.ptr, bi * nh * t * t);
+        let dyb = o(dy_dense, bi * t * c);
         let g = |ta, a, lda, sa, bm, ldb, c_out| Gemm {
             ta,
             tb: false,
@@ -195,11 +216,12 @@ pub(super) fn backward(
             sc: hs,
             batch: nh,
             beta: 0.0,
+            types: [dt; 3],
         };
         // dQ = dS·K, dK = dSᵀ·Q, dV = Pᵀ·dY (every column of dqkv written: beta 0 overwrites).
-        cuda.gemm(g(false, ds, t, t * t, base + 4 * c as u64, 3 * c, dbase));
-        cuda.gemm(g(true, ds, t, t * t, base, 3 * c, dbase + 4 * c as u64));
-        cuda.gemm(g(true, p, t, t * t, dyb, c, dbase + 4 * (2 * c) as u64));
+        cuda.gemm(g(false, ds, t, t * t, o(base, c), 3 * c, dbase));
+        cuda.gemm(g(true, ds, t, t * t, base, 3 * c, o(dbase, c)));
+        cuda.gemm(g(true, p, t, t * t, dyb, c, o(dbase, 2 * c)));
     }
     8.0 * (b * t * t * c) as f64
 }

@@ -36,12 +36,16 @@ pub(super) fn forward(
     if n == 0 || !ok || t == 0 || c == 0 {
         return;
     }
+    let f32s = [("wte", emb.wte.dtype), ("wpe", emb.wpe.dtype)];
+    let Some(dt) = cuda.op_dtype(&[("encoder out", out.dtype)], &f32s) else {
+        return;
+    };
     let (tok, n64, t64, c64) = (tokens.ptr(), n as u64, t as u64, c as u64);
-    // SAFETY: matches encoder_forward (encoder.cu); lengths checked above.
+    // SAFETY: matches encoder_forward (encoder.cu; the twin of `out`'s type); lengths checked above.
     unsafe {
         launch!(
             cuda,
-            encoder_forward,
+            encoder_forward[dt],
             cfg(grid(n * c, ESLM_ENC_THREADS), ESLM_ENC_THREADS),
             &out.ptr,
             &tok,
@@ -88,17 +92,21 @@ pub(super) fn backward(
     ]) {
         return;
     }
+    let f32s = [("dwte", demb.wte.dtype), ("dwpe", demb.wpe.dtype)];
+    let Some(dt) = cuda.op_dtype(&[("encoder dout", g.dtype)], &f32s) else {
+        return;
+    };
     let by_token = buckets(rows, n, |i| host[i]);
     let by_pos = buckets(rows, n, |i| (i % t) as u32);
-    bucket_add(cuda, demb.wte.ptr, g.ptr, c, by_token);
-    bucket_add(cuda, demb.wpe.ptr, g.ptr, c, by_pos);
+    bucket_add(cuda, demb.wte.ptr, (g.ptr, dt), c, by_token);
+    bucket_add(cuda, demb.wpe.ptr, (g.ptr, dt), c, by_pos);
 }
 
-/// `dst[rows] += g` (the encoder backward's bucketed add) for one table.
+/// `dst[rows] += g` (the encoder backward's bucketed add) for one table; `g` a pointer and its element type.
 pub(super) fn bucket_add(
     cuda: &mut Cuda,
     dw: u64,
-    g: u64,
+    (g, dt): (u64, Dtype),
     c: usize,
     table: (Vec<u32>, Vec<u32>, Vec<u32>),
 ) {
@@ -121,7 +129,7 @@ pub(super) fn bucket_add(
     unsafe {
         launch!(
             cuda,
-            encoder_backward_buckets,
+            encoder_backward_buckets[dt],
             cfg(nb.min(MAX_GRID) as u32, ESLM_ENC_THREADS),
             &dw,
             &g,

@@ -52,6 +52,8 @@ pub(super) struct FusedLinear {
     pub(super) n: usize,
     pub(super) d: LinearDims,
     pub(super) epilogue: Epilogue,
+    /// Element type of `x`, `y` and `aux` (the weight and the bias are f32).
+    pub(super) dtype: Dtype,
 }
 
 /// What decides cuBLASLt's algorithm: the shape, the epilogue, the precision and the operands' alignment.
@@ -61,6 +63,7 @@ struct AlgoKey {
     d: (usize, usize),
     epilogue: Epilogue,
     precision: MatmulPrecision,
+    dtype: Dtype,
     /// Alignment in bytes of A, B, C (= D).
     align: [u32; 3],
 }
@@ -118,6 +121,15 @@ impl Lt {
             workspace,
             algos: HashMap::new(),
         })
+    }
+}
+
+/// Which operands are converted to bf16 before the product, `(weight, input)`: both under bf16 products of f32
+/// storage, the (f32) weight only under bf16 storage (the input is bf16 already), none for f32 / TF32 products.
+fn converts(precision: MatmulPrecision, act: Dtype) -> (bool, bool) {
+    match precision {
+        MatmulPrecision::Bf16 => (true, act == Dtype::F32),
+        MatmulPrecision::F32 | MatmulPrecision::Tf32 => (false, false),
     }
 }
 
@@ -242,9 +254,14 @@ fn prepare(
         }
     };
     let f32_t = lt_sys::cudaDataType::CUDA_R_32F;
+    let bf16_t = lt_sys::cudaDataType::CUDA_R_16BF;
     let operand_t = match precision {
-        MatmulPrecision::Bf16 => lt_sys::cudaDataType::CUDA_R_16BF,
+        MatmulPrecision::Bf16 => bf16_t,
         MatmulPrecision::F32 | MatmulPrecision::Tf32 => f32_t,
+    };
+    let out_t = match op.dtype {
+        Dtype::F32 => f32_t,
+        Dtype::Bf16 => bf16_t,
     };
     let desc = Desc(lt::create_matmul_desc(compute, f32_t)?);
     let (ta, tb) = (
@@ -257,12 +274,14 @@ fn prepare(
     };
     let bias = op.b as *const c_void;
     // SAFETY: each value has the attribute's documented type (cublasOperation_t, cublasLtEpilogue_t, a device
-    // pointer, int64_t for the auxiliary leading dimension).
+    // pointer, cudaDataType for the bias (f32 whatever D's type; without an algorithm for that, the heuristic says
+    // so and the fallback runs), int64_t for the auxiliary leading dimension).
     unsafe {
         set_desc(&desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &ta)?;
         set_desc(&desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &tb)?;
         set_desc(&desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
         set_desc(&desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
+        set_desc(&desc, A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &f32_t)?;
         if op.epilogue == Epilogue::GeluAuxBias {
             let aux = op.aux as *mut c_void;
             set_desc(&desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux)?;
@@ -273,7 +292,7 @@ fn prepare(
         desc,
         a: Layout(lt::create_matrix_layout(operand_t, p.k, p.m, p.lda)?),
         b: Layout(lt::create_matrix_layout(operand_t, p.k, p.n, p.ldb)?),
-        d: Layout(lt::create_matrix_layout(f32_t, p.m, p.n, p.ldd)?),
+        d: Layout(lt::create_matrix_layout(out_t, p.m, p.n, p.ldd)?),
     })
 }
 
@@ -360,11 +379,19 @@ impl Cuda {
             self.lt = Lt::open(self).map_or(LtState::Off, |lt| LtState::Open(Box::new(lt)));
         }
         let precision = self.precision;
-        let bf16 = precision == MatmulPrecision::Bf16;
-        // bf16 operands are converted into the 256-byte-aligned scratch first.
+        let (convert_w, convert_x) = converts(precision, op.dtype);
+        // Converted operands live in the 256-byte-aligned scratch.
         let align = [
-            if bf16 { MAX_ALIGN } else { alignment(op.w) },
-            if bf16 { MAX_ALIGN } else { alignment(op.x) },
+            if convert_w {
+                MAX_ALIGN
+            } else {
+                alignment(op.w)
+            },
+            if convert_x {
+                MAX_ALIGN
+            } else {
+                alignment(op.x)
+            },
             alignment(op.y).min(alignment(op.aux)),
         ];
         let key = AlgoKey {
@@ -372,6 +399,7 @@ impl Cuda {
             d: (op.d.d_in, op.d.d_out),
             epilogue: op.epilogue,
             precision,
+            dtype: op.dtype,
             align,
         };
         if !self.bind() {
@@ -404,16 +432,18 @@ impl Cuda {
     ) -> bool {
         let (n, d) = (op.n, op.d);
         let mut scratch = self.bf16_operands.lock().unwrap_or_else(|p| p.into_inner());
-        let (a, b) = if self.precision == MatmulPrecision::Bf16 {
-            let (slot_w, slot_x) = &mut *scratch;
-            let w16 = self.to_bf16(slot_w, op.w, d.d_out * d.d_in);
-            let x16 = self.to_bf16(slot_x, op.x, n * d.d_in);
-            let (Some(w16), Some(x16)) = (w16, x16) else {
-                return true;
-            };
-            (w16, x16)
-        } else {
-            (op.w, op.x)
+        let (slot_w, slot_x) = &mut *scratch;
+        let (convert_w, convert_x) = converts(self.precision, op.dtype);
+        let a = match convert_w {
+            true => self.to_bf16(slot_w, op.w, d.d_out * d.d_in),
+            false => Some(op.w),
+        };
+        let b = match convert_x {
+            true => self.to_bf16(slot_x, op.x, n * d.d_in),
+            false => Some(op.x),
+        };
+        let (Some(a), Some(b)) = (a, b) else {
+            return true;
         };
         let LtState::Open(lt) = &self.lt else {
             return true;

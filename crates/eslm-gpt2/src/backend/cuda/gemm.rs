@@ -1,6 +1,7 @@
 //! Matrix products on cuBLAS: row-major GEMMs through the column-major swap ([`column_major`]), in f32 (SGEMM,
-//! default or TF32 math mode) or with bf16 operands converted into scratch (`kernels/convert.cu`, then
-//! `cublasGemmStridedBatchedEx` with f32 accumulation).
+//! default or TF32 math mode) or with bf16 operands (`cublasGemmStridedBatchedEx`, f32 accumulation): bf16
+//! activations as they are, f32 operands (the weights; every operand under `--matmul bf16` with f32 storage)
+//! converted into scratch first (`kernels/convert.cu`); the result in C's own type (f32, or bf16 activations).
 
 use super::*;
 
@@ -19,7 +20,7 @@ impl Cuda {
         if g.m == 0 || g.n == 0 || g.batch == 0 || !self.healthy() {
             return;
         }
-        if self.precision == MatmulPrecision::Bf16 {
+        if self.precision == MatmulPrecision::Bf16 || g.types.contains(&Dtype::Bf16) {
             self.gemm_bf16(g);
             return;
         }
@@ -70,15 +71,23 @@ impl Cuda {
         self.bind().then_some(c)
     }
 
-    /// [`Cuda::gemm`] with bf16 operands: both are converted (round to nearest even) into scratch over the extent
-    /// the product reads, then multiplied on the tensor cores with f32 accumulation into the f32 result
-    /// (`cublasGemmStridedBatchedEx`, compute type 32F).
+    /// [`Cuda::gemm`] with bf16 operands: the f32 ones are converted (round to nearest even) into scratch over the
+    /// extent the product reads, then multiplied on the tensor cores with f32 accumulation into the result of C's
+    /// type (`cublasGemmStridedBatchedEx`, compute type 32F).
     fn gemm_bf16(&self, g: Gemm) {
         let mut scratch = self.bf16_operands.lock().unwrap_or_else(|p| p.into_inner());
         let (slot_a, slot_b) = &mut *scratch;
         let (ea, eb) = operand_extents(&g);
-        let (Some(a16), Some(b16)) = (self.to_bf16(slot_a, g.a, ea), self.to_bf16(slot_b, g.b, eb))
-        else {
+        let [ta, tb, tc] = g.types;
+        let a16 = match ta {
+            Dtype::F32 => self.to_bf16(slot_a, g.a, ea),
+            Dtype::Bf16 => Some(g.a),
+        };
+        let b16 = match tb {
+            Dtype::F32 => self.to_bf16(slot_b, g.b, eb),
+            Dtype::Bf16 => Some(g.b),
+        };
+        let (Some(a16), Some(b16)) = (a16, b16) else {
             return;
         };
         let Some(c) = self.cublas_args(&Gemm {
@@ -90,9 +99,14 @@ impl Cuda {
         };
         let (alpha, beta) = (1.0f32, g.beta);
         let bf16 = blas_sys::cudaDataType::CUDA_R_16BF;
-        // SAFETY: `c.a` and `c.b` are the bf16 scratch copies of the operands over their extents (same layout, so
-        // the same leading dimensions and strides), `g.c` the caller's checked f32 output; alpha and beta are host
-        // f32 scalars read before the call returns; compute type 32F matches their type.
+        let c_type = match tc {
+            Dtype::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+            Dtype::Bf16 => bf16,
+        };
+        // SAFETY: `c.a` and `c.b` are bf16 operands (the caller's bf16 views, or the scratch copies of its f32 ones
+        // over their extents: same layout, so the same leading dimensions and strides), `g.c` the caller's checked
+        // output of type `c_type`; alpha and beta are host f32 scalars read before the call returns; compute type
+        // 32F matches their type.
         let r = unsafe {
             blas::gemm_strided_batched_ex(
                 *self.blas.handle(),
@@ -112,7 +126,7 @@ impl Cuda {
                 c.sb,
                 (&beta as *const f32).cast(),
                 g.c as *mut std::ffi::c_void,
-                blas_sys::cudaDataType::CUDA_R_32F,
+                c_type,
                 c.ldc,
                 c.sc,
                 c.batch,

@@ -6,7 +6,7 @@ use cudarc::driver::LaunchConfig;
 use eslm_kernels::cuda::cudarc;
 
 use super::super::HeadDims;
-use super::MAX_GRID;
+use super::{Dtype, MAX_GRID};
 use crate::error::{Gpt2Error, Result};
 use crate::ops::RowSet;
 
@@ -55,7 +55,8 @@ pub(super) fn warp_grid(rows: usize, threads: u32) -> u32 {
         .clamp(1, i32::MAX as usize) as u32
 }
 
-/// A row-major GEMM `C [m, n] = op(A)·op(B) + beta·C` for `batch` matrices spaced by the strides (elements).
+/// A row-major GEMM `C [m, n] = op(A)·op(B) + beta·C` for `batch` matrices spaced by the strides (elements),
+/// with the element types of A, B and C (`types`; f32 operands meet bf16 ones as bf16 copies, [`Cuda::gemm`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Gemm {
     pub(super) ta: bool,
@@ -74,6 +75,7 @@ pub(super) struct Gemm {
     pub(super) sc: usize,
     pub(super) batch: usize,
     pub(super) beta: f32,
+    pub(super) types: [Dtype; 3],
 }
 
 /// The column-major cuBLAS arguments of a row-major [`Gemm`] (the operands swapped: `Cᵀ = op(B)ᵀ·op(A)ᵀ`).
@@ -228,6 +230,7 @@ mod tests {
             sc: 0,
             batch: 1,
             beta: 0.0,
+            types: [Dtype::F32; 3],
         };
         assert_eq!(
             column_major(&g),
@@ -327,6 +330,7 @@ mod tests {
                 sc: 0,
                 batch: 1,
                 beta: 1.0,
+                types: [Dtype::F32; 3],
             };
             let ColumnMajor {
                 ta: cta,
@@ -419,6 +423,7 @@ mod tests {
                 sc: m * n,
                 batch,
                 beta: 0.0,
+                types: [Dtype::F32; 3],
             };
             assert_eq!(
                 operand_extents(&g),
@@ -443,6 +448,7 @@ mod tests {
             sc: 0,
             batch: 1,
             beta: 0.0,
+            types: [Dtype::F32; 3],
         };
         assert_eq!(operand_extents(&empty), (0, 0));
     }

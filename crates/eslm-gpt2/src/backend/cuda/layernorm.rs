@@ -24,12 +24,22 @@ pub(super) fn forward(
     {
         return;
     }
+    let acts = [("layernorm y", y.dtype), ("layernorm x", x.dtype)];
+    let f32s = [
+        ("layernorm mean", stats.mean.dtype),
+        ("layernorm rstd", stats.rstd.dtype),
+        ("layernorm w", p.w.dtype),
+        ("layernorm b", p.b.dtype),
+    ];
+    let Some(dt) = cuda.op_dtype(&acts, &f32s) else {
+        return;
+    };
     let (n64, c64) = (n as u64, c as u64);
-    // SAFETY: matches layernorm_forward (layernorm.cu); lengths checked above.
+    // SAFETY: matches layernorm_forward (layernorm.cu; the twin of the activations' type); lengths checked above.
     unsafe {
         launch!(
             cuda,
-            layernorm_forward,
+            layernorm_forward[dt],
             cfg(warp_grid(n, ESLM_LN_THREADS), ESLM_LN_THREADS),
             &y.ptr,
             &stats.mean.ptr,
@@ -79,6 +89,21 @@ pub(super) fn backward(
     {
         return;
     }
+    let acts = [
+        ("layernorm dx", dx.dtype),
+        ("layernorm dy", dy.g.dtype),
+        ("layernorm x", saved.x.dtype),
+    ];
+    let f32s = [
+        ("layernorm dw", dp.w.dtype),
+        ("layernorm db", dp.b.dtype),
+        ("layernorm mean", saved.stats.mean.dtype),
+        ("layernorm rstd", saved.stats.rstd.dtype),
+        ("layernorm w", saved.w.dtype),
+    ];
+    let Some(dt) = cuda.op_dtype(&acts, &f32s) else {
+        return;
+    };
     if chunks > u16::MAX as usize {
         cuda.fail(KernelError::Cuda(format!(
             "layernorm backward over {k} rows: too many row chunks"
@@ -97,7 +122,7 @@ pub(super) fn backward(
     if !unsafe {
         launch!(
             cuda,
-            layernorm_backward_dx,
+            layernorm_backward_dx[dt],
             cfg(warp_grid(k, ESLM_LN_THREADS), ESLM_LN_THREADS),
             &dx.ptr,
             &dy.g.ptr,
@@ -116,7 +141,7 @@ pub(super) fn backward(
     if !unsafe {
         launch!(
             cuda,
-            layernorm_backward_params,
+            layernorm_backward_params[dt],
             chunk_grid(c, chunks, ESLM_LN_THREADS),
             &partial,
             &dy.g.ptr,

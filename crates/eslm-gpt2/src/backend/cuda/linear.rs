@@ -5,8 +5,9 @@
 use super::epilogue::{Epilogue, FusedLinear};
 use super::*;
 
-/// Whether a forward linear layer can be queued: `n > 0` and every view of the stated length (outputs `[n, out]`
-/// named in `outs`); records a mismatch.
+/// The activation type of a forward linear layer when it can be queued: `n > 0`, every view of the stated length
+/// (outputs `[n, out]` named in `outs`), the outputs and `x` of one type, the parameters f32; records a
+/// mismatch.
 fn forward_ready(
     cuda: &Cuda,
     outs: &[(&'static str, &DevViewMut<'_>)],
@@ -14,7 +15,7 @@ fn forward_ready(
     p: Affine<DevView<'_>>,
     n: usize,
     d: LinearDims,
-) -> bool {
+) -> Option<Dtype> {
     let LinearDims { d_in, d_out } = d;
     let mut views: Vec<(&'static str, usize, usize, u64)> = outs
         .iter()
@@ -25,7 +26,12 @@ fn forward_ready(
         ("linear w", p.w.len, d_out * d_in, p.w.ptr),
         ("linear b", p.b.len, d_out, p.b.ptr),
     ]);
-    n > 0 && cuda.ready(&views)
+    if n == 0 || !cuda.ready(&views) {
+        return None;
+    }
+    let mut acts: Vec<(&'static str, Dtype)> = outs.iter().map(|(w, v)| (*w, v.dtype)).collect();
+    acts.push(("linear x", x.dtype));
+    cuda.op_dtype(&acts, &[("linear w", p.w.dtype), ("linear b", p.b.dtype)])
 }
 
 /// `y = x·Wᵀ + b`: one cuBLASLt product with the bias in its epilogue where it applies ([`super::epilogue`]),
@@ -39,9 +45,9 @@ pub(super) fn forward(
     d: LinearDims,
 ) -> f64 {
     let LinearDims { d_in, d_out } = d;
-    if !forward_ready(cuda, &[("linear y", &y)], x, p, n, d) {
+    let Some(dt) = forward_ready(cuda, &[("linear y", &y)], x, p, n, d) else {
         return 0.0;
-    }
+    };
     let flops = 2.0 * (n * d_in * d_out) as f64;
     let fused = FusedLinear {
         x: x.ptr,
@@ -52,16 +58,17 @@ pub(super) fn forward(
         n,
         d,
         epilogue: Epilogue::Bias,
+        dtype: dt,
     };
     if cuda.fused_linear(fused) {
         return flops;
     }
     let (n64, w64) = (n as u64, d_out as u64);
-    // SAFETY: matches bias_forward (linear.cu); y holds n·out, b out floats.
+    // SAFETY: matches bias_forward (linear.cu; the twin of y's type); y holds n·out elements, b out floats.
     if !unsafe {
         launch!(
             cuda,
-            bias_forward,
+            bias_forward[dt],
             cfg(grid(n * d_out, ESLM_EW_THREADS), ESLM_EW_THREADS),
             &y.ptr,
             &p.b.ptr,
@@ -88,6 +95,7 @@ pub(super) fn forward(
         sc: 0,
         batch: 1,
         beta: 1.0,
+        types: [dt, Dtype::F32, dt],
     });
     flops
 }
@@ -104,9 +112,9 @@ pub(super) fn forward_gelu(
     d: LinearDims,
 ) -> f64 {
     let outs = [("linear pre", &pre), ("linear post", &post)];
-    if !forward_ready(cuda, &outs, x, p, n, d) {
+    let Some(dt) = forward_ready(cuda, &outs, x, p, n, d) else {
         return 0.0;
-    }
+    };
     let fused = FusedLinear {
         x: x.ptr,
         w: p.w.ptr,
@@ -116,6 +124,7 @@ pub(super) fn forward_gelu(
         n,
         d,
         epilogue: Epilogue::GeluAuxBias,
+        dtype: dt,
     };
     if cuda.fused_linear(fused) {
         return 2.0 * (n * d.d_in * d.d_out) as f64;
@@ -150,8 +159,18 @@ pub(super) fn backward(
     {
         return 0.0;
     }
+    let mut acts = vec![("linear dy", dy.g.dtype), ("linear x", x.dtype)];
+    acts.extend(dx.as_ref().map(|v| ("linear dx", v.dtype)));
+    let f32s = [
+        ("linear dw", dp.w.dtype),
+        ("linear db", dp.b.dtype),
+        ("linear w", w.dtype),
+    ];
+    let Some(dt) = cuda.op_dtype(&acts, &f32s) else {
+        return 0.0;
+    };
     let mut flops = 0.0;
-    colsum_add(cuda, dp.b.ptr, dy.g.ptr, k, d_out);
+    colsum_add(cuda, dp.b.ptr, (dy.g.ptr, dt), k, d_out);
     if let Some(dx) = dx {
         cuda.gemm(Gemm {
             ta: false,
@@ -170,10 +189,11 @@ pub(super) fn backward(
             sc: 0,
             batch: 1,
             beta: 0.0,
+            types: [dt, Dtype::F32, dt],
         });
         flops += 2.0 * (k * d_in * d_out) as f64;
     }
-    let Some(x_rows) = rows::rows_of(cuda, x.ptr, rows, n, d_in) else {
+    let Some(x_rows) = rows::rows_of(cuda, (x.ptr, dt), rows, n, d_in) else {
         return flops;
     };
     cuda.gemm(Gemm {
@@ -193,6 +213,7 @@ pub(super) fn backward(
         sc: 0,
         batch: 1,
         beta: 1.0,
+        types: [dt, dt, Dtype::F32],
     });
     flops + 2.0 * (k * d_in * d_out) as f64
 }
@@ -215,6 +236,10 @@ pub(super) fn lm_head_forward(
     {
         return 0.0;
     }
+    let acts = [("logits", z.dtype), ("lm head h", h.dtype)];
+    let Some(dt) = cuda.op_dtype(&acts, &[("wte", wte.dtype)]) else {
+        return 0.0;
+    };
     cuda.gemm(Gemm {
         ta: false,
         tb: true,
@@ -232,6 +257,7 @@ pub(super) fn lm_head_forward(
         sc: 0,
         batch: 1,
         beta: 0.0,
+        types: [dt, Dtype::F32, dt],
     });
     2.0 * (n * c * v) as f64
 }
@@ -259,6 +285,15 @@ pub(super) fn lm_head_backward(
     {
         return 0.0;
     }
+    let acts = [
+        ("lm head dh", dh.dtype),
+        ("dlogits", dz.g.dtype),
+        ("lm head h", h.dtype),
+    ];
+    let f32s = [("dwte", dwte.dtype), ("wte", wte.dtype)];
+    let Some(dt) = cuda.op_dtype(&acts, &f32s) else {
+        return 0.0;
+    };
     cuda.gemm(Gemm {
         ta: false,
         tb: false,
@@ -276,8 +311,9 @@ pub(super) fn lm_head_backward(
         sc: 0,
         batch: 1,
         beta: 0.0,
+        types: [dt, Dtype::F32, dt],
     });
-    let Some(h_rows) = rows::rows_of(cuda, h.ptr, rows, n, c) else {
+    let Some(h_rows) = rows::rows_of(cuda, (h.ptr, dt), rows, n, c) else {
         return 2.0 * (k * c * v) as f64;
     };
     cuda.gemm(Gemm {
@@ -297,12 +333,20 @@ pub(super) fn lm_head_backward(
         sc: 0,
         batch: 1,
         beta: 1.0,
+        types: [dt, dt, Dtype::F32],
     });
     4.0 * (k * c * v) as f64
 }
 
-/// Compact `[K, width]` column sums of `dy` added into `dst [width]` (the bias gradient), deterministic.
-pub(super) fn colsum_add(cuda: &mut Cuda, dst: u64, dy: u64, k: usize, width: usize) {
+/// Compact `[K, width]` column sums of `dy` (elements of the given type) added into the f32 `dst [width]` (the
+/// bias gradient), deterministic.
+pub(super) fn colsum_add(
+    cuda: &mut Cuda,
+    dst: u64,
+    (dy, dt): (u64, Dtype),
+    k: usize,
+    width: usize,
+) {
     let chunks = k.div_ceil(ESLM_COLSUM_ROWS as usize);
     if k == 0 || width == 0 || chunks > u16::MAX as usize {
         if chunks > u16::MAX as usize {
@@ -316,11 +360,12 @@ pub(super) fn colsum_add(cuda: &mut Cuda, dst: u64, dy: u64, k: usize, width: us
         return;
     };
     let (k64, w64, c64) = (k as u64, width as u64, chunks as u64);
-    // SAFETY: matches colsum_partial (linear.cu); partial holds chunks·width, dy K·width floats.
+    // SAFETY: matches colsum_partial (linear.cu; the twin of dy's type); partial holds chunks·width floats, dy
+    // K·width elements.
     if !unsafe {
         launch!(
             cuda,
-            colsum_partial,
+            colsum_partial[dt],
             chunk_grid(width, chunks, ESLM_EW_THREADS),
             &partial,
             &dy,

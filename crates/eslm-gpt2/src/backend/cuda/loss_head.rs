@@ -10,6 +10,7 @@
 
 use super::*;
 use cudarc::driver::DevicePtr;
+use eslm_kernels::cuda::DeviceElem;
 
 /// The CPU's check of a loss gradient's kept rows (each needs a target in `[0, V)`), on the targets' host copy:
 /// the same typed error before anything is launched.
@@ -67,14 +68,54 @@ pub(super) fn token_stats(
     let Some(tgt) = targets.dev.as_ref() else {
         return Err(KernelError::Cuda("targets have no device memory".into()).into());
     };
-    // SAFETY: z is a live range of `used` ≥ z-extent floats of this context (checked above).
-    let borrowed = unsafe { Borrowed::<f32>::new(&stream, z.ptr, used) };
-    let view = DeviceLogits::new(borrowed.slice(0..used), rows, vocab, dims.vp)?;
-    cuda.kernels
-        .token_stats(&view, &tgt.slice(0..rows), DEFAULT_IGNORE_INDEX, stats)?;
+    let tgt = tgt.slice(0..rows);
+    // SAFETY: z is a live range of `used` ≥ z-extent elements of its type on this context (checked above).
+    unsafe {
+        match z.dtype {
+            Dtype::F32 => queue_stats::<f32>(
+                &cuda.kernels,
+                &stream,
+                (z.ptr, used),
+                rows,
+                dims,
+                &tgt,
+                stats,
+            ),
+            Dtype::Bf16 => queue_stats::<half::bf16>(
+                &cuda.kernels,
+                &stream,
+                (z.ptr, used),
+                rows,
+                dims,
+                &tgt,
+                stats,
+            ),
+        }
+    }?;
     stats.check_status(&cuda.kernels)?;
     stats.to_host(&cuda.kernels, out)?;
     cuda.stats_fresh = true;
+    Ok(())
+}
+
+/// Queues eslm-kernels' token statistics of `rows` rows of logits of element type `T` (`z`: pointer and the
+/// elements the rows span).
+///
+/// # Safety
+/// `z` must be a live range of that many elements of `T` on the stream's context.
+unsafe fn queue_stats<T: DeviceElem>(
+    kernels: &CudaKernels,
+    stream: &Arc<CudaStream>,
+    (ptr, used): (u64, usize),
+    rows: usize,
+    dims: HeadDims,
+    targets: &cudarc::driver::CudaView<'_, i32>,
+    out: &mut DeviceTokenStats,
+) -> Result<()> {
+    // SAFETY: as the caller promises; the borrow ends with this call.
+    let borrowed = unsafe { Borrowed::<T>::new(stream, ptr, used) };
+    let view = DeviceLogits::new(borrowed.slice(0..used), rows, dims.v, dims.vp)?;
+    kernels.token_stats(&view, targets, DEFAULT_IGNORE_INDEX, out)?;
     Ok(())
 }
 
@@ -196,6 +237,9 @@ pub(super) fn sparse_ce(
     ]) {
         return cuda.recorded().map(|_| f32::NAN);
     }
+    let Some(dt) = cuda.op_dtype(&[("logits", z.dtype), ("dlogits", dlogits.dtype)], &[]) else {
+        return cuda.recorded().map(|_| f32::NAN);
+    };
     let stream = cuda.stream().clone();
     let Some((idx_ptr, count_ptr, Some(lse_ptr))) =
         kept_on_device(cuda, n, kept, rows.own_selection, lse)
@@ -211,33 +255,83 @@ pub(super) fn sparse_ce(
     let Some(tgt) = rows.targets.dev.as_ref() else {
         return Err(KernelError::Cuda("targets have no device memory".into()).into());
     };
-    // SAFETY: each borrowed range is live device memory of this context of the stated length (checked above
-    // or just uploaded), used only during this call.
+    let ptrs = CePtrs {
+        z: (z.ptr, used),
+        lse: lse_ptr,
+        idx: idx_ptr,
+        count: count_ptr,
+        dz: dlogits.ptr,
+    };
+    let tgt = tgt.slice(0..n);
+    let kernels = &cuda.kernels;
+    let (rows_k, scale) = ((n, k), GradScale::Constant(scale));
+    // SAFETY: each pointer is live device memory of this context of the stated length and of the logits' type
+    // (checked above, or the loss head's own buffers, or just uploaded).
+    unsafe {
+        match dt {
+            Dtype::F32 => {
+                queue_sparse_ce::<f32>(kernels, &stream, ptrs, rows_k, dims, &tgt, scale, work)
+            }
+            Dtype::Bf16 => queue_sparse_ce::<half::bf16>(
+                kernels, &stream, ptrs, rows_k, dims, &tgt, scale, work,
+            ),
+        }
+    }?;
+    Ok(work.read_loss(&cuda.kernels)?)
+}
+
+/// Device pointers of one sparse CE: the logits (pointer, elements spanned), `lse [N]`, the kept list `[K]`, its
+/// count, the output `[K, Vp]`.
+struct CePtrs {
+    z: (u64, usize),
+    lse: u64,
+    idx: u64,
+    count: u64,
+    dz: u64,
+}
+
+/// Queues eslm-kernels' sparse CE of `(n, k)` rows with logits and their gradient of element type `T`.
+///
+/// # Safety
+/// Every pointer of `p` must be live memory of this context: the logits `p.z.1` elements of `T`, lse `n` floats,
+/// the kept list `k` u32, the count one u32, the output `k·Vp` elements of `T`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn queue_sparse_ce<T: DeviceElem>(
+    kernels: &CudaKernels,
+    stream: &Arc<CudaStream>,
+    p: CePtrs,
+    (n, k): (usize, usize),
+    dims: HeadDims,
+    targets: &cudarc::driver::CudaView<'_, i32>,
+    scale: GradScale,
+    work: &mut DeviceSparseCe,
+) -> Result<()> {
+    // SAFETY: as the caller promises; the borrows end with this call.
     let (logits_b, lse_b, idx_b, count_b, mut dz_b) = unsafe {
         (
-            Borrowed::<f32>::new(&stream, z.ptr, used),
-            Borrowed::<f32>::new(&stream, lse_ptr, n),
-            Borrowed::<u32>::new(&stream, idx_ptr, k),
-            Borrowed::<u32>::new(&stream, count_ptr, 1),
-            Borrowed::<f32>::new(&stream, dlogits.ptr, k * dims.vp),
+            Borrowed::<T>::new(stream, p.z.0, p.z.1),
+            Borrowed::<f32>::new(stream, p.lse, n),
+            Borrowed::<u32>::new(stream, p.idx, k),
+            Borrowed::<u32>::new(stream, p.count, 1),
+            Borrowed::<T>::new(stream, p.dz, k * dims.vp),
         )
     };
-    let view = DeviceLogits::new(logits_b.slice(0..used), n, dims.v, dims.vp)?;
+    let view = DeviceLogits::new(logits_b.slice(0..p.z.1), n, dims.v, dims.vp)?;
     let mut dz = dz_b.slice_mut(0..k * dims.vp);
-    cuda.kernels.sparse_ce(
+    kernels.sparse_ce(
         SparseCeArgs {
             logits: &view,
-            targets: &tgt.slice(0..n),
+            targets,
             lse: &lse_b.slice(0..n),
             kept: &idx_b.slice(0..k),
             count: &count_b.slice(0..1),
             dlogits: &mut dz,
             out_stride: dims.vp,
-            scale: GradScale::Constant(scale),
+            scale,
         },
         work,
     )?;
-    Ok(work.read_loss(&cuda.kernels)?)
+    Ok(())
 }
 
 pub(super) fn kd_grad(
@@ -261,6 +355,12 @@ pub(super) fn kd_grad(
                 teacher.rows, teacher.dims.v, teacher.dims.vp
             ),
         });
+    }
+    if [z.dtype, teacher.z.dtype, dlogits.dtype].contains(&Dtype::Bf16) {
+        return Err(Gpt2Error::Unsupported(
+            "distillation (eslm-kd) on bf16 activations: kernels/kd.cu reads f32 logits; train with f32 storage"
+                .into(),
+        ));
     }
     let kept = rows.kept;
     let k = kept.len();
@@ -320,6 +420,7 @@ pub(super) fn kd_grad(
     let view = DevView {
         ptr: loss_ptr,
         len: k,
+        dtype: Dtype::F32,
         _buf: PhantomData,
     };
     cuda.download(view, &mut losses);
@@ -341,11 +442,12 @@ pub(super) fn scale_rows(cuda: &mut Cuda, x: DevViewMut<'_>, width: usize, weigh
         return;
     }
     let (k64, w64) = (k as u64, width as u64);
-    // SAFETY: matches scale_rows (scale.cu); x holds K·width floats.
+    let dt = x.dtype;
+    // SAFETY: matches scale_rows (scale.cu; the twin of x's type); x holds K·width elements, w K floats.
     unsafe {
         launch!(
             cuda,
-            scale_rows,
+            scale_rows[dt],
             cfg(grid(k * width, ESLM_EW_THREADS), ESLM_EW_THREADS),
             &x.ptr,
             &w,

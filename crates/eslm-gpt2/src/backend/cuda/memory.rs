@@ -1,6 +1,6 @@
-//! Device memory of the CUDA backend: owned f32 buffers, the views the `Backend` trait hands around (pointer +
-//! length, so sub-ranges and disjoint mutable splits are plain arithmetic), integer index buffers, grow-only
-//! scratch, and borrowed views for the eslm-kernels launchers.
+//! Device memory of the CUDA backend: owned buffers of f32 or bf16 elements ([`Dtype`]), the views the `Backend`
+//! trait hands around (pointer + length in elements + type, so sub-ranges and disjoint mutable splits are plain
+//! arithmetic), integer index buffers, grow-only scratch, and borrowed views for the eslm-kernels launchers.
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -12,13 +12,36 @@ use eslm_kernels::KernelError;
 
 use crate::error::Gpt2Error;
 
-/// An owned f32 buffer in device memory (`len` floats). A failed allocation leaves no memory (`slice` `None`,
-/// pointer 0); the failure is recorded by the backend and any op given a view of it records a shape error.
+/// Element type of a device buffer: f32, or bf16 (the activations of a backend with bf16 storage,
+/// [`super::Cuda::set_activation_dtype`]). The `Backend` trait's values are f32 either way: bf16 elements widen
+/// exactly on the way to the host and round to nearest even on the way in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Dtype {
+    /// 4-byte IEEE float.
+    #[default]
+    F32,
+    /// 2-byte bfloat16 (8-bit mantissa, f32's range).
+    Bf16,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 => 2,
+        }
+    }
+}
+
+/// An owned buffer in device memory (`len` elements of `dtype`). A failed allocation leaves no memory (`slice`
+/// `None`, pointer 0); the failure is recorded by the backend and any op given a view of it records a shape error.
 #[derive(Debug)]
 pub struct CudaBuf {
-    pub(super) slice: Option<CudaSlice<f32>>,
+    pub(super) slice: Option<CudaSlice<u8>>,
     pub(super) ptr: u64,
     pub(super) len: usize,
+    pub(super) dtype: Dtype,
 }
 
 impl Clone for CudaBuf {
@@ -30,16 +53,25 @@ impl Clone for CudaBuf {
             slice,
             ptr,
             len: self.len,
+            dtype: self.dtype,
         }
     }
 }
 
-/// A read-only range of a [`CudaBuf`]: device pointer and length in floats (pointer 0: no memory, or a range
-/// outside its buffer).
+impl CudaBuf {
+    /// The element type.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+}
+
+/// A read-only range of a [`CudaBuf`]: device pointer, length in elements and their type (pointer 0: no memory,
+/// or a range outside its buffer).
 #[derive(Debug, Clone, Copy)]
 pub struct DevView<'a> {
     pub(super) ptr: u64,
     pub(super) len: usize,
+    pub(super) dtype: Dtype,
     pub(super) _buf: PhantomData<&'a [f32]>,
 }
 
@@ -48,13 +80,18 @@ pub struct DevView<'a> {
 pub struct DevViewMut<'a> {
     pub(super) ptr: u64,
     pub(super) len: usize,
+    pub(super) dtype: Dtype,
     pub(super) _buf: PhantomData<&'a mut [f32]>,
 }
 
 impl DevView<'_> {
-    /// Length in floats.
+    /// Length in elements.
     pub fn len(&self) -> usize {
         self.len
+    }
+    /// The element type.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
     }
     /// Whether the view is empty.
     pub fn is_empty(&self) -> bool {
@@ -63,9 +100,13 @@ impl DevView<'_> {
 }
 
 impl DevViewMut<'_> {
-    /// Length in floats.
+    /// Length in elements.
     pub fn len(&self) -> usize {
         self.len
+    }
+    /// The element type.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
     }
     /// Whether the view is empty.
     pub fn is_empty(&self) -> bool {
@@ -115,13 +156,19 @@ pub(super) fn raw_ptr<T>(s: &CudaSlice<T>) -> u64 {
     ptr
 }
 
-/// `(ptr, len)` of `range` within a view of `len` floats at `ptr`; pointer 0 when the range is outside.
-pub(super) fn sub(ptr: u64, len: usize, range: Range<usize>) -> (u64, usize) {
+/// `(ptr, len)` of `range` within a view of `len` elements of `dtype` at `ptr`; pointer 0 when the range is
+/// outside.
+pub(super) fn sub(ptr: u64, len: usize, range: Range<usize>, dtype: Dtype) -> (u64, usize) {
     let n = range.end.saturating_sub(range.start);
     if ptr == 0 || range.start > range.end || range.end > len {
         return (0, n);
     }
-    (ptr + 4 * range.start as u64, n)
+    (ptr + (dtype.size() * range.start) as u64, n)
+}
+
+/// The device address `elems` elements of `dtype` after `ptr`.
+pub(super) fn at(ptr: u64, elems: usize, dtype: Dtype) -> u64 {
+    ptr + (elems * dtype.size()) as u64
 }
 
 /// A device buffer that grows on demand (scratch).
@@ -196,12 +243,21 @@ mod tests {
 
     #[test]
     fn ranges_outside_a_view_have_no_memory() {
-        assert_eq!(sub(4096, 10, 2..5), (4096 + 8, 3));
-        assert_eq!(sub(4096, 10, 0..10), (4096, 10));
-        assert_eq!(sub(4096, 10, 5..11), (0, 6));
-        assert_eq!(sub(0, 10, 0..3), (0, 3));
+        let f = Dtype::F32;
+        assert_eq!(sub(4096, 10, 2..5, f), (4096 + 8, 3));
+        assert_eq!(sub(4096, 10, 0..10, f), (4096, 10));
+        assert_eq!(sub(4096, 10, 5..11, f), (0, 6));
+        assert_eq!(sub(0, 10, 0..3, f), (0, 3));
         #[allow(clippy::reversed_empty_ranges)]
         let reversed = 5..2;
-        assert_eq!(sub(4096, 10, reversed), (0, 0));
+        assert_eq!(sub(4096, 10, reversed, f), (0, 0));
+    }
+
+    #[test]
+    fn bf16_ranges_step_two_bytes() {
+        assert_eq!(sub(4096, 10, 2..5, Dtype::Bf16), (4096 + 4, 3));
+        assert_eq!(sub(4096, 10, 5..11, Dtype::Bf16), (0, 6));
+        assert_eq!(at(4096, 3, Dtype::Bf16), 4102);
+        assert_eq!(at(4096, 3, Dtype::F32), 4108);
     }
 }

@@ -74,6 +74,13 @@ use crate::optim::AdamWStep;
 /// the backend's stream; records a failed launch and evaluates to whether it was queued. Expands to an unsafe
 /// launch: the caller's `unsafe` block states why the arguments match the kernel and the buffers are large enough.
 macro_rules! launch {
+    // A kernel with a bf16-activation twin (a [`functions::Twin`]): the one of activation type `$dtype`.
+    ($cuda:expr, $func:ident [$dtype:expr], $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let cuda: &Cuda = $cuda;
+        let mut builder = cuda.stream().launch_builder(cuda.f.$func.get($dtype));
+        $(builder.arg($arg);)+
+        cuda.check(builder.launch($cfg))
+    }};
     ($cuda:expr, $func:ident, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         let cuda: &Cuda = $cuda;
         let mut builder = cuda.stream().launch_builder(&cuda.f.$func);
@@ -101,7 +108,7 @@ mod rows;
 use functions::Functions;
 use launch::*;
 use memory::*;
-pub use memory::{CudaBuf, DevView, DevViewMut, DeviceInts};
+pub use memory::{CudaBuf, DevView, DevViewMut, DeviceInts, Dtype};
 
 /// Most blocks a grid-stride kernel is launched with.
 const MAX_GRID: usize = 1 << 16;
@@ -151,6 +158,8 @@ pub struct Cuda {
     ce: Option<DeviceSparseCe>,
     /// The precision of the matrix products ([`Backend::set_matmul_precision`]).
     precision: MatmulPrecision,
+    /// The element type of the buffers [`Backend::alloc_act`] makes ([`Cuda::set_activation_dtype`]).
+    act_dtype: Dtype,
     /// bf16 copies of the two operands of the current product ([`MatmulPrecision::Bf16`]); a lock because the
     /// GEMM helper takes `&self` (all use is on the one stream, so reuse is ordered).
     bf16_operands: Mutex<(Grow<u16>, Grow<u16>)>,
@@ -221,6 +230,7 @@ impl Cuda {
                 epilogue::LtState::Untried
             },
             precision: MatmulPrecision::F32,
+            act_dtype: Dtype::F32,
             bf16_operands: Mutex::new((Grow::new(), Grow::new())),
         })
     }
@@ -228,6 +238,52 @@ impl Cuda {
     /// The eslm-kernels handle (context, stream, loss-head kernels) this backend runs on.
     pub fn kernels(&self) -> &CudaKernels {
         &self.kernels
+    }
+
+    /// Storage of the activations, their gradients and the logits ([`Backend::alloc_act`]): f32 (the default),
+    /// or bf16 — llm.c's mixed-precision recipe: bf16 activations and products of bf16 operands with f32
+    /// accumulation, f32 master weights, gradients and AdamW state. Set it before a model allocates its buffers
+    /// on this backend (buffers made earlier keep their type). Bf16 also sets the products to
+    /// [`MatmulPrecision::Bf16`].
+    ///
+    /// # Errors
+    /// As [`Backend::set_matmul_precision`].
+    pub fn set_activation_dtype(&mut self, dtype: Dtype) -> Result<()> {
+        self.act_dtype = dtype;
+        if dtype == Dtype::Bf16 {
+            self.set_matmul_precision(MatmulPrecision::Bf16)?;
+        }
+        Ok(())
+    }
+
+    /// The activation storage ([`Cuda::set_activation_dtype`]).
+    pub fn activation_dtype(&self) -> Dtype {
+        self.act_dtype
+    }
+
+    /// The element type an op runs on: every `acts` view (activations, their gradients, logits) has one type and
+    /// every `f32s` view (parameters, their gradients, statistics) is f32. Records a type error otherwise
+    /// (`None`).
+    fn op_dtype(
+        &self,
+        acts: &[(&'static str, Dtype)],
+        f32s: &[(&'static str, Dtype)],
+    ) -> Option<Dtype> {
+        let first = acts.first().map_or(Dtype::F32, |a| a.1);
+        let bad = |what: &'static str, want: Dtype, got: Dtype| Gpt2Error::Shape {
+            what,
+            expected: format!("{want:?} elements"),
+            got: format!("{got:?} elements"),
+        };
+        if let Some(&(what, got)) = acts.iter().find(|a| a.1 != first) {
+            self.fail(bad(what, first, got));
+            return None;
+        }
+        if let Some(&(what, got)) = f32s.iter().find(|a| a.1 != Dtype::F32) {
+            self.fail(bad(what, Dtype::F32, got));
+            return None;
+        }
+        Some(first)
     }
 
     /// Opens an NCCL communicator over the ranks of `collective`, even for one rank ([`Backend::connect`] opens
@@ -387,21 +443,10 @@ impl Backend for Cuda {
     type Targets = DeviceInts<i32>;
 
     fn alloc(&mut self, len: usize) -> CudaBuf {
-        match self.stream().alloc_zeros::<f32>(alloc_len(len)) {
-            Ok(s) => CudaBuf {
-                ptr: raw_ptr(&s),
-                slice: Some(s),
-                len,
-            },
-            Err(e) => {
-                self.fail(KernelError::from(e));
-                CudaBuf {
-                    slice: None,
-                    ptr: 0,
-                    len,
-                }
-            }
-        }
+        self.alloc_typed(len, Dtype::F32)
+    }
+    fn alloc_act(&mut self, len: usize) -> CudaBuf {
+        self.alloc_typed(len, self.act_dtype)
     }
     fn alloc_tokens(&mut self, len: usize) -> DeviceInts<u32> {
         let dev = self.stream().alloc_zeros::<u32>(alloc_len(len));
@@ -425,18 +470,43 @@ impl Backend for Cuda {
         if src.is_empty() || !self.ready(&[("upload", dst.len, src.len(), dst.ptr)]) {
             return;
         }
-        // SAFETY: dst holds at least src.len() floats (checked); pageable source: staged before return.
-        let r = unsafe { drv::memcpy_htod_async(dst.ptr, src, self.stream().cu_stream()) };
+        let stream = self.stream().cu_stream();
+        let r = match dst.dtype {
+            // SAFETY: dst holds at least src.len() floats (checked); pageable source: staged before return.
+            Dtype::F32 => unsafe { drv::memcpy_htod_async(dst.ptr, src, stream) },
+            Dtype::Bf16 => {
+                let bits: Vec<u16> = src
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x).to_bits())
+                    .collect();
+                // SAFETY: dst holds at least src.len() bf16 (checked); staged before return.
+                unsafe { drv::memcpy_htod_async(dst.ptr, &bits[..], stream) }
+            }
+        };
         self.check(r);
     }
     fn download(&self, src: DevView<'_>, dst: &mut [f32]) {
+        let stream = self.stream().cu_stream();
         let ok = dst.is_empty()
-            || (self.ready(&[("download", src.len, dst.len(), src.ptr)]) && {
-                // SAFETY: src holds at least dst.len() floats (checked); the stream is synchronised below before
-                // dst is read.
-                let r = unsafe { drv::memcpy_dtoh_async(dst, src.ptr, self.stream().cu_stream()) };
-                self.check(r) && self.check(self.stream().synchronize())
-            });
+            || (self.ready(&[("download", src.len, dst.len(), src.ptr)])
+                && match src.dtype {
+                    Dtype::F32 => {
+                        // SAFETY: src holds at least dst.len() floats (checked); the stream is synchronised below
+                        // before dst is read.
+                        let r = unsafe { drv::memcpy_dtoh_async(dst, src.ptr, stream) };
+                        self.check(r) && self.check(self.stream().synchronize())
+                    }
+                    Dtype::Bf16 => {
+                        let mut bits = vec![0u16; dst.len()];
+                        // SAFETY: src holds at least dst.len() bf16 (checked); synchronised before bits is read.
+                        let r = unsafe { drv::memcpy_dtoh_async(&mut bits[..], src.ptr, stream) };
+                        let done = self.check(r) && self.check(self.stream().synchronize());
+                        for (d, b) in dst.iter_mut().zip(&bits) {
+                            *d = half::bf16::from_bits(*b).to_f32();
+                        }
+                        done
+                    }
+                });
         if !ok {
             dst.iter_mut().for_each(|x| *x = f32::NAN);
         }
@@ -470,6 +540,7 @@ impl Backend for Cuda {
         DevView {
             ptr: buf.ptr,
             len: buf.len,
+            dtype: buf.dtype,
             _buf: PhantomData,
         }
     }
@@ -477,6 +548,7 @@ impl Backend for Cuda {
         DevViewMut {
             ptr: buf.ptr,
             len: buf.len,
+            dtype: buf.dtype,
             _buf: PhantomData,
         }
     }
@@ -484,10 +556,11 @@ impl Backend for Cuda {
     where
         Self: 'a,
     {
-        let (ptr, len) = sub(v.ptr, v.len, range);
+        let (ptr, len) = sub(v.ptr, v.len, range, v.dtype);
         DevView {
             ptr,
             len,
+            dtype: v.dtype,
             _buf: PhantomData,
         }
     }
@@ -495,10 +568,11 @@ impl Backend for Cuda {
     where
         Self: 'a,
     {
-        let (ptr, len) = sub(v.ptr, v.len, range);
+        let (ptr, len) = sub(v.ptr, v.len, range, v.dtype);
         DevViewMut {
             ptr,
             len,
+            dtype: v.dtype,
             _buf: PhantomData,
         }
     }
@@ -514,16 +588,22 @@ impl Backend for Cuda {
         Self: 'a,
     {
         let end = v.len.max(at);
-        let (a, b) = (sub(v.ptr, v.len, 0..at), sub(v.ptr, v.len, at..end));
+        let dtype = v.dtype;
+        let (a, b) = (
+            sub(v.ptr, v.len, 0..at, dtype),
+            sub(v.ptr, v.len, at..end, dtype),
+        );
         (
             DevViewMut {
                 ptr: a.0,
                 len: a.1,
+                dtype,
                 _buf: PhantomData,
             },
             DevViewMut {
                 ptr: b.0,
                 len: b.1,
+                dtype,
                 _buf: PhantomData,
             },
         )
@@ -532,6 +612,7 @@ impl Backend for Cuda {
         DevViewMut {
             ptr: v.ptr,
             len: v.len,
+            dtype: v.dtype,
             _buf: PhantomData,
         }
     }
@@ -539,6 +620,7 @@ impl Backend for Cuda {
         DevView {
             ptr: v.ptr,
             len: v.len,
+            dtype: v.dtype,
             _buf: PhantomData,
         }
     }
@@ -546,8 +628,9 @@ impl Backend for Cuda {
         if v.len == 0 || !self.ready(&[("fill_zero", v.len, v.len, v.ptr)]) {
             return;
         }
-        // SAFETY: v is a live range of v.len floats.
-        let r = unsafe { drv::memset_d8_async(v.ptr, 0, v.len * 4, self.stream().cu_stream()) };
+        // SAFETY: v is a live range of v.len elements of v.dtype.
+        let bytes = v.len * v.dtype.size();
+        let r = unsafe { drv::memset_d8_async(v.ptr, 0, bytes, self.stream().cu_stream()) };
         self.check(r);
     }
 
@@ -753,6 +836,12 @@ impl Backend for Cuda {
         loss_head::scale_rows(self, x, width, weights)
     }
     fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<()> {
+        if self.act_dtype == Dtype::Bf16 && precision != MatmulPrecision::Bf16 {
+            return Err(Gpt2Error::Unsupported(format!(
+                "{precision:?} products on bf16 activations: bf16 storage multiplies bf16 operands \
+                 (--matmul bf16)"
+            )));
+        }
         let mode = match precision {
             // bf16 products go through cublasGemmStridedBatchedEx, whose compute type sets their precision.
             MatmulPrecision::F32 | MatmulPrecision::Bf16 => {
@@ -808,7 +897,11 @@ impl Backend for Cuda {
                     collective.world_size()
                 )));
             }
-            if !self.ready(&[("collective buffer", x.len, x.len, x.ptr)]) {
+            if !self.ready(&[("collective buffer", x.len, x.len, x.ptr)])
+                || self
+                    .op_dtype(&[], &[("collective buffer", x.dtype)])
+                    .is_none()
+            {
                 return self.recorded();
             }
             return comm.run(op, x.ptr, x.len, self.stream());
@@ -818,6 +911,7 @@ impl Backend for Cuda {
         let view = DevView {
             ptr: x.ptr,
             len: x.len,
+            dtype: x.dtype,
             _buf: PhantomData,
         };
         self.download(view, &mut host);
@@ -836,7 +930,31 @@ impl Backend for Cuda {
     }
 }
 
-impl Cuda {}
+impl Cuda {
+    /// A zeroed buffer of `len` elements of `dtype`; records a failed allocation (the buffer then has no memory).
+    fn alloc_typed(&mut self, len: usize, dtype: Dtype) -> CudaBuf {
+        match self
+            .stream()
+            .alloc_zeros::<u8>(alloc_len(len) * dtype.size())
+        {
+            Ok(s) => CudaBuf {
+                ptr: raw_ptr(&s),
+                slice: Some(s),
+                len,
+                dtype,
+            },
+            Err(e) => {
+                self.fail(KernelError::from(e));
+                CudaBuf {
+                    slice: None,
+                    ptr: 0,
+                    len,
+                    dtype,
+                }
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

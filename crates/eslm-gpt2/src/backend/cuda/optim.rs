@@ -20,6 +20,15 @@ pub(super) fn adamw(
     {
         return;
     }
+    let f32s = [
+        ("adamw p", t.p.dtype),
+        ("adamw g", t.g.dtype),
+        ("adamw m", t.m.dtype),
+        ("adamw v", t.v.dtype),
+    ];
+    if cuda.op_dtype(&[], &f32s).is_none() {
+        return;
+    }
     let [beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale] = step.kernel_args(decays);
     let len64 = len as u64;
     // SAFETY: matches adamw_update (adamw.cu); all four hold len floats.
@@ -48,7 +57,9 @@ pub(super) fn sum_squares(cuda: &Cuda, x: DevView<'_>) -> f64 {
     if x.len == 0 {
         return 0.0;
     }
-    if !cuda.ready(&[("sum_squares x", x.len, x.len, x.ptr)]) {
+    if !cuda.ready(&[("sum_squares x", x.len, x.len, x.ptr)])
+        || cuda.op_dtype(&[], &[("sum_squares x", x.dtype)]).is_none()
+    {
         return f64::NAN;
     }
     let _guard = cuda.norm_lock.lock().unwrap_or_else(|p| p.into_inner());

@@ -14,12 +14,20 @@ pub(super) fn forward(cuda: &mut Cuda, out: DevViewMut<'_>, a: DevView<'_>, b: D
     {
         return;
     }
+    let acts = [
+        ("residual out", out.dtype),
+        ("residual a", a.dtype),
+        ("residual b", b.dtype),
+    ];
+    let Some(dt) = cuda.op_dtype(&acts, &[]) else {
+        return;
+    };
     let len64 = len as u64;
-    // SAFETY: matches residual_forward (residual.cu); all hold len floats.
+    // SAFETY: matches residual_forward (residual.cu; the twin of the activations' type); all hold len elements.
     unsafe {
         launch!(
             cuda,
-            residual_forward,
+            residual_forward[dt],
             cfg(grid(len, ESLM_EW_THREADS), ESLM_EW_THREADS),
             &out.ptr,
             &a.ptr,
@@ -43,6 +51,7 @@ pub(super) fn merge(
         let out = DevViewMut {
             ptr: out.ptr,
             len: out.len.min(len),
+            dtype: out.dtype,
             _buf: PhantomData,
         };
         if out.len == len {
@@ -62,6 +71,14 @@ pub(super) fn merge(
     {
         return union;
     }
+    let acts = [
+        ("residual merge out", out.dtype),
+        ("residual merge a", a.g.dtype),
+        ("residual merge b", b.g.dtype),
+    ];
+    let Some(dt) = cuda.op_dtype(&acts, &[]) else {
+        return union;
+    };
     let mut maps: Vec<u32> = ia.iter().map(|&x| x as u32).collect();
     maps.extend(ib.iter().map(|&x| x as u32));
     let Some(base) = cuda.upload_idx(&maps) else {
@@ -73,7 +90,7 @@ pub(super) fn merge(
     unsafe {
         launch!(
             cuda,
-            residual_merge,
+            residual_merge[dt],
             cfg(grid(k * width, ESLM_EW_THREADS), ESLM_EW_THREADS),
             &out.ptr,
             &a.g.ptr,

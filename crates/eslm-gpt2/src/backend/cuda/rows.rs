@@ -9,15 +9,16 @@ pub(super) fn compact_blocks(cuda: &mut Cuda, x: DevViewMut<'_>, block: usize, s
     if block == 0 || !cuda.ready(&[("compacted buffer", x.len, end, x.ptr)]) {
         return;
     }
+    let dt = x.dtype;
     for (i, &s) in seqs.iter().enumerate().filter(|(i, s)| *i != **s) {
         // SAFETY: both blocks lie inside the view (checked through the last block); `i < s` (the list is
         // strictly ascending), so the destination ends at or before the source begins; ordered on the stream
         // after the earlier copies, whose sources lie after this destination.
         let r = unsafe {
             drv::memcpy_dtod_async(
-                x.ptr + (i * block * 4) as u64,
-                x.ptr + (s * block * 4) as u64,
-                block * 4,
+                at(x.ptr, i * block, dt),
+                at(x.ptr, s * block, dt),
+                block * dt.size(),
                 cuda.stream().cu_stream(),
             )
         };
@@ -45,9 +46,16 @@ pub(super) fn gather_rows(
             {
                 return;
             }
-            // SAFETY: both ranges hold len floats (checked) and are distinct buffers of the model.
+            if cuda
+                .op_dtype(&[("gather dst", dst.dtype), ("gather src", src.dtype)], &[])
+                .is_none()
+            {
+                return;
+            }
+            let bytes = len * src.dtype.size();
+            // SAFETY: both ranges hold len elements of one type (checked) and are distinct buffers of the model.
             let r = unsafe {
-                drv::memcpy_dtod_async(dst.ptr, src.ptr, len * 4, cuda.stream().cu_stream())
+                drv::memcpy_dtod_async(dst.ptr, src.ptr, bytes, cuda.stream().cu_stream())
             };
             cuda.check(r);
         }
@@ -62,7 +70,10 @@ pub(super) fn gather_rows(
             {
                 return;
             }
-            gather_launch(cuda, dst.ptr, src.ptr, rows, width);
+            let acts = [("gather dst", dst.dtype), ("gather src", src.dtype)];
+            if let Some(dt) = cuda.op_dtype(&acts, &[]) {
+                gather_launch(cuda, dst.ptr, (src.ptr, dt), rows, width);
+            }
         }
     }
 }
@@ -87,15 +98,19 @@ pub(super) fn scatter_add_rows(
     {
         return;
     }
+    let Some(dt) = cuda.op_dtype(&[("scatter dst", dst.dtype), ("scatter g", g.g.dtype)], &[])
+    else {
+        return;
+    };
     let Some(rows_p) = cuda.upload_rows(rows) else {
         return;
     };
     let (k64, w64) = (k as u64, width as u64);
-    // SAFETY: matches scatter_add_rows (rows.cu); distinct rows < max_row.
+    // SAFETY: matches scatter_add_rows (rows.cu; the twin of the elements' type); distinct rows < max_row.
     unsafe {
         launch!(
             cuda,
-            scatter_add_rows,
+            scatter_add_rows[dt],
             cfg(grid(k * width, ESLM_EW_THREADS), ESLM_EW_THREADS),
             &dst.ptr,
             &g.g.ptr,
@@ -106,11 +121,11 @@ pub(super) fn scatter_add_rows(
     };
 }
 
-/// The rows `rows` of the dense `[n, width]` matrix at `src`: `src` itself for `All`, else gathered into the
-/// gather scratch.
+/// The rows `rows` of the dense `[n, width]` matrix at `src` (elements of the given type): `src` itself for
+/// `All`, else gathered into the gather scratch (sized in f32, so it holds any element type).
 pub(super) fn rows_of(
     cuda: &mut Cuda,
-    src: u64,
+    (src, dt): (u64, Dtype),
     rows: &RowSet,
     _n: usize,
     width: usize,
@@ -119,16 +134,16 @@ pub(super) fn rows_of(
         RowSet::All => Some(src),
         RowSet::Rows(r) => {
             let dst = cuda.scratch(0, r.len() * width)?;
-            gather_launch(cuda, dst, src, rows, width).then_some(dst)
+            gather_launch(cuda, dst, (src, dt), rows, width).then_some(dst)
         }
     }
 }
 
-/// Queues `gather_rows` of a `Rows` set into `dst`; whether it was queued.
+/// Queues `gather_rows` of a `Rows` set into `dst` (elements of `src`'s type); whether it was queued.
 pub(super) fn gather_launch(
     cuda: &mut Cuda,
     dst: u64,
-    src: u64,
+    (src, dt): (u64, Dtype),
     rows: &RowSet,
     width: usize,
 ) -> bool {
@@ -140,11 +155,12 @@ pub(super) fn gather_launch(
         return false;
     };
     let (k64, w64) = (k as u64, width as u64);
-    // SAFETY: matches gather_rows (rows.cu); dst holds K·width floats, every row < the rows of src.
+    // SAFETY: matches gather_rows (rows.cu; the twin of the elements' type); dst holds K·width elements, every row
+    // < the rows of src.
     unsafe {
         launch!(
             cuda,
-            gather_rows,
+            gather_rows[dt],
             cfg(grid(k * width, ESLM_EW_THREADS), ESLM_EW_THREADS),
             &dst,
             &src,
