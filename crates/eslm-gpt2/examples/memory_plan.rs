@@ -1,5 +1,6 @@
 //! Prints the engine's memory plan (`eslm_gpt2::memory::MemoryPlan`, f32) for the GPT-2 sizes at a batch, as GiB
-//! by kind and the total a CUDA device needs (without the CUDA context and cuBLAS workspace).
+//! by kind and the total a CUDA device needs with f32 and with bf16 storage (without the CUDA context and cuBLAS
+//! workspace).
 //!
 //! `cargo run --release -p eslm-gpt2 --example memory_plan -- [B] [T] [RANKS]` (default 16 1024 1; RANKS > 1
 //! shards the optimizer state as `--shard-optimizer` does).
@@ -18,9 +19,9 @@ fn main() {
     let gib = |floats: usize| floats as f64 * 4.0 / (1u64 << 30) as f64;
     println!("f32 memory plan, B = {b}, T = {t}, optimizer sharded over {ranks} rank(s), GiB");
     println!(
-        "| model | params+grads | AdamW | activations | attention P | logits+dlogits | backward buffers | CUDA scratch | CUDA total |"
+        "| model | params+grads | AdamW | activations | attention P | logits+dlogits | backward buffers | CUDA scratch | CUDA total | CUDA total, bf16 storage |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let sizes = [
         ("124M", GptConfig::gpt2_124m()),
         ("350M", GptConfig::gpt2_350m()),
@@ -30,7 +31,7 @@ fn main() {
     for (name, cfg) in sizes {
         let p = MemoryPlan::new(&cfg, b, t).sharded(ranks);
         println!(
-            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             gib(p.params + p.grads),
             gib(p.optimizer),
             gib(p.activations),
@@ -38,7 +39,8 @@ fn main() {
             gib(p.logits + p.dlogits),
             gib(p.grad_buffers),
             gib(p.cuda_scratch),
-            p.cuda_bytes(b * t) as f64 / (1u64 << 30) as f64
+            p.cuda_bytes(b * t) as f64 / (1u64 << 30) as f64,
+            p.cuda_bytes_bf16(b * t) as f64 / (1u64 << 30) as f64
         );
     }
 }

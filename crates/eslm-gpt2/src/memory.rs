@@ -89,4 +89,13 @@ impl MemoryPlan {
     pub fn cuda_bytes(&self, tokens: usize) -> u64 {
         4 * (self.engine_floats() + self.cuda_scratch) as u64 + 8 * tokens as u64
     }
+
+    /// [`MemoryPlan::cuda_bytes`] under bf16 storage (`Cuda::set_activation_dtype`): the activations (their
+    /// layer-norm statistics counted with them, a slight over-estimate), attention probabilities, logits, gradient
+    /// work buffers, the logits' gradient and the scratch at 2 bytes; parameters, gradients and AdamW state at 4.
+    pub fn cuda_bytes_bf16(&self, tokens: usize) -> u64 {
+        let f32s = self.params + self.grads + self.optimizer;
+        let bf16s = self.engine_floats() - f32s + self.cuda_scratch;
+        4 * f32s as u64 + 2 * bf16s as u64 + 8 * tokens as u64
+    }
 }

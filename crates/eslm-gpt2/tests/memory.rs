@@ -73,3 +73,16 @@ fn sharding_divides_the_optimizer_state() {
         plan.engine_floats() - plan.optimizer + eight.optimizer
     );
 }
+
+#[test]
+fn bf16_storage_halves_everything_but_the_parameters_and_their_state() {
+    let p = MemoryPlan::new(&GptConfig::gpt2_124m(), 16, 1024);
+    let f32_state = 4 * (p.params + p.grads + p.optimizer) as u64;
+    let tokens = 16 * 1024;
+    let ids = 8 * tokens as u64;
+    let rest_f32 = p.cuda_bytes(tokens) - f32_state - ids;
+    let rest_bf16 = p.cuda_bytes_bf16(tokens) - f32_state - ids;
+    assert_eq!(2 * rest_bf16, rest_f32);
+    // The 124M target (B = 16, T = 1024, ≤ 40 GB) with room to spare under bf16 storage.
+    assert!(p.cuda_bytes_bf16(tokens) < 16 << 30, "{}", p.cuda_bytes_bf16(tokens));
+}

@@ -134,7 +134,7 @@ pub(super) fn backward(
     let dy_dense = match rows {
         RowSet::All => dy.g.ptr,
         RowSet::Rows(_) => {
-            let Some(dense) = cuda.scratch(0, b * t * c) else {
+            let Some(dense) = cuda.scratch_of(0, b * t * c, dt) else {
                 return 0.0;
             };
             let dense_view = || DevViewMut {
@@ -149,7 +149,7 @@ pub(super) fn backward(
             dense
         }
     };
-    let Some(datt) = cuda.scratch(2, b * nh * t * t) else {
+    let Some(datt) = cuda.scratch_of(2, b * nh * t * t, dt) else {
         return 0.0;
     };
     for bi in 0..b {
@@ -178,8 +178,8 @@ pub(super) fn backward(
     let rows64 = nrows as u64;
     let scale = (1.0 / (hs as f64).sqrt()) as f32;
     if cuda.healthy() {
-        // SAFETY: matches attention_softmax_backward (the twin of the activations' type); datt (scratch sized in
-        // f32) and att hold B·H·T·T elements.
+        // SAFETY: matches attention_softmax_backward (the twin of the activations' type); datt and att hold
+        // B·H·T·T elements.
         unsafe {
             launch!(
                 cuda,

@@ -4,22 +4,26 @@
 //! unit-tested below; `tests/cuda_backend.rs` compares every op and a whole training step with the CPU backend and
 //! skips with a message where no CUDA driver loads.
 //!
-//! - **Buffers** are f32 (`CudaSlice<f32>` owned by a [`CudaBuf`]); views are `(device pointer, length)` pairs
-//!   ([`DevView`], [`DevViewMut`]) cut without the stream, so the model's flat parameter buffer is split into
-//!   per-tensor views as on the CPU. Token ids and targets keep a host copy next to the device copy (the encoder
-//!   backward groups rows by token on the host; the loss head checks targets there).
-//! - **Products** are f32 cuBLAS SGEMMs (`cublasSgemmStridedBatched`; default math mode, or TF32 tensor cores after
-//!   [`Backend::set_matmul_precision`]), row-major
-//!   through the usual swap (`C = A·B` row-major is `Cᵀ = Bᵀ·Aᵀ` column-major). Attention is llm.c's: `S = Q·Kᵀ`
+//! - **Buffers** ([`CudaBuf`]) hold f32, or bf16 for the activations of a backend with bf16 storage
+//!   ([`Cuda::set_activation_dtype`]: llm.c's recipe, f32 master weights, gradients and AdamW state); views are
+//!   `(device pointer, length, type)` ([`DevView`], [`DevViewMut`]) cut without the stream, so the model's flat
+//!   parameter buffer is split into per-tensor views as on the CPU. Token ids and targets keep a host copy next to
+//!   the device copy (the encoder backward groups rows by token on the host; the loss head checks targets there).
+//! - **Products** are cuBLAS GEMMs (`cublasSgemmStridedBatched` in f32 or TF32 after
+//!   [`Backend::set_matmul_precision`]; `cublasGemmStridedBatchedEx` with bf16 operands, f32 ones converted), row-major
+//!   through the usual swap (`C = A·B` row-major is `Cᵀ = Bᵀ·Aᵀ` column-major); the forward linear layers run on
+//!   cuBLASLt with the bias and GELU in the epilogue where it applies ([`epilogue`]). Attention is llm.c's: `S = Q·Kᵀ`
 //!   and `Y = P·V` batched over the heads of each sequence, a fused causal softmax kernel in between; the
 //!   probabilities `P [B, H, T, T]` are stored for the backward, like the CPU backend.
 //! - **Hand-written kernels** (`kernels/*.cu`, one family per file, each naming its CPU counterpart): encoder,
 //!   layernorm, gelu, residual, rows (gather / scatter-add), attention (softmax forward / backward), adamw,
-//!   global_norm, scale, linear (bias). The loss head reuses eslm-kernels' token_stats, select and sparse_ce
-//!   launchers on the same stream ([`CudaKernels`]).
+//!   global_norm, scale, linear (bias); every row-wise one with a bf16-activation twin. The loss head reuses
+//!   eslm-kernels' token_stats, select and sparse_ce launchers on the same stream ([`CudaKernels`]), keeping the
+//!   statistics and the selection of the model's own scores on the device.
 //! - **Layout of this module**: this file holds the backend's state, its error discipline and buffer ops, and the
 //!   [`Backend`] impl, which hands each op family to a file of its own — `encoder`, `layernorm`, `linear` (with
-//!   the LM head), `gemm` (cuBLAS), `attention`, `gelu`, `residual`, `rows`, `loss_head`, `optim` — that launches
+//!   the LM head), `gemm` (cuBLAS), `epilogue` (cuBLASLt), `attention`, `gelu`, `residual`, `rows`, `loss_head`,
+//!   `optim` — that launches
 //!   through the `launch!` macro (one checked, recorded launch). `launch` holds the pure launch arithmetic (unit
 //!   tested), `memory` the buffers and views, `functions` the loaded kernels, `nccl` the device collectives.
 //! - **Row sparsity** is the CPU backend's: compact `[K, width]` gradients for `RowSet::Rows`, the row list
@@ -33,9 +37,10 @@
 //!   shape error, never an out-of-bounds kernel). Without a driver, [`Cuda::new`] returns
 //!   [`KernelError::NoCudaDriver`] ("no CUDA driver found; use --device cpu"): no op can be reached.
 //!
-//! Not done (see `docs/engine.md`): the bf16 mixed-precision recipe (bf16 weights and activations, f32 master
-//! weights), cuBLASLt epilogues (bias, GELU), a flash-attention kernel. Collectives of a
-//! multi-rank job use NCCL on the device buffers ([`nccl`]) when the library loads, else the host.
+//! Not done (see `docs/engine.md`): one read-back per optimizer step (a micro-batch reads back its statistics,
+//! kept list and loss), bf16 shadow weights (each bf16 product converts its f32 weight), backward epilogues, a
+//! flash-attention kernel. Collectives of a multi-rank job use NCCL on the device buffers ([`nccl`]) when the
+//! library loads, else the host.
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -414,6 +419,11 @@ impl Cuda {
             RowSet::All => Some(0),
             RowSet::Rows(r) => self.upload_idx(r),
         }
+    }
+
+    /// A scratch pointer for `len` elements of `dtype` from `which` (see [`Cuda::scratch`]).
+    fn scratch_of(&mut self, which: u8, len: usize, dtype: Dtype) -> Option<u64> {
+        self.scratch(which, (len * dtype.size()).div_ceil(4))
     }
 
     /// A scratch pointer of at least `len` floats from `which` (0 gather, 1 partial, 2 datt, 3 lse).

@@ -122,7 +122,7 @@ pub(super) fn scatter_add_rows(
 }
 
 /// The rows `rows` of the dense `[n, width]` matrix at `src` (elements of the given type): `src` itself for
-/// `All`, else gathered into the gather scratch (sized in f32, so it holds any element type).
+/// `All`, else gathered into the gather scratch.
 pub(super) fn rows_of(
     cuda: &mut Cuda,
     (src, dt): (u64, Dtype),
@@ -133,7 +133,7 @@ pub(super) fn rows_of(
     match rows {
         RowSet::All => Some(src),
         RowSet::Rows(r) => {
-            let dst = cuda.scratch(0, r.len() * width)?;
+            let dst = cuda.scratch_of(0, r.len() * width, dt)?;
             gather_launch(cuda, dst, (src, dt), rows, width).then_some(dst)
         }
     }
