@@ -84,5 +84,9 @@ fn bf16_storage_halves_everything_but_the_parameters_and_their_state() {
     let rest_bf16 = p.cuda_bytes_bf16(tokens) - f32_state - ids;
     assert_eq!(2 * rest_bf16, rest_f32);
     // The 124M target (B = 16, T = 1024, ≤ 40 GB) with room to spare under bf16 storage.
-    assert!(p.cuda_bytes_bf16(tokens) < 16 << 30, "{}", p.cuda_bytes_bf16(tokens));
+    assert!(
+        p.cuda_bytes_bf16(tokens) < 16 << 30,
+        "{}",
+        p.cuda_bytes_bf16(tokens)
+    );
 }
