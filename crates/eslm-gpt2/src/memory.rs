@@ -90,9 +90,11 @@ impl MemoryPlan {
         4 * (self.engine_floats() + self.cuda_scratch) as u64 + 8 * tokens as u64
     }
 
-    /// [`MemoryPlan::cuda_bytes`] under bf16 storage (`Cuda::set_activation_dtype`): the activations (their
-    /// layer-norm statistics counted with them, a slight over-estimate), attention probabilities, logits, gradient
-    /// work buffers, the logits' gradient and the scratch at 2 bytes; parameters, gradients and AdamW state at 4.
+    /// [`MemoryPlan::cuda_bytes`] under bf16 storage (`Cuda::set_activation_dtype`): the activations, attention
+    /// probabilities, logits, gradient work buffers, the logits' gradient and the scratch at 2 bytes; parameters,
+    /// gradients and AdamW state at 4. A slight under-estimate: the layer-norm statistics and the column-sum
+    /// partials stay f32, and neither the bf16 copy of the largest converted weight nor cuBLASLt's 32 MiB workspace
+    /// is counted.
     pub fn cuda_bytes_bf16(&self, tokens: usize) -> u64 {
         let f32s = self.params + self.grads + self.optimizer;
         let bf16s = self.engine_floats() - f32s + self.cuda_scratch;

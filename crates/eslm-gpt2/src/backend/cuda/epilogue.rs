@@ -10,8 +10,9 @@
 //!
 //! One kernel where the fallback (`linear.rs`, `gelu.rs`) runs two or three: the bias broadcast, the GEMM with
 //! β = 1 reading it back, the GELU pass. Used when libcublasLt loads, cuBLASLt has an algorithm for the shape,
-//! the operand types of the precision and the pointers' alignment (asked once per such key, then cached) and,
-//! for the GELU epilogue, `out` is a multiple of 8 (cuBLASLt's rule for the auxiliary leading dimension); else
+//! the operand types of the precision and the pointers' alignment (asked once per such key, then cached; a
+//! combination cuBLASLt rejects counts as "no algorithm"), the bias (and the auxiliary output) are 16-byte aligned
+//! and, for the GELU epilogue, `out` is a multiple of 8 (cuBLASLt's rule for the auxiliary leading dimension); else
 //! the fallback runs. cuBLASLt documents its GELU epilogue as "GELU" only; the CUDA tests hold it to the CPU's
 //! tanh form. `ESLM_NO_CUBLASLT=1` (or [`Cuda::set_fused_epilogues`]) forces the fallback.
 
@@ -366,32 +367,30 @@ impl Cuda {
     /// Queues `op` on cuBLASLt (see the module docs). Returns false, with nothing queued, when the fallback must
     /// run instead; a failure after that point is recorded (and true returned: the caller must not run it twice).
     pub(super) fn fused_linear(&mut self, op: FusedLinear) -> bool {
-        if !self.healthy() || matches!(self.lt, LtState::Off) {
+        let precision = self.precision;
+        if !self.healthy()
+            || matches!(self.lt, LtState::Off)
+            || (op.dtype == Dtype::Bf16 && precision != MatmulPrecision::Bf16)
+        {
             return false;
         }
         let Some(p) = problem(op.n, op.d, op.epilogue) else {
             return false;
         };
-        if op.epilogue == Epilogue::GeluAuxBias && alignment(op.aux) < 16 {
+        // The epilogue's bias and auxiliary output want 16-byte alignment on some GPUs: the fallback otherwise.
+        let aux_ok = op.epilogue == Epilogue::Bias || alignment(op.aux) >= 16;
+        if alignment(op.b) < 16 || !aux_ok {
             return false;
         }
         if matches!(self.lt, LtState::Untried) {
             self.lt = Lt::open(self).map_or(LtState::Off, |lt| LtState::Open(Box::new(lt)));
         }
-        let precision = self.precision;
         let (convert_w, convert_x) = converts(precision, op.dtype);
-        // Converted operands live in the 256-byte-aligned scratch.
+        // Converted operands live in the bf16 scratch; only 16 bytes of its alignment are assumed.
+        let converted = |yes: bool, ptr: u64| if yes { 16 } else { alignment(ptr) };
         let align = [
-            if convert_w {
-                MAX_ALIGN
-            } else {
-                alignment(op.w)
-            },
-            if convert_x {
-                MAX_ALIGN
-            } else {
-                alignment(op.x)
-            },
+            converted(convert_w, op.w),
+            converted(convert_x, op.x),
             alignment(op.y).min(alignment(op.aux)),
         ];
         let key = AlgoKey {
@@ -402,24 +401,24 @@ impl Cuda {
             dtype: op.dtype,
             align,
         };
-        if !self.bind() {
-            return false;
-        }
-        let prep = match prepare(&op, p, precision) {
-            Ok(prep) => prep,
-            Err(e) => return self.lt_failed("descriptors", e),
-        };
         let LtState::Open(lt) = &mut self.lt else {
             return false;
         };
-        let algo = match lt.algos.get(&key) {
-            Some(a) => Ok(*a),
-            None => heuristic(lt.handle, &prep, align).map(|a| *lt.algos.entry(key).or_insert(a)),
+        if lt.algos.get(&key) == Some(&None) {
+            return false;
+        }
+        // Descriptors or a heuristic cuBLASLt rejects (an unsupported type combination, say) mean "no algorithm":
+        // cached, and the fallback runs. Only a failed product is an error.
+        let prep = prepare(&op, p, precision).ok();
+        let algo = match (lt.algos.get(&key), &prep) {
+            (Some(a), _) => *a,
+            (None, Some(prep)) => heuristic(lt.handle, prep, align).ok().flatten(),
+            (None, None) => None,
         };
-        match algo {
-            Ok(Some(algo)) => self.run_fused(&op, &prep, &algo),
-            Ok(None) => false,
-            Err(e) => self.lt_failed("heuristic", e),
+        lt.algos.insert(key, algo);
+        match (algo, prep) {
+            (Some(algo), Some(prep)) => self.bind() && self.run_fused(&op, &prep, &algo),
+            _ => false,
         }
     }
 
@@ -446,7 +445,7 @@ impl Cuda {
             return true;
         };
         let LtState::Open(lt) = &self.lt else {
-            return true;
+            return false;
         };
         let (alpha, beta) = (1.0f32, 0.0f32);
         let ws = raw_ptr(&lt.workspace);
@@ -481,7 +480,7 @@ impl Cuda {
         }
     }
 
-    /// Records a cuBLASLt failure; true (the op counts as run: the recorded error fails the step).
+    /// Records a failed cuBLASLt product; true (the op counts as run: the recorded error fails the step).
     fn lt_failed(&self, what: &str, e: lt::CublasError) -> bool {
         self.fail(KernelError::Cuda(format!("cuBLASLt {what}: {e:?}")));
         true

@@ -118,8 +118,8 @@ pub use memory::{CudaBuf, DevView, DevViewMut, DeviceInts, Dtype};
 /// Most blocks a grid-stride kernel is launched with.
 const MAX_GRID: usize = 1 << 16;
 
-/// The CUDA backend: one GPU, one stream, f32 buffers, cuBLAS SGEMMs and the `kernels/` families. See the
-/// module docs (**never run on a GPU yet**).
+/// The CUDA backend: one GPU, one stream, f32 (or bf16 activation) buffers, cuBLAS / cuBLASLt products and the
+/// `kernels/` families. See the module docs (**never run on a GPU yet**).
 ///
 /// ```no_run
 /// use eslm_gpt2::{Cuda, Gpt2, GptConfig};
@@ -254,10 +254,10 @@ impl Cuda {
     /// # Errors
     /// As [`Backend::set_matmul_precision`].
     pub fn set_activation_dtype(&mut self, dtype: Dtype) -> Result<()> {
-        self.act_dtype = dtype;
         if dtype == Dtype::Bf16 {
             self.set_matmul_precision(MatmulPrecision::Bf16)?;
         }
+        self.act_dtype = dtype;
         Ok(())
     }
 
