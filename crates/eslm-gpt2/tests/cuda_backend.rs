@@ -974,6 +974,26 @@ fn train_step<B: Backend>(
     )
 }
 
+/// `n` random token ids and targets below `vocab`, the target of row `ignored` set to the ignore index.
+fn random_batch(
+    r: &mut ChaCha8Rng,
+    vocab: usize,
+    n: usize,
+    ignored: usize,
+) -> (Vec<u32>, Vec<i32>) {
+    let inputs = (0..n).map(|_| r.gen_range(0..vocab as u32)).collect();
+    let targets = (0..n)
+        .map(|i| {
+            if i == ignored {
+                -100
+            } else {
+                r.gen_range(0..vocab as i32)
+            }
+        })
+        .collect();
+    (inputs, targets)
+}
+
 #[test]
 fn a_training_step_matches_cpu() {
     let Some(gpu) = gpu("a_training_step_matches_cpu") else {
@@ -981,19 +1001,7 @@ fn a_training_step_matches_cpu() {
     };
     let cfg = GptConfig::tiny();
     let (b, t) = (2, 16);
-    let mut r = rng(10);
-    let inputs: Vec<u32> = (0..b * t)
-        .map(|_| r.gen_range(0..cfg.vocab_size as u32))
-        .collect();
-    let targets: Vec<i32> = (0..b * t)
-        .map(|i| {
-            if i == 5 {
-                -100
-            } else {
-                r.gen_range(0..cfg.vocab_size as i32)
-            }
-        })
-        .collect();
+    let (inputs, targets) = random_batch(&mut rng(10), cfg.vocab_size, b * t, 5);
     let mut on_gpu = Gpt2::new_on(gpu, cfg, b, t, 7).unwrap();
     let mut on_cpu = Gpt2::new_on(Cpu::new(), cfg, b, t, 7).unwrap();
     for keep in [
@@ -1057,19 +1065,7 @@ fn bf16_storage_training_steps_are_close_to_cpu() {
         .unwrap();
     let cfg = GptConfig::tiny();
     let (b, t) = (2, 16);
-    let mut r = rng(19);
-    let inputs: Vec<u32> = (0..b * t)
-        .map(|_| r.gen_range(0..cfg.vocab_size as u32))
-        .collect();
-    let targets: Vec<i32> = (0..b * t)
-        .map(|i| {
-            if i == 3 {
-                -100
-            } else {
-                r.gen_range(0..cfg.vocab_size as i32)
-            }
-        })
-        .collect();
+    let (inputs, targets) = random_batch(&mut rng(19), cfg.vocab_size, b * t, 3);
     let mut on_gpu = Gpt2::new_on(gpu, cfg, b, t, 7).unwrap();
     let mut on_cpu = Gpt2::new_on(Cpu::new(), cfg, b, t, 7).unwrap();
     for keep in [Keep::AllValid, Keep::Rule(SelectRule::Var { alpha: 0.5 })] {

@@ -70,27 +70,12 @@ pub(super) fn token_stats(
     };
     let tgt = tgt.slice(0..rows);
     // SAFETY: z is a live range of `used` ≥ z-extent elements of its type on this context (checked above).
+    let (kernels, z_used) = (&cuda.kernels, (z.ptr, used));
     unsafe {
-        match z.dtype {
-            Dtype::F32 => queue_stats::<f32>(
-                &cuda.kernels,
-                &stream,
-                (z.ptr, used),
-                rows,
-                dims,
-                &tgt,
-                stats,
-            ),
-            Dtype::Bf16 => queue_stats::<half::bf16>(
-                &cuda.kernels,
-                &stream,
-                (z.ptr, used),
-                rows,
-                dims,
-                &tgt,
-                stats,
-            ),
-        }
+        with_elem!(
+            z.dtype,
+            queue_stats(kernels, &stream, z_used, rows, dims, &tgt, stats)
+        )
     }?;
     stats.check_status(&cuda.kernels)?;
     stats.to_host(&cuda.kernels, out)?;
@@ -268,14 +253,10 @@ pub(super) fn sparse_ce(
     // SAFETY: each pointer is live device memory of this context of the stated length and of the logits' type
     // (checked above, or the loss head's own buffers, or just uploaded).
     unsafe {
-        match dt {
-            Dtype::F32 => {
-                queue_sparse_ce::<f32>(kernels, &stream, ptrs, rows_k, dims, &tgt, scale, work)
-            }
-            Dtype::Bf16 => queue_sparse_ce::<half::bf16>(
-                kernels, &stream, ptrs, rows_k, dims, &tgt, scale, work,
-            ),
-        }
+        with_elem!(
+            dt,
+            queue_sparse_ce(kernels, &stream, ptrs, rows_k, dims, &tgt, scale, work)
+        )
     }?;
     Ok(work.read_loss(&cuda.kernels)?)
 }

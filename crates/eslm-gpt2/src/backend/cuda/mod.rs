@@ -94,6 +94,17 @@ macro_rules! launch {
     }};
 }
 
+/// Calls the generic `$f::<T>(args)` with `T` the host type of the element type `$dtype` (`f32` or
+/// `half::bf16`): eslm-kernels' launchers are generic over the logits' element type.
+macro_rules! with_elem {
+    ($dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            Dtype::F32 => $f::<f32>($($arg),*),
+            Dtype::Bf16 => $f::<half::bf16>($($arg),*),
+        }
+    };
+}
+
 mod attention;
 mod encoder;
 mod epilogue;
