@@ -69,8 +69,8 @@ pub(super) fn token_stats(
         return Err(KernelError::Cuda("targets have no device memory".into()).into());
     };
     let tgt = tgt.slice(0..rows);
-    // SAFETY: z is a live range of `used` ≥ z-extent elements of its type on this context (checked above).
     let (kernels, z_used) = (&cuda.kernels, (z.ptr, used));
+    // SAFETY: z is a live range of `used` ≥ z-extent elements of its type on this context (checked above).
     unsafe {
         with_elem!(
             z.dtype,
