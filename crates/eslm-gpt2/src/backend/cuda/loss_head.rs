@@ -4,9 +4,9 @@
 //!
 //! What travels: the statistics are read back once per forward (the host copy the trainer sees). A selection
 //! over the model's own loss or entropy ranks the device statistics (`kernels/select.cu`) and reads back the kept
-//! list; the sparse CE and KD then read `lse`, the kept list and its count from the device. Only host-made scores
-//! (random keys, a reference model's excess loss) and host-made selections (every valid row, a global threshold)
-//! are uploaded.
+//! list; the sparse CE and KD then read `lse`, the kept list and its count from the device, and the sparse CE's
+//! mean loss comes from the host copy of the per-row losses (no read-back). Only host-made scores (random keys, a
+//! reference model's excess loss) and host-made selections (every valid row, a global threshold) are uploaded.
 
 use super::*;
 use cudarc::driver::DevicePtr;
@@ -79,6 +79,7 @@ pub(super) fn token_stats(
     }?;
     stats.check_status(&cuda.kernels)?;
     stats.to_host(&cuda.kernels, out)?;
+    cuda.stats_loss.clone_from(&out.loss);
     cuda.stats_fresh = true;
     Ok(())
 }
@@ -231,6 +232,13 @@ pub(super) fn sparse_ce(
     else {
         return cuda.recorded().map(|_| f32::NAN);
     };
+    let host_mean = fresh_stats(cuda, n).map(|_| {
+        let sum: f64 = kept
+            .iter()
+            .map(|&r| cuda.stats_loss[r as usize] as f64)
+            .sum();
+        (sum / k as f64) as f32
+    });
     if cuda.ce.as_ref().is_none_or(|w| w.capacity() < k) {
         cuda.ce = Some(DeviceSparseCe::new(&cuda.kernels, k)?);
     }
@@ -258,7 +266,19 @@ pub(super) fn sparse_ce(
             queue_sparse_ce(kernels, &stream, ptrs, rows_k, dims, &tgt, scale, work)
         )
     }?;
-    Ok(work.read_loss(&cuda.kernels)?)
+    // The mean loss of the kept rows, in f64 in kept order like the kernel's: from the host copy of this forward's
+    // per-row losses (the same `lse − z_y`) when there is one, so nothing is read back here; the status word is
+    // then read by the next `Backend::status` (once per optimizer step; with several micro-batches per step only
+    // the last one's word survives, and the host has already checked what it reports: the kept targets, and K
+    // against the workspace it sized). Else read back.
+    match host_mean {
+        Some(mean) => {
+            cuda.ce_unchecked
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            Ok(mean)
+        }
+        None => Ok(work.read_loss(&cuda.kernels)?),
+    }
 }
 
 /// Device pointers of one sparse CE: the logits (pointer, elements spanned), `lse [N]`, the kept list `[K]`, its

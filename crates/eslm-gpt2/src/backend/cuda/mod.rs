@@ -37,8 +37,8 @@
 //!   shape error, never an out-of-bounds kernel). Without a driver, [`Cuda::new`] returns
 //!   [`KernelError::NoCudaDriver`] ("no CUDA driver found; use --device cpu"): no op can be reached.
 //!
-//! Not done (see `docs/engine.md`): one read-back per optimizer step (a micro-batch reads back its statistics,
-//! kept list and loss), bf16 shadow weights (each bf16 product converts its f32 weight), backward epilogues, a
+//! Not done (see `docs/engine.md`): one read-back per optimizer step (a micro-batch reads back its statistics and
+//! kept list), bf16 shadow weights (each bf16 product converts its f32 weight), backward epilogues, a
 //! flash-attention kernel. Collectives of a multi-rank job use NCCL on the device buffers ([`nccl`]) when the
 //! library loads, else the host.
 
@@ -169,9 +169,13 @@ pub struct Cuda {
     /// copy the loss head passes back with `own_selection`), the sparse CE's workspace.
     stats: Option<DeviceTokenStats>,
     stats_fresh: bool,
+    /// The host copy of the last statistics' per-row loss (the sparse CE's mean loss is taken from it).
+    stats_loss: Vec<f32>,
     sel: Option<DeviceSelection>,
     sel_fresh: bool,
     ce: Option<DeviceSparseCe>,
+    /// A sparse CE ran whose device status word has not been read yet ([`Backend::status`] reads it).
+    ce_unchecked: std::sync::atomic::AtomicBool,
     /// The precision of the matrix products ([`Backend::set_matmul_precision`]).
     precision: MatmulPrecision,
     /// The element type of the buffers [`Backend::alloc_act`] makes ([`Cuda::set_activation_dtype`]).
@@ -236,9 +240,11 @@ impl Cuda {
             lse: Grow::new(),
             stats: None,
             stats_fresh: false,
+            stats_loss: Vec::new(),
             sel: None,
             sel_fresh: false,
             ce: None,
+            ce_unchecked: std::sync::atomic::AtomicBool::new(false),
             nccl: None,
             lt: if std::env::var_os("ESLM_NO_CUBLASLT").is_some_and(|v| v == "1") {
                 epilogue::LtState::Off
@@ -946,6 +952,14 @@ impl Backend for Cuda {
         self.recorded()?;
         if let Err(e) = self.stream().synchronize() {
             self.fail(KernelError::from(e));
+        }
+        if self
+            .ce_unchecked
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            if let Some(Err(e)) = self.ce.as_ref().map(|w| w.check_status(&self.kernels)) {
+                self.fail(e);
+            }
         }
         self.recorded()
     }
