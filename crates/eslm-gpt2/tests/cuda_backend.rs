@@ -944,6 +944,9 @@ fn kd_matches_cpu() {
 }
 
 /// One selective training step on a model: (loss, kept rows, gradients, parameters after the update).
+/// The learning rate of [`train_step`].
+const LR: f32 = 1e-3;
+
 fn train_step<B: Backend>(
     model: &mut Gpt2<B>,
     inputs: &[u32],
@@ -963,7 +966,7 @@ fn train_step<B: Backend>(
     model.backward_selected().unwrap();
     let grads = model.grads_to_host().as_slice().to_vec();
     let norm = model
-        .clip_and_update(AdamWConfig::default(), 1e-3, 1.0)
+        .clip_and_update(AdamWConfig::default(), LR, 1.0)
         .unwrap();
     (
         loss,
@@ -1053,9 +1056,10 @@ fn worst_relative(gpu: &[f32], cpu: &[f32]) -> f32 {
 }
 
 /// bf16 storage (llm.c's recipe: bf16 activations, their gradients and the logits; bf16 products with f32
-/// accumulation; f32 master weights, gradients and AdamW state) against the CPU's f32 over whole training steps:
-/// the loss within 2e-2, gradients and updated parameters within bf16's precision relative to their largest
-/// magnitude, the kept rows of CLM exact and ESLM's kept count at least k.
+/// accumulation; f32 master weights, gradients and AdamW state) against the CPU's f32 over two training steps:
+/// the loss within 2e-2, CLM's gradients within bf16's precision relative to their largest magnitude, its kept
+/// rows exact, ESLM's kept count at least k. AdamW moves each parameter by about ±lr whatever the gradient's size,
+/// so a near-zero gradient whose sign bf16 flips moves it 2·lr the other way: parameters are held to 2·lr per step.
 #[test]
 fn bf16_storage_training_steps_are_close_to_cpu() {
     let Some(mut gpu) = gpu("bf16_storage_training_steps_are_close_to_cpu") else {
@@ -1068,6 +1072,7 @@ fn bf16_storage_training_steps_are_close_to_cpu() {
     let (inputs, targets) = random_batch(&mut rng(19), cfg.vocab_size, b * t, 3);
     let mut on_gpu = Gpt2::new_on(gpu, cfg, b, t, 7).unwrap();
     let mut on_cpu = Gpt2::new_on(Cpu::new(), cfg, b, t, 7).unwrap();
+    let mut steps = 0;
     for keep in [Keep::AllValid, Keep::Rule(SelectRule::Var { alpha: 0.5 })] {
         let (wl, wk, wg, wp, _) = train_step(&mut on_cpu, &inputs, &targets, b, t, keep);
         let (gl, gk, gg, gp, gn) = train_step(&mut on_gpu, &inputs, &targets, b, t, keep);
@@ -1086,10 +1091,14 @@ fn bf16_storage_training_steps_are_close_to_cpu() {
             let g = worst_relative(&gg, &wg);
             assert!(g <= 5e-2, "{keep:?} gradients: worst relative error {g}");
         }
-        let p = worst_relative(&gp, &wp);
+        steps += 1;
+        let worst = gp
+            .iter()
+            .zip(&wp)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(
-            p <= 1e-2,
-            "{keep:?} parameters after AdamW: worst relative error {p}"
+            gp.iter().all(|x| x.is_finite()) && worst <= 2.0 * LR * steps as f32 * 1.01,
+            "{keep:?} parameters after AdamW: worst difference {worst} after {steps} steps of lr {LR}"
         );
     }
     on_gpu.status().unwrap();

@@ -215,7 +215,8 @@ fn tensor_core_products_train_close_to_the_cpu() {
 }
 
 /// `--storage bf16` (bf16 activations and products, f32 master weights and optimizer state) for 20 steps of CLM
-/// and of ESLM against the CPU's f32 run: every step's loss finite and within 5e-2 of the CPU's.
+/// and of ESLM against the CPU's f32 run: every step's loss finite and within 0.1 of the CPU's (bf16 drift; the
+/// CPU's loss falls ≈ 0.7 over these steps, so a run that does not learn fails), and the loss falls.
 #[test]
 fn bf16_storage_trains_close_to_the_cpu() {
     if !gpu_or_skip("bf16_storage_trains_close_to_the_cpu") {
@@ -237,12 +238,17 @@ fn bf16_storage_trains_close_to_the_cpu() {
         assert_eq!(gpu.len(), cpu.len(), "{select:?}: steps logged");
         for (x, y) in gpu.iter().zip(&cpu) {
             assert!(
-                x.loss.is_finite() && (x.loss - y.loss).abs() <= 5e-2,
+                x.loss.is_finite() && (x.loss - y.loss).abs() <= 0.1,
                 "--storage bf16 {select:?} step {}: loss {} vs CPU {}",
                 x.step,
                 x.loss,
                 y.loss
             );
         }
+        let (first, last) = (gpu[0].loss, gpu[gpu.len() - 1].loss);
+        assert!(
+            last < first - 0.3,
+            "--storage bf16 {select:?}: loss {first} -> {last}"
+        );
     }
 }
