@@ -13,8 +13,9 @@
 //! the operand types of the precision and the pointers' alignment (asked once per such key, then cached; a
 //! combination cuBLASLt rejects counts as "no algorithm"), the bias (and the auxiliary output) are 16-byte aligned
 //! and, for the GELU epilogue, `out` is a multiple of 8 (cuBLASLt's rule for the auxiliary leading dimension); else
-//! the fallback runs. cuBLASLt documents its GELU epilogue as "GELU" only; the CUDA tests hold it to the CPU's
-//! tanh form. `ESLM_NO_CUBLASLT=1` (or [`Cuda::set_fused_epilogues`]) forces the fallback.
+//! the fallback runs. cuBLASLt documents its GELU epilogue as "GELU" only: before its first use one tiny product
+//! checks that it is GPT-2's tanh form on this GPU ([`Cuda::lt_gelu_is_tanh`]); if not, the MLP keeps the bias
+//! epilogue and the GELU kernel. `ESLM_NO_CUBLASLT=1` (or [`Cuda::set_fused_epilogues`]) forces the fallback.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -75,6 +76,8 @@ pub(super) struct Lt {
     handle: lt_sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     algos: HashMap<AlgoKey, Option<lt_sys::cublasLtMatmulAlgo_t>>,
+    /// Whether the GELU epilogue is GPT-2's tanh GELU here ([`Cuda::lt_gelu_is_tanh`]; asked at first use).
+    gelu_tanh: Option<bool>,
 }
 
 // SAFETY: the handle is used only through `&mut Cuda` (one thread at a time); cuBLASLt handles are not tied to
@@ -121,6 +124,7 @@ impl Lt {
             handle,
             workspace,
             algos: HashMap::new(),
+            gelu_tanh: None,
         })
     }
 }
@@ -385,6 +389,9 @@ impl Cuda {
         if matches!(self.lt, LtState::Untried) {
             self.lt = Lt::open(self).map_or(LtState::Off, |lt| LtState::Open(Box::new(lt)));
         }
+        if op.epilogue == Epilogue::GeluAuxBias && !self.gelu_epilogue_ok() {
+            return false;
+        }
         let (convert_w, convert_x) = converts(precision, op.dtype);
         // Converted operands live in the bf16 scratch; only 16 bytes of its alignment are assumed.
         let converted = |yes: bool, ptr: u64| if yes { 16 } else { alignment(ptr) };
@@ -422,6 +429,19 @@ impl Cuda {
         }
     }
 
+    /// Whether the GELU epilogue may be used: cuBLASLt is open and its GELU is the tanh form (probed once).
+    fn gelu_epilogue_ok(&mut self) -> bool {
+        let known = match &self.lt {
+            LtState::Open(lt) => lt.gelu_tanh,
+            _ => return false,
+        };
+        let ok = known.unwrap_or_else(|| self.lt_gelu_is_tanh());
+        if let LtState::Open(lt) = &mut self.lt {
+            lt.gelu_tanh = Some(ok);
+        }
+        ok
+    }
+
     /// Converts the operands when the precision asks for bf16 and runs the product.
     fn run_fused(
         &self,
@@ -444,8 +464,27 @@ impl Cuda {
         let (Some(a), Some(b)) = (a, b) else {
             return true;
         };
+        let r = self.lt_matmul(prep, algo, (a, b), op.y);
+        drop(scratch);
+        match r {
+            Ok(()) => true,
+            Err(e) => self.lt_failed("matmul", e),
+        }
+    }
+
+    /// Queues `D = epilogue(A·B)` with the prepared descriptors (`op.y` as C and D, β = 0); an error when
+    /// cuBLASLt is not open.
+    fn lt_matmul(
+        &self,
+        prep: &Prepared,
+        algo: &lt_sys::cublasLtMatmulAlgo_t,
+        (a, b): (u64, u64),
+        y: u64,
+    ) -> std::result::Result<(), lt::CublasError> {
         let LtState::Open(lt) = &self.lt else {
-            return false;
+            return Err(lt::CublasError(
+                lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_INITIALIZED,
+            ));
         };
         let (alpha, beta) = (1.0f32, 0.0f32);
         let ws = raw_ptr(&lt.workspace);
@@ -453,7 +492,7 @@ impl Cuda {
         // output, aux (GELU) another `n × d_out`, bias `d_out` floats: the callers checked every length; C = D with
         // β = 0 (never read); alpha/beta are host f32 scalars read before the call returns; the workspace holds
         // WORKSPACE_BYTES; everything is ordered on this backend's stream.
-        let r = unsafe {
+        unsafe {
             lt::matmul(
                 lt.handle,
                 prep.desc.0,
@@ -463,21 +502,72 @@ impl Cuda {
                 prep.a.0,
                 b as *const c_void,
                 prep.b.0,
-                op.y as *const c_void,
+                y as *const c_void,
                 prep.d.0,
-                op.y as *mut c_void,
+                y as *mut c_void,
                 prep.d.0,
                 algo,
                 ws as *mut c_void,
                 WORKSPACE_BYTES,
                 self.stream().cu_stream() as lt_sys::cudaStream_t,
             )
-        };
-        drop(scratch);
-        match r {
-            Ok(()) => true,
-            Err(e) => self.lt_failed("matmul", e),
         }
+    }
+
+    /// Whether cuBLASLt's GELU epilogue computes GPT-2's tanh GELU on this GPU (cuBLASLt documents it as "GELU"
+    /// only; the erf form differs by up to ≈ 5e-4): one f32 product of the 8×8 identity with inputs spanning
+    /// [−4, 4], compared with `crate::ops::gelu` in f64 (tolerance 5e-5). `false` when it cannot be run; nothing is
+    /// recorded either way.
+    fn lt_gelu_is_tanh(&mut self) -> bool {
+        const K: usize = 8;
+        let xs: Vec<f32> = (0..K * K)
+            .map(|i| -4.0 + 8.0 * i as f32 / (K * K - 1) as f32)
+            .collect();
+        let eye: Vec<f32> = (0..K * K)
+            .map(|i| if i / K == i % K { 1.0 } else { 0.0 })
+            .collect();
+        let (mut x, mut w) = (self.alloc(K * K), self.alloc(K * K));
+        let (b, pre, post) = (self.alloc(K), self.alloc(K * K), self.alloc(K * K));
+        self.upload(Cuda::view_mut(&mut x), &xs);
+        self.upload(Cuda::view_mut(&mut w), &eye);
+        let d = LinearDims { d_in: K, d_out: K };
+        let op = FusedLinear {
+            x: x.ptr,
+            w: w.ptr,
+            b: b.ptr,
+            y: post.ptr,
+            aux: pre.ptr,
+            n: K,
+            d,
+            epilogue: Epilogue::GeluAuxBias,
+            dtype: Dtype::F32,
+        };
+        let (Some(p), LtState::Open(lt)) = (problem(K, d, op.epilogue), &self.lt) else {
+            return false;
+        };
+        let Ok(prep) = prepare(&op, p, MatmulPrecision::F32) else {
+            return false;
+        };
+        let Ok(Some(algo)) = heuristic(lt.handle, &prep, [MAX_ALIGN; 3]) else {
+            return false;
+        };
+        if !self.healthy()
+            || self
+                .lt_matmul(&prep, &algo, (w.ptr, x.ptr), post.ptr)
+                .is_err()
+        {
+            return false;
+        }
+        let mut got = vec![0f32; K * K];
+        self.download(Cuda::view(&post), &mut got);
+        let x64: Vec<f64> = xs.iter().map(|&v| v as f64).collect();
+        let mut want = vec![0f64; K * K];
+        crate::ops::gelu::forward(&mut want, &x64);
+        self.healthy()
+            && got
+                .iter()
+                .zip(&want)
+                .all(|(&g, &w)| (g as f64 - w).abs() <= 5e-5)
     }
 
     /// Records a failed cuBLASLt product; true (the op counts as run: the recorded error fails the step).

@@ -12,7 +12,7 @@
 //! - **Products** are cuBLAS GEMMs (`cublasSgemmStridedBatched` in f32 or TF32 after
 //!   [`Backend::set_matmul_precision`]; `cublasGemmStridedBatchedEx` with bf16 operands, f32 ones converted), row-major
 //!   through the usual swap (`C = A·B` row-major is `Cᵀ = Bᵀ·Aᵀ` column-major); the forward linear layers run on
-//!   cuBLASLt with the bias and GELU in the epilogue where it applies ([`epilogue`]). Attention is llm.c's: `S = Q·Kᵀ`
+//!   cuBLASLt with the bias and GELU in the epilogue where it applies (`epilogue.rs`). Attention is llm.c's: `S = Q·Kᵀ`
 //!   and `Y = P·V` batched over the heads of each sequence, a fused causal softmax kernel in between; the
 //!   probabilities `P [B, H, T, T]` are stored for the backward, like the CPU backend.
 //! - **Hand-written kernels** (`kernels/*.cu`, one family per file, each naming its CPU counterpart): encoder,
@@ -39,7 +39,7 @@
 //!
 //! Not done (see `docs/engine.md`): one read-back per optimizer step (a micro-batch reads back its statistics and
 //! kept list), bf16 shadow weights (each bf16 product converts its f32 weight), backward epilogues, a
-//! flash-attention kernel. Collectives of a multi-rank job use NCCL on the device buffers ([`nccl`]) when the
+//! flash-attention kernel. Collectives of a multi-rank job use NCCL on the device buffers (`nccl.rs`) when the
 //! library loads, else the host.
 
 use std::marker::PhantomData;
@@ -142,7 +142,7 @@ pub struct Cuda {
     /// The NCCL communicator of a multi-rank job ([`Backend::connect`]); `None`: collectives through the host.
     /// First, so that it is destroyed before the stream and the context it uses.
     nccl: Option<nccl::Nccl>,
-    /// cuBLASLt for the forward linear layers with fused epilogues ([`epilogue`]).
+    /// cuBLASLt for the forward linear layers with fused epilogues (`epilogue.rs`).
     lt: epilogue::LtState,
     kernels: CudaKernels,
     blas: CudaBlas,
