@@ -706,6 +706,7 @@ impl<B: Backend> Gpt2<B> {
             )));
         }
         let n_max = b_max * t_max;
+        backend.register_params(B::view(params.buf()));
         let grads = ParamSet::zeros_on(&mut backend, &config);
         let acts = Activations::new(&mut backend, &config, b_max, t_max);
         let gbuf = GradBuffers::new(&mut backend, &config, n_max);

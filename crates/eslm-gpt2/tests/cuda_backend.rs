@@ -1121,3 +1121,66 @@ fn mixed_element_types_are_a_recorded_error() {
     let e = gpu.status().unwrap_err().to_string();
     assert!(e.contains("Bf16") && e.contains("residual"), "{e}");
 }
+
+/// Mean loss over the valid rows of a no-grad forward.
+fn mean_loss<B: Backend>(
+    model: &mut Gpt2<B>,
+    inputs: &[u32],
+    targets: &[i32],
+    b: usize,
+    t: usize,
+) -> f32 {
+    let stats = model.forward_stats(inputs, targets, b, t).unwrap();
+    let (sum, n) = stats
+        .loss
+        .iter()
+        .zip(&stats.valid)
+        .filter(|(_, &v)| v)
+        .fold((0f64, 0usize), |(s, n), (&l, _)| (s + l as f64, n + 1));
+    (sum / n as f64) as f32
+}
+
+/// Under bf16 products the weights are read from the parameters' bf16 copy (`shadow.rs`); the copy follows every
+/// write into the parameters: after `load_params` (parameters × 4, a loss far from the first) and after an AdamW
+/// step the GPU's loss is the CPU's with the same parameters, not the one of a stale copy.
+#[test]
+fn bf16_weight_copy_follows_parameter_writes() {
+    let Some(mut gpu) = gpu("bf16_weight_copy_follows_parameter_writes") else {
+        return;
+    };
+    gpu.set_matmul_precision(MatmulPrecision::Bf16).unwrap();
+    let cfg = GptConfig::tiny();
+    let (b, t) = (2, 16);
+    let (inputs, targets) = random_batch(&mut rng(23), cfg.vocab_size, b * t, 7);
+    let mut on_gpu = Gpt2::new_on(gpu, cfg, b, t, 7).unwrap();
+    let mut on_cpu = Gpt2::new_on(Cpu::new(), cfg, b, t, 7).unwrap();
+    let first = mean_loss(&mut on_cpu, &inputs, &targets, b, t);
+    let got = mean_loss(&mut on_gpu, &inputs, &targets, b, t);
+    assert!(
+        (got - first).abs() <= 2e-2,
+        "initial loss {got} vs CPU {first}"
+    );
+    let mut scaled = on_cpu.params().clone();
+    scaled.as_mut_slice().iter_mut().for_each(|x| *x *= 4.0);
+    on_cpu.load_params(&scaled).unwrap();
+    on_gpu.load_params(&scaled).unwrap();
+    let want = mean_loss(&mut on_cpu, &inputs, &targets, b, t);
+    assert!(
+        (want - first).abs() > 0.2,
+        "the scaled parameters must move the loss: {first} -> {want}"
+    );
+    let got = mean_loss(&mut on_gpu, &inputs, &targets, b, t);
+    assert!(
+        (got - want).abs() <= 5e-2,
+        "after load_params: loss {got} vs CPU {want}"
+    );
+    for model_step in 0..3 {
+        let (wl, ..) = train_step(&mut on_cpu, &inputs, &targets, b, t, Keep::AllValid);
+        let (gl, ..) = train_step(&mut on_gpu, &inputs, &targets, b, t, Keep::AllValid);
+        assert!(
+            (gl - wl).abs() <= 5e-2,
+            "step {model_step}: loss {gl} vs CPU {wl}"
+        );
+    }
+    on_gpu.status().unwrap();
+}

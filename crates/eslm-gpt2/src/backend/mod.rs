@@ -459,6 +459,12 @@ pub trait Backend: Sized + Send {
     /// Row `i` of the compact `[K, width]` buffer `x` times `weights[i]` (`K = weights.len()`, a per-row host
     /// vector: importance weights of kept rows).
     fn scale_rows(&mut self, x: Self::ViewMut<'_>, width: usize, weights: &[f32]);
+    /// The model's flat parameter buffer on this backend (the model calls it once, when it is built). A device
+    /// backend may keep a derived copy (the CUDA backend's bf16 weights for bf16 products), which its own ops mark
+    /// stale whenever they write into this buffer. A no-op by default.
+    fn register_params(&mut self, params: Self::View<'_>) {
+        let _ = params;
+    }
     /// Sets the precision of the matrix products. Every backend supports [`MatmulPrecision::F32`] (the default);
     /// the CUDA backend also [`MatmulPrecision::Tf32`] and [`MatmulPrecision::Bf16`].
     ///

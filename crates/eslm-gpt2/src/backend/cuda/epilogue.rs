@@ -393,10 +393,14 @@ impl Cuda {
             return false;
         }
         let (convert_w, convert_x) = converts(precision, op.dtype);
-        // Converted operands live in the bf16 scratch; only 16 bytes of its alignment are assumed.
+        // The weight's bf16 copy in the parameters' shadow is known now; other converted operands live in the bf16
+        // scratch, of which only 16 bytes of alignment are assumed.
+        let w16 = convert_w
+            .then(|| self.shadow_of(op.w, op.d.d_out * op.d.d_in))
+            .flatten();
         let converted = |yes: bool, ptr: u64| if yes { 16 } else { alignment(ptr) };
         let align = [
-            converted(convert_w, op.w),
+            w16.map_or(converted(convert_w, op.w), alignment),
             converted(convert_x, op.x),
             alignment(op.y).min(alignment(op.aux)),
         ];
@@ -424,7 +428,7 @@ impl Cuda {
         };
         lt.algos.insert(key, algo);
         match (algo, prep) {
-            (Some(algo), Some(prep)) => self.bind() && self.run_fused(&op, &prep, &algo),
+            (Some(algo), Some(prep)) => self.bind() && self.run_fused(&op, &prep, &algo, w16),
             _ => false,
         }
     }
@@ -442,20 +446,23 @@ impl Cuda {
         ok
     }
 
-    /// Converts the operands when the precision asks for bf16 and runs the product.
+    /// Converts the operands when the precision asks for bf16 (the weight: `w16`, its copy in the parameters'
+    /// shadow, if it has one) and runs the product.
     fn run_fused(
         &self,
         op: &FusedLinear,
         prep: &Prepared,
         algo: &lt_sys::cublasLtMatmulAlgo_t,
+        w16: Option<u64>,
     ) -> bool {
         let (n, d) = (op.n, op.d);
         let mut scratch = self.bf16_operands.lock().unwrap_or_else(|p| p.into_inner());
         let (slot_w, slot_x) = &mut *scratch;
         let (convert_w, convert_x) = converts(self.precision, op.dtype);
-        let a = match convert_w {
-            true => self.to_bf16(slot_w, op.w, d.d_out * d.d_in),
-            false => Some(op.w),
+        let a = match (convert_w, w16) {
+            (true, Some(p)) => Some(p),
+            (true, None) => self.to_bf16(slot_w, op.w, d.d_out * d.d_in),
+            (false, _) => Some(op.w),
         };
         let b = match convert_x {
             true => self.to_bf16(slot_x, op.x, n * d.d_in),

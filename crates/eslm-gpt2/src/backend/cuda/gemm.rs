@@ -1,7 +1,8 @@
 //! Matrix products on cuBLAS: row-major GEMMs through the column-major swap ([`column_major`]), in f32 (SGEMM,
 //! default or TF32 math mode) or with bf16 operands (`cublasGemmStridedBatchedEx`, f32 accumulation): bf16
-//! activations as they are, f32 operands (the weights; every operand under `--matmul bf16` with f32 storage)
-//! converted into scratch first (`kernels/convert.cu`); the result in C's own type (f32, or bf16 activations).
+//! activations as they are, the weights from the parameters' bf16 copy (`shadow.rs`), other f32 operands (every
+//! activation under `--matmul bf16` with f32 storage) converted into scratch first (`kernels/convert.cu`); the
+//! result in C's own type (f32, or bf16 activations).
 
 use super::*;
 
@@ -80,11 +81,11 @@ impl Cuda {
         let (ea, eb) = operand_extents(&g);
         let [ta, tb, tc] = g.types;
         let a16 = match ta {
-            Dtype::F32 => self.to_bf16(slot_a, g.a, ea),
+            Dtype::F32 => self.bf16_operand(slot_a, g.a, ea),
             Dtype::Bf16 => Some(g.a),
         };
         let b16 = match tb {
-            Dtype::F32 => self.to_bf16(slot_b, g.b, eb),
+            Dtype::F32 => self.bf16_operand(slot_b, g.b, eb),
             Dtype::Bf16 => Some(g.b),
         };
         let (Some(a16), Some(b16)) = (a16, b16) else {

@@ -38,8 +38,7 @@
 //!   [`KernelError::NoCudaDriver`] ("no CUDA driver found; use --device cpu"): no op can be reached.
 //!
 //! Not done (see `docs/engine.md`): one read-back per optimizer step (a micro-batch reads back its statistics and
-//! kept list), bf16 shadow weights (each bf16 product converts its f32 weight), backward epilogues, a
-//! flash-attention kernel. Collectives of a multi-rank job use NCCL on the device buffers (`nccl.rs`) when the
+//! kept list), backward epilogues, a flash-attention kernel. Collectives of a multi-rank job use NCCL on the device buffers (`nccl.rs`) when the
 //! library loads, else the host.
 
 use std::marker::PhantomData;
@@ -120,6 +119,7 @@ mod nccl;
 mod optim;
 mod residual;
 mod rows;
+mod shadow;
 
 use functions::Functions;
 use launch::*;
@@ -180,6 +180,10 @@ pub struct Cuda {
     precision: MatmulPrecision,
     /// The element type of the buffers [`Backend::alloc_act`] makes ([`Cuda::set_activation_dtype`]).
     act_dtype: Dtype,
+    /// The model's parameter buffer and its bf16 copy for bf16 products (`shadow.rs`), stale after any write into
+    /// the parameters.
+    shadow: Mutex<Option<shadow::Shadow>>,
+    shadow_stale: std::sync::atomic::AtomicBool,
     /// bf16 copies of the two operands of the current product ([`MatmulPrecision::Bf16`]); a lock because the
     /// GEMM helper takes `&self` (all use is on the one stream, so reuse is ordered).
     bf16_operands: Mutex<(Grow<u16>, Grow<u16>)>,
@@ -253,6 +257,8 @@ impl Cuda {
             },
             precision: MatmulPrecision::F32,
             act_dtype: Dtype::F32,
+            shadow: Mutex::new(None),
+            shadow_stale: std::sync::atomic::AtomicBool::new(true),
             bf16_operands: Mutex::new((Grow::new(), Grow::new())),
         })
     }
@@ -497,6 +503,7 @@ impl Backend for Cuda {
         if src.is_empty() || !self.ready(&[("upload", dst.len, src.len(), dst.ptr)]) {
             return;
         }
+        self.touched(dst.ptr, src.len(), dst.dtype);
         let stream = self.stream().cu_stream();
         let r = match dst.dtype {
             // SAFETY: dst holds at least src.len() floats (checked); pageable source: staged before return.
@@ -655,6 +662,7 @@ impl Backend for Cuda {
         if v.len == 0 || !self.ready(&[("fill_zero", v.len, v.len, v.ptr)]) {
             return;
         }
+        self.touched(v.ptr, v.len, v.dtype);
         // SAFETY: v is a live range of v.len elements of v.dtype.
         let bytes = v.len * v.dtype.size();
         let r = unsafe { drv::memset_d8_async(v.ptr, 0, bytes, self.stream().cu_stream()) };
@@ -862,6 +870,14 @@ impl Backend for Cuda {
     fn scale_rows(&mut self, x: DevViewMut<'_>, width: usize, weights: &[f32]) {
         loss_head::scale_rows(self, x, width, weights)
     }
+    fn register_params(&mut self, params: DevView<'_>) {
+        if params.dtype == Dtype::F32 && params.ptr != 0 {
+            *self.shadow.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(shadow::Shadow::new(params.ptr, params.len));
+            self.shadow_stale
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<()> {
         if self.act_dtype == Dtype::Bf16 && precision != MatmulPrecision::Bf16 {
             return Err(Gpt2Error::Unsupported(format!(
@@ -931,6 +947,7 @@ impl Backend for Cuda {
             {
                 return self.recorded();
             }
+            self.touched(x.ptr, x.len, x.dtype);
             return comm.run(op, x.ptr, x.len, self.stream());
         }
         // Without NCCL: through the host.

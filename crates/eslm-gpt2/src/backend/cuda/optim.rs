@@ -29,6 +29,7 @@ pub(super) fn adamw(
     if cuda.op_dtype(&[], &f32s).is_none() {
         return;
     }
+    cuda.touched(t.p.ptr, len, t.p.dtype);
     let [beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale] = step.kernel_args(decays);
     let len64 = len as u64;
     // SAFETY: matches adamw_update (adamw.cu); all four hold len floats.
