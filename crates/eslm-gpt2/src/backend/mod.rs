@@ -525,7 +525,8 @@ impl CollectiveOp {
     }
 }
 
-/// Precision of the matrix products ([`Backend::set_matmul_precision`]); storage stays f32 either way.
+/// Precision of the matrix products ([`Backend::set_matmul_precision`]); the storage is separate (f32, or the
+/// CUDA backend's bf16 activations: `Cuda::set_activation_dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum MatmulPrecision {
     /// IEEE f32 products with f32 accumulation.
@@ -536,6 +537,7 @@ pub enum MatmulPrecision {
     Tf32,
     /// bf16 tensor-core products: both operands of each product converted to bf16 (8-bit mantissa, round to
     /// nearest even) and multiplied with f32 accumulation into the f32 result, as `torch.autocast(bfloat16)` does
-    /// for matmuls; activations, weights and gradients stay f32 (not llm.c's full bf16 recipe).
+    /// for matmuls; with f32 storage the activations, weights and gradients stay f32 (llm.c's full recipe is
+    /// this plus bf16 activation storage).
     Bf16,
 }
