@@ -297,7 +297,7 @@ fn safe_cut(bytes: &[u8], i: usize) -> bool {
         && bytes[i].is_ascii_graphic()
 }
 
-/// Cuts `text` into pieces of about `chunk` bytes at safe points (see [`safe_cut`]).
+/// Cuts `text` into pieces of about `chunk` bytes at safe points (see `safe_cut`).
 pub fn split_for_encoding(text: &str, chunk: usize) -> Vec<&str> {
     let bytes = text.as_bytes();
     let chunk = chunk.max(64);

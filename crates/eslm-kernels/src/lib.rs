@@ -3,11 +3,11 @@
 //! The three kernel families that make selective language modeling cheap, with a CPU backend (always built,
 //! the reference) and a CUDA backend (feature `cuda`). No dependency on any engine: embed it anywhere.
 //!
-//! 1. [`token_stats`]: per-row log-sum-exp, loss `lse − z_y` and predictive entropy `lse − Σ softmax(z)·z`,
+//! 1. [`token_stats()`]: per-row log-sum-exp, loss `lse − z_y` and predictive entropy `lse − Σ softmax(z)·z`,
 //!    in one pass over each logits row.
-//! 2. [`select`]: VaR (keep the rows whose score is ≥ the k-th largest, k = ⌈(1 − α)·M⌉) or exact top-k;
+//! 2. [`select()`]: VaR (keep the rows whose score is ≥ the k-th largest, k = ⌈(1 − α)·M⌉) or exact top-k;
 //!    O(N) radix select, deterministic.
-//! 3. [`sparse_ce`]: `dlogits = (softmax(z) − onehot(y))·g` for the kept rows only, into a compact `[K, V]`
+//! 3. [`sparse_ce()`]: `dlogits = (softmax(z) − onehot(y))·g` for the kept rows only, into a compact `[K, V]`
 //!    buffer, plus the mean loss over kept rows.
 //!
 //! One selective step's loss head, as an engine embeds it: statistics of every row, the VaR selection on the

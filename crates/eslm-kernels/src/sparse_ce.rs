@@ -1,6 +1,6 @@
 //! Sparse-gradient cross-entropy: the loss gradient for the kept rows only, in a compact buffer.
 //!
-//! For kept row `r = kept[i]` with logits `z`, target `y` and `lse_r` from [`crate::token_stats`]:
+//! For kept row `r = kept[i]` with logits `z`, target `y` and `lse_r` from [`crate::token_stats()`]:
 //!
 //! ```text
 //! dlogits[i, j] = (softmax(z)_j − [j = y]) · scale = (e^{z_j − lse_r} − [j = y]) · scale     (j < V)

@@ -26,7 +26,7 @@
 //! - A row containing NaN gives NaN for `lse`, `loss` and `entropy`.
 //! - Otherwise a row containing `+inf` gives `lse = +inf`, `loss = +inf` (or NaN when `z_y` is itself `+inf`:
 //!   `+inf − +inf`), `entropy = NaN`. These are what the formulas give in IEEE arithmetic; selecting on such an
-//!   entropy reports [`KernelError::NanScore`](crate::KernelError::NanScore), which flags the diverged model.
+//!   entropy reports [`crate::KernelError::NanScore`], which flags the diverged model.
 //! - A row whose logits are all `-inf` gives `lse = -inf`, `loss = NaN`, `entropy = NaN`.
 //! - Very large finite logits (±3e38) are fine: differences that overflow to `-inf` just contribute 0; a loss larger
 //!   than `f32::MAX` is stored as `+inf`.
@@ -46,7 +46,7 @@ use crate::layout::{LogitElem, LogitsView};
 /// The conventional ignore value for targets (PyTorch's `ignore_index`).
 pub const DEFAULT_IGNORE_INDEX: i32 = -100;
 
-/// Logits per chunk: the chunk maximum is taken before the chunk's `exp`s (a multiple of [`LANES`]).
+/// Logits per chunk: the chunk maximum is taken before the chunk's `exp`s (a multiple of `LANES`).
 pub const CHUNK: usize = 1024;
 /// Number of independent f32 accumulators in the inner loops (two AVX2 or four SSE registers).
 const LANES: usize = 16;

@@ -5,7 +5,7 @@
 //! - `b"ESLMF32\x01"` (written by this build): CRC-32 (IEEE), zero-extended to 64 bits;
 //! - `b"ESLMF32\0"` (eslm 0.1): FNV-1a 64, byte by byte (≈ 1 GB/s; CRC-32 runs at memory speed).
 //!
-//! Both directions stream in chunks of [`IO_CHUNK`] bytes: no second copy of the values in memory (a 1.5B
+//! Both directions stream in chunks of `IO_CHUNK` bytes (4 MiB): no second copy of the values in memory (a 1.5B
 //! model's moments are 6 GB each). Writes go through [`write_atomic_with`]; a truncated or corrupt file is an
 //! error naming it.
 

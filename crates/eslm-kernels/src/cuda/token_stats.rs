@@ -1,6 +1,6 @@
 //! Token statistics on the GPU (`kernels/token_stats.cu`): per row `lse = m + ln s`, `loss = lse − z_y`,
 //! `entropy = ln s − t/s` with `s = Σ e^{z−m}`, `t = Σ e^{z−m}(z−m)`, in one pass and one `exp` per logit.
-//! Same outputs and special-value policy as [`crate::token_stats`] (f32 accumulation on the GPU, so results agree
+//! Same outputs and special-value policy as [`crate::token_stats()`] (f32 accumulation on the GPU, so results agree
 //! with the CPU's to f32 rounding, not bit for bit).
 
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
